@@ -1,0 +1,577 @@
+//! The one configuration schema (YAML) read by every mode: `standalone`, the
+//! separate `comet` / `logic` / `job` processes, and the ConfigMap the
+//! operator renders. Every key has a default; defaults equal goim's where
+//! goim has one. Unknown keys are errors, so a typo never goes unnoticed.
+//!
+//! `docs/configuration.md` documents every key.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid YAML: {0}")]
+    Yaml(#[from] serde_yaml_ng::Error),
+    #[error("invalid value for {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+    pub comet: CometConfig,
+    pub logic: LogicConfig,
+    pub job: JobConfig,
+}
+
+impl Config {
+    /// Parses and validates a YAML document. An empty document is all defaults.
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = if text.trim().is_empty() {
+            Config::default()
+        } else {
+            serde_yaml_ng::from_str(text)?
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The configuration as YAML, every key included.
+    pub fn to_yaml(&self) -> Result<String, ConfigError> {
+        Ok(serde_yaml_ng::to_string(self)?)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let comet = &self.comet;
+        if comet.tcp.bind.is_empty() && comet.websocket.bind.is_empty() {
+            return Err(invalid(
+                "comet.tcp.bind / comet.websocket.bind",
+                "at least one client listener is needed",
+            ));
+        }
+        if comet.protocol.handshake_timeout.is_zero() {
+            return Err(invalid("comet.protocol.handshake_timeout", "must be > 0"));
+        }
+        if comet.protocol.send_queue == 0 {
+            return Err(invalid("comet.protocol.send_queue", "must be > 0"));
+        }
+        if comet.bucket.size == 0 {
+            return Err(invalid("comet.bucket.size", "must be > 0"));
+        }
+        if comet.online_report_interval.is_zero() {
+            return Err(invalid("comet.online_report_interval", "must be > 0"));
+        }
+        if comet.logic_timeout.is_zero() {
+            return Err(invalid("comet.logic_timeout", "must be > 0"));
+        }
+        if let Some(id) = &comet.id
+            && id.trim().is_empty()
+        {
+            return Err(invalid("comet.id", "must not be empty"));
+        }
+        let logic = &self.logic;
+        if logic.node.heartbeat.is_zero() || logic.node.heartbeat_max == 0 {
+            return Err(invalid(
+                "logic.node.heartbeat / logic.node.heartbeat_max",
+                "must be > 0",
+            ));
+        }
+        if logic.session_expire.is_zero() {
+            return Err(invalid("logic.session_expire", "must be > 0"));
+        }
+        if logic.online_expire.is_zero() {
+            return Err(invalid("logic.online_expire", "must be > 0"));
+        }
+        if logic.http.max_body == 0 {
+            return Err(invalid("logic.http.max_body", "must be > 0"));
+        }
+        if !(logic.node.region_weight.is_finite() && logic.node.region_weight > 0.0) {
+            return Err(invalid("logic.node.region_weight", "must be > 0"));
+        }
+        let job = &self.job;
+        if job.room.batch == 0 {
+            return Err(invalid("job.room.batch", "must be > 0"));
+        }
+        if job.queue == 0 {
+            return Err(invalid("job.queue", "must be > 0"));
+        }
+        if job.room.idle.is_zero() {
+            return Err(invalid("job.room.idle", "must be > 0"));
+        }
+        if job.delivery.timeout.is_zero() {
+            return Err(invalid("job.delivery.timeout", "must be > 0"));
+        }
+        if job.delivery.backoff_base.is_zero()
+            || job.delivery.backoff_max < job.delivery.backoff_base
+        {
+            return Err(invalid(
+                "job.delivery.backoff_base / job.delivery.backoff_max",
+                "need 0 < backoff_base <= backoff_max",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `admin`: the port serving `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// host:port of the admin HTTP server.
+    pub bind: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            bind: "0.0.0.0:3190".into(),
+        }
+    }
+}
+
+/// `log`: logging; `--log-format` / `--log-level` on the command line win.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `info,pushcluster_comet=debug`.
+    /// The `RUST_LOG` environment variable wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `comet`: the connection server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CometConfig {
+    /// Server id stored in sessions and used by job to reach this comet.
+    /// Default: env `POD_NAME`, else the hostname (goim: `-host`).
+    pub id: Option<String>,
+    pub tcp: TcpConfig,
+    pub websocket: WebSocketConfig,
+    pub grpc: GrpcConfig,
+    pub protocol: ProtocolConfig,
+    pub bucket: BucketConfig,
+    /// How often room counts are reported to logic (goim: 10 s).
+    #[serde(with = "humantime_serde")]
+    pub online_report_interval: Duration,
+    /// On SIGTERM, client connections are closed spread over this period.
+    #[serde(with = "humantime_serde")]
+    pub drain: Duration,
+    /// Deadline of each call to logic (Connect, Disconnect, ...).
+    #[serde(with = "humantime_serde")]
+    pub logic_timeout: Duration,
+    /// Weight of this comet in `/goim/nodes/weighted` (goim: `-weight`).
+    pub weight: i32,
+    /// Leave this comet out of `/goim/nodes/weighted` (goim: `-offline`).
+    pub offline: bool,
+    /// Public addresses handed to clients (goim: `-addrs`).
+    pub addrs: Vec<String>,
+    /// Region of this comet, matched against `logic.regions`.
+    pub region: String,
+    pub zone: String,
+}
+
+impl Default for CometConfig {
+    fn default() -> Self {
+        CometConfig {
+            id: None,
+            tcp: TcpConfig::default(),
+            websocket: WebSocketConfig::default(),
+            grpc: GrpcConfig {
+                bind: "0.0.0.0:3109".into(),
+            },
+            protocol: ProtocolConfig::default(),
+            bucket: BucketConfig::default(),
+            online_report_interval: Duration::from_secs(10),
+            drain: Duration::from_secs(30),
+            logic_timeout: Duration::from_secs(5),
+            weight: 10,
+            offline: false,
+            addrs: Vec::new(),
+            region: String::new(),
+            zone: String::new(),
+        }
+    }
+}
+
+/// `comet.tcp`: the goim TCP listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TcpConfig {
+    /// host:port list (goim: `:3101`).
+    pub bind: Vec<String>,
+    /// SO_SNDBUF of each connection in bytes; 0 leaves the kernel default.
+    pub sndbuf: u32,
+    /// SO_RCVBUF of each connection in bytes; 0 leaves the kernel default.
+    pub rcvbuf: u32,
+    /// TCP keepalive probes.
+    pub keepalive: bool,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        TcpConfig {
+            bind: vec!["0.0.0.0:3101".into()],
+            sndbuf: 4096,
+            rcvbuf: 4096,
+            keepalive: false,
+        }
+    }
+}
+
+/// `comet.websocket`: the goim WebSocket listener (path `/sub`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebSocketConfig {
+    /// host:port list (goim: `:3102`).
+    pub bind: Vec<String>,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            bind: vec!["0.0.0.0:3102".into()],
+        }
+    }
+}
+
+/// A gRPC server's listen address.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcConfig {
+    pub bind: String,
+}
+
+/// `comet.protocol`: per-connection behaviour.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProtocolConfig {
+    /// Time a new connection has to authenticate (goim: 5 s).
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Frames that may wait for one connection's socket. A connection whose
+    /// queue is full when a frame arrives is closed as a slow consumer and
+    /// the frame counted as dropped; other connections never wait for it.
+    pub send_queue: usize,
+}
+
+impl Default for ProtocolConfig {
+    fn default() -> Self {
+        ProtocolConfig {
+            handshake_timeout: Duration::from_secs(5),
+            send_queue: 256,
+        }
+    }
+}
+
+/// `comet.bucket`: how connections are sharded (goim: 32 buckets).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BucketConfig {
+    pub size: usize,
+}
+
+impl Default for BucketConfig {
+    fn default() -> Self {
+        BucketConfig { size: 32 }
+    }
+}
+
+/// `logic`: the push API and the service comets call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogicConfig {
+    pub http: HttpConfig,
+    pub grpc: GrpcConfig,
+    pub node: NodeConfig,
+    pub backoff: BackoffConfig,
+    /// Region name → client networks (CIDR). A client whose address is in a
+    /// region's networks prefers comets of that region (goim mapped provinces,
+    /// but its lookup was a stub that never matched).
+    pub regions: BTreeMap<String, Vec<IpNet>>,
+    /// Lifetime of a session mapping without a heartbeat (goim: redis expire, 30 m).
+    #[serde(with = "humantime_serde")]
+    pub session_expire: Duration,
+    /// A comet that has not reported for this long leaves the online counts
+    /// and the node list.
+    #[serde(with = "humantime_serde")]
+    pub online_expire: Duration,
+}
+
+impl Default for LogicConfig {
+    fn default() -> Self {
+        LogicConfig {
+            http: HttpConfig::default(),
+            grpc: GrpcConfig {
+                bind: "0.0.0.0:3119".into(),
+            },
+            node: NodeConfig::default(),
+            backoff: BackoffConfig::default(),
+            regions: BTreeMap::new(),
+            session_expire: Duration::from_secs(30 * 60),
+            online_expire: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `logic.http`: goim's HTTP push API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// host:port (goim: `:3111`).
+    pub bind: String,
+    /// Largest accepted request body in bytes; larger gets HTTP 413.
+    pub max_body: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            bind: "0.0.0.0:3111".into(),
+            max_body: 1 << 20,
+        }
+    }
+}
+
+/// `logic.node`: what `/goim/nodes/weighted` and Connect tell clients.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    pub default_domain: String,
+    pub host_domain: String,
+    /// Heartbeat interval clients are told to use (goim: 4 m).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// Missed heartbeats before a connection is closed; the server's
+    /// heartbeat timeout is heartbeat × heartbeat_max (goim: 2).
+    pub heartbeat_max: u32,
+    pub tcp_port: u16,
+    pub ws_port: u16,
+    pub wss_port: u16,
+    /// Weight multiplier for comets in the client's region (goim: 1.6).
+    pub region_weight: f64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            default_domain: "conn.goim.io".into(),
+            host_domain: ".goim.io".into(),
+            heartbeat: Duration::from_secs(4 * 60),
+            heartbeat_max: 2,
+            tcp_port: 3101,
+            ws_port: 3102,
+            wss_port: 3103,
+            region_weight: 1.6,
+        }
+    }
+}
+
+/// `logic.backoff`: reconnect backoff handed to clients.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackoffConfig {
+    pub max_delay: i32,
+    pub base_delay: i32,
+    pub factor: f32,
+    pub jitter: f32,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        BackoffConfig {
+            max_delay: 300,
+            base_delay: 3,
+            factor: 1.8,
+            jitter: 1.3,
+        }
+    }
+}
+
+/// `job`: moves messages from the bus to the comets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobConfig {
+    pub room: RoomConfig,
+    pub delivery: DeliveryConfig,
+    /// Messages that may wait per room / per comet before consuming pauses.
+    pub queue: usize,
+}
+
+impl Default for JobConfig {
+    fn default() -> Self {
+        JobConfig {
+            room: RoomConfig::default(),
+            delivery: DeliveryConfig::default(),
+            queue: 1024,
+        }
+    }
+}
+
+/// `job.room`: room batching.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoomConfig {
+    /// Most frames in one op-9 batch (goim: 20).
+    pub batch: usize,
+    /// How long a batch may wait for more messages once the room's queue is
+    /// empty. 0 (the default) sends as soon as the queue is empty, so a lone
+    /// message is never delayed (goim waits up to 1 s).
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+    /// A room without messages for this long releases its resources (goim: 15 m).
+    #[serde(with = "humantime_serde")]
+    pub idle: Duration,
+}
+
+impl Default for RoomConfig {
+    fn default() -> Self {
+        RoomConfig {
+            batch: 20,
+            linger: Duration::ZERO,
+            idle: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+/// `job.delivery`: calls to comets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Deadline of one call to a comet.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Total time a message is retried against a comet before it is given up
+    /// (counted, and returned to the bus for redelivery where it supports it).
+    #[serde(with = "humantime_serde")]
+    pub retry_for: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_base: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            timeout: Duration::from_secs(5),
+            retry_for: Duration::from_secs(30),
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(3),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_document_is_all_defaults() {
+        let config = Config::from_yaml("").expect("valid");
+        assert_eq!(config, Config::default());
+        assert_eq!(config.comet.tcp.bind, vec!["0.0.0.0:3101"]);
+        assert_eq!(config.comet.websocket.bind, vec!["0.0.0.0:3102"]);
+        assert_eq!(config.comet.grpc.bind, "0.0.0.0:3109");
+        assert_eq!(config.logic.http.bind, "0.0.0.0:3111");
+        assert_eq!(config.logic.grpc.bind, "0.0.0.0:3119");
+        assert_eq!(config.comet.protocol.handshake_timeout, Duration::from_secs(5));
+        assert_eq!(config.job.room.batch, 20);
+    }
+
+    #[test]
+    fn the_keys_outside_tools_drive_exist() {
+        let config = Config::from_yaml(
+            r#"
+admin: { bind: "127.0.0.1:1" }
+comet:
+  tcp: { bind: ["127.0.0.1:2"] }
+  websocket: { bind: ["127.0.0.1:3"] }
+  grpc: { bind: "127.0.0.1:4" }
+logic:
+  http: { bind: "127.0.0.1:5" }
+  grpc: { bind: "127.0.0.1:6" }
+"#,
+        )
+        .expect("valid");
+        assert_eq!(config.admin.bind, "127.0.0.1:1");
+        assert_eq!(config.comet.tcp.bind, vec!["127.0.0.1:2"]);
+        assert_eq!(config.comet.websocket.bind, vec!["127.0.0.1:3"]);
+        assert_eq!(config.comet.grpc.bind, "127.0.0.1:4");
+        assert_eq!(config.logic.http.bind, "127.0.0.1:5");
+        assert_eq!(config.logic.grpc.bind, "127.0.0.1:6");
+    }
+
+    #[test]
+    fn durations_are_human_readable() {
+        let config = Config::from_yaml(
+            "comet: { protocol: { handshake_timeout: 8s } }\nlogic: { node: { heartbeat: 4m } }",
+        )
+        .expect("valid");
+        assert_eq!(config.comet.protocol.handshake_timeout, Duration::from_secs(8));
+        assert_eq!(config.logic.node.heartbeat, Duration::from_secs(240));
+    }
+
+    #[test]
+    fn yaml_round_trips() {
+        let mut config = Config::default();
+        config.comet.id = Some("comet-0".into());
+        config.logic.regions.insert(
+            "east".into(),
+            vec!["10.0.0.0/8".parse().expect("cidr")],
+        );
+        let text = config.to_yaml().expect("serializes");
+        assert_eq!(Config::from_yaml(&text).expect("parses"), config);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let error = Config::from_yaml("comet: { tcp: { bnd: [] } }").expect_err("typo");
+        assert!(error.to_string().contains("bnd"), "{error}");
+    }
+
+    #[test]
+    fn impossible_values_are_errors() {
+        for (yaml, key) in [
+            ("job: { room: { batch: 0 } }", "job.room.batch"),
+            ("comet: { protocol: { send_queue: 0 } }", "comet.protocol.send_queue"),
+            ("comet: { tcp: { bind: [] }, websocket: { bind: [] } }", "comet.tcp.bind"),
+            ("comet: { id: ' ' }", "comet.id"),
+        ] {
+            let error = Config::from_yaml(yaml).expect_err(yaml).to_string();
+            assert!(error.contains(key), "{yaml}: {error}");
+        }
+    }
+}

@@ -1,0 +1,488 @@
+//! The goim v2 client frame: a 16-byte big-endian header and a body.
+//!
+//! ```text
+//! offset size field
+//!  0     4    packLen   (int32) header + body
+//!  4     2    headerLen (int16) always 16
+//!  6     2    ver       (int16)
+//!  8     4    op        (int32)
+//! 12     4    seq       (int32)
+//! 16     ..   body
+//! ```
+//!
+//! Client frames are limited to [`MAX_CLIENT_FRAME`] bytes; frames the server
+//! sends are not (a room batch can be larger).
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Length of every frame header.
+pub const HEADER_LEN: usize = 16;
+/// goim's `MaxBodySize` (1 << 12).
+pub const MAX_BODY_SIZE: usize = 4096;
+/// The largest frame a client may send: 4112 bytes.
+pub const MAX_CLIENT_FRAME: usize = HEADER_LEN + MAX_BODY_SIZE;
+/// Version of frames the server creates.
+pub const SERVER_VERSION: i16 = 1;
+
+/// Operation codes (goim `api/protocol/operation.go`).
+pub mod op {
+    pub const HANDSHAKE: i32 = 0;
+    pub const HANDSHAKE_REPLY: i32 = 1;
+    pub const HEARTBEAT: i32 = 2;
+    pub const HEARTBEAT_REPLY: i32 = 3;
+    pub const SEND_MSG: i32 = 4;
+    pub const SEND_MSG_REPLY: i32 = 5;
+    pub const DISCONNECT_REPLY: i32 = 6;
+    pub const AUTH: i32 = 7;
+    pub const AUTH_REPLY: i32 = 8;
+    /// A container of pre-encoded frames; on WebSocket the client sees it as
+    /// a batch (outer header, then inner frames), on TCP only the inner frames.
+    pub const RAW: i32 = 9;
+    pub const PROTO_READY: i32 = 10;
+    pub const PROTO_FINISH: i32 = 11;
+    pub const CHANGE_ROOM: i32 = 12;
+    pub const CHANGE_ROOM_REPLY: i32 = 13;
+    pub const SUB: i32 = 14;
+    pub const SUB_REPLY: i32 = 15;
+    pub const UNSUB: i32 = 16;
+    pub const UNSUB_REPLY: i32 = 17;
+}
+
+/// A decoded frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub ver: i16,
+    pub op: i32,
+    pub seq: i32,
+    pub body: Bytes,
+}
+
+impl Frame {
+    /// A frame created by the server: version 1, sequence 0.
+    pub fn server(op: i32, body: impl Into<Bytes>) -> Self {
+        Frame {
+            ver: SERVER_VERSION,
+            op,
+            seq: 0,
+            body: body.into(),
+        }
+    }
+
+    /// A reply to this frame: version and sequence echoed, op and body replaced.
+    pub fn reply(&self, op: i32, body: Bytes) -> Self {
+        Frame {
+            ver: self.ver,
+            op,
+            seq: self.seq,
+            body,
+        }
+    }
+
+    /// Length of the encoded frame.
+    pub fn encoded_len(&self) -> usize {
+        HEADER_LEN + self.body.len()
+    }
+
+    /// Appends the encoded frame to `buf`.
+    pub fn encode_into(&self, buf: &mut BytesMut) {
+        put_header(buf, self.body.len(), self.ver, self.op, self.seq);
+        buf.put_slice(&self.body);
+    }
+
+    /// The encoded frame.
+    pub fn encode(&self) -> Bytes {
+        let mut buf = BytesMut::with_capacity(self.encoded_len());
+        self.encode_into(&mut buf);
+        buf.freeze()
+    }
+}
+
+/// Why bytes from a client are not a valid frame. Every variant closes the
+/// connection that sent them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("pack length {0} exceeds the client frame limit of {MAX_CLIENT_FRAME} bytes")]
+    PackLenTooLarge(i32),
+    #[error("pack length {0} is smaller than the {HEADER_LEN}-byte header")]
+    PackLenTooSmall(i32),
+    #[error("header length {0} is not {HEADER_LEN}")]
+    BadHeaderLen(i16),
+    #[error("pack length {pack_len} disagrees with the {payload}-byte WebSocket message")]
+    PayloadMismatch { pack_len: i32, payload: usize },
+    #[error("message of {0} bytes is shorter than a frame header")]
+    Truncated(usize),
+}
+
+impl FrameError {
+    /// A short, bounded label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            FrameError::PackLenTooLarge(_) => "pack_len_too_large",
+            FrameError::PackLenTooSmall(_) => "pack_len_too_small",
+            FrameError::BadHeaderLen(_) => "bad_header_len",
+            FrameError::PayloadMismatch { .. } => "payload_mismatch",
+            FrameError::Truncated(_) => "truncated",
+        }
+    }
+}
+
+/// A parsed header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub pack_len: i32,
+    pub header_len: i16,
+    pub ver: i16,
+    pub op: i32,
+    pub seq: i32,
+}
+
+impl Header {
+    /// Parses the 16 header bytes without validating them.
+    pub fn parse(raw: &[u8; HEADER_LEN]) -> Header {
+        Header {
+            pack_len: i32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]),
+            header_len: i16::from_be_bytes([raw[4], raw[5]]),
+            ver: i16::from_be_bytes([raw[6], raw[7]]),
+            op: i32::from_be_bytes([raw[8], raw[9], raw[10], raw[11]]),
+            seq: i32::from_be_bytes([raw[12], raw[13], raw[14], raw[15]]),
+        }
+    }
+
+    /// Validates a header sent by a client and returns the body length.
+    ///
+    /// goim accepts a pack length below 16 on TCP as an empty body; such a
+    /// frame can only come from a broken client, so it is refused here.
+    pub fn client_body_len(&self) -> Result<usize, FrameError> {
+        if self.pack_len > MAX_CLIENT_FRAME as i32 {
+            return Err(FrameError::PackLenTooLarge(self.pack_len));
+        }
+        if self.header_len != HEADER_LEN as i16 {
+            return Err(FrameError::BadHeaderLen(self.header_len));
+        }
+        if self.pack_len < HEADER_LEN as i32 {
+            return Err(FrameError::PackLenTooSmall(self.pack_len));
+        }
+        Ok(self.pack_len as usize - HEADER_LEN)
+    }
+
+    fn into_frame(self, body: Bytes) -> Frame {
+        Frame {
+            ver: self.ver,
+            op: self.op,
+            seq: self.seq,
+            body,
+        }
+    }
+}
+
+/// Decodes one client frame that arrived as a whole WebSocket message.
+/// The message must hold exactly one frame: packLen equals its length.
+pub fn decode_ws_message(payload: Bytes) -> Result<Frame, FrameError> {
+    let Some(raw) = payload.first_chunk::<HEADER_LEN>() else {
+        return Err(FrameError::Truncated(payload.len()));
+    };
+    let header = Header::parse(raw);
+    let body_len = header.client_body_len()?;
+    if HEADER_LEN + body_len != payload.len() {
+        return Err(FrameError::PayloadMismatch {
+            pack_len: header.pack_len,
+            payload: payload.len(),
+        });
+    }
+    Ok(header.into_frame(payload.slice(HEADER_LEN..)))
+}
+
+/// Decodes client frames from a byte stream buffer (TCP). Returns `Ok(None)`
+/// when `buf` does not yet hold a whole frame; consumed bytes are removed.
+pub fn decode_stream(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+    let Some(raw) = buf.first_chunk::<HEADER_LEN>() else {
+        return Ok(None);
+    };
+    let header = Header::parse(raw);
+    let body_len = header.client_body_len()?;
+    if buf.len() < HEADER_LEN + body_len {
+        return Ok(None);
+    }
+    let mut frame = buf.split_to(HEADER_LEN + body_len);
+    let body = frame.split_off(HEADER_LEN).freeze();
+    Ok(Some(header.into_frame(body)))
+}
+
+/// Writes a header for a body of `body_len` bytes.
+pub fn put_header(buf: &mut BytesMut, body_len: usize, ver: i16, op: i32, seq: i32) {
+    // Server frames are not capped, but a pack length must fit an int32.
+    let pack_len = i32::try_from(HEADER_LEN + body_len).unwrap_or(i32::MAX);
+    buf.put_i32(pack_len);
+    buf.put_i16(HEADER_LEN as i16);
+    buf.put_i16(ver);
+    buf.put_i32(op);
+    buf.put_i32(seq);
+}
+
+/// The 20-byte heartbeat reply: op 3, ver and seq echoed, body = the room's
+/// online count as a big-endian int32.
+pub fn heartbeat_reply(ver: i16, seq: i32, online: i32) -> Bytes {
+    let mut buf = BytesMut::with_capacity(HEADER_LEN + 4);
+    put_header(&mut buf, 4, ver, op::HEARTBEAT_REPLY, seq);
+    buf.put_i32(online);
+    buf.freeze()
+}
+
+/// Concatenates server frames (ver 1, seq 0) into the body of one op-9 frame,
+/// the shape job sends to comets for a room batch or a single push.
+#[derive(Debug, Default)]
+pub struct RawBatch {
+    buf: BytesMut,
+    frames: usize,
+}
+
+impl RawBatch {
+    pub fn with_capacity(bytes: usize) -> Self {
+        RawBatch {
+            buf: BytesMut::with_capacity(bytes),
+            frames: 0,
+        }
+    }
+
+    /// Appends one server frame with this op and body.
+    pub fn push(&mut self, op: i32, body: &[u8]) {
+        put_header(&mut self.buf, body.len(), SERVER_VERSION, op, 0);
+        self.buf.put_slice(body);
+        self.frames += 1;
+    }
+
+    pub fn frames(&self) -> usize {
+        self.frames
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frames == 0
+    }
+
+    /// The op-9 frame wrapping everything pushed so far.
+    pub fn finish(self) -> Frame {
+        Frame::server(op::RAW, self.buf.freeze())
+    }
+}
+
+/// A push as it is written to clients of each transport, encoded once per
+/// comet and shared by reference count across every receiving connection.
+#[derive(Clone, Debug)]
+pub struct EncodedPush {
+    /// One WebSocket message: the whole frame (for op 9, the outer header
+    /// followed by the inner frames).
+    pub websocket: Bytes,
+    /// TCP bytes: for op 9 only the inner frames, else the whole frame.
+    pub tcp: Bytes,
+}
+
+impl EncodedPush {
+    pub fn new(frame: &Frame) -> Self {
+        let websocket = frame.encode();
+        let tcp = if frame.op == op::RAW {
+            websocket.slice(HEADER_LEN..)
+        } else {
+            websocket.clone()
+        };
+        EncodedPush { websocket, tcp }
+    }
+}
+
+/// Parses goim's comma-separated op list ("1000,1001") used by op 14 / 16.
+/// Like goim, one bad item makes the whole list invalid.
+pub fn parse_op_list(body: &[u8]) -> Option<Vec<i32>> {
+    let text = std::str::from_utf8(body).ok()?;
+    if text.is_empty() {
+        return Some(Vec::new());
+    }
+    text.split(',').map(|item| item.trim().parse().ok()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn unhex(text: &str) -> Vec<u8> {
+        let text: String = text.split_whitespace().collect();
+        (0..text.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex"))
+            .collect()
+    }
+
+    // PROTOCOL.md §1.10: client heartbeat, seq 1.
+    #[test]
+    fn client_heartbeat_bytes() {
+        let wire = unhex("00000010 0010 0001 00000002 00000001");
+        let mut buf = BytesMut::from(&wire[..]);
+        let frame = decode_stream(&mut buf).expect("valid").expect("whole");
+        assert_eq!(
+            frame,
+            Frame {
+                ver: 1,
+                op: op::HEARTBEAT,
+                seq: 1,
+                body: Bytes::new()
+            }
+        );
+        assert!(buf.is_empty());
+        assert_eq!(frame.encode().as_ref(), &wire[..]);
+    }
+
+    // PROTOCOL.md §1.10: reply when the room has 5 online.
+    #[test]
+    fn heartbeat_reply_bytes() {
+        let reply = heartbeat_reply(1, 1, 5);
+        assert_eq!(
+            hex(&reply),
+            hex(&unhex("00000014 0010 0001 00000003 00000001 00000005"))
+        );
+        assert_eq!(reply.len(), 20);
+    }
+
+    // PROTOCOL.md §1.10: WS room batch with two pushes, op 1000, bodies a, bc.
+    #[test]
+    fn room_batch_bytes() {
+        let mut batch = RawBatch::default();
+        batch.push(1000, b"a");
+        batch.push(1000, b"bc");
+        assert_eq!(batch.frames(), 2);
+        let push = EncodedPush::new(&batch.finish());
+        let outer = "00000033 0010 0001 00000009 00000000";
+        let inner = "00000011 0010 0001 000003E8 00000000 61 00000012 0010 0001 000003E8 00000000 6263";
+        assert_eq!(
+            hex(&push.websocket),
+            hex(&unhex(&format!("{outer} {inner}")))
+        );
+        // Over TCP the same push is just the two inner frames.
+        assert_eq!(hex(&push.tcp), hex(&unhex(inner)));
+    }
+
+    #[test]
+    fn non_raw_push_is_whole_frame_on_both_transports() {
+        let push = EncodedPush::new(&Frame::server(1000, Bytes::from_static(b"x")));
+        assert_eq!(push.websocket, push.tcp);
+        assert_eq!(push.tcp.len(), 17);
+    }
+
+    #[test]
+    fn stream_decoder_waits_for_whole_frames() {
+        let frame = Frame {
+            ver: 1,
+            op: op::AUTH,
+            seq: 7,
+            body: Bytes::from_static(b"{\"mid\":1}"),
+        };
+        let wire = frame.encode();
+        let mut buf = BytesMut::new();
+        for (i, byte) in wire.iter().enumerate() {
+            assert_eq!(decode_stream(&mut buf).expect("valid"), None, "at {i}");
+            buf.put_u8(*byte);
+        }
+        assert_eq!(decode_stream(&mut buf).expect("valid"), Some(frame));
+    }
+
+    #[test]
+    fn stream_decoder_splits_back_to_back_frames() {
+        let mut buf = BytesMut::new();
+        Frame::server(5, Bytes::from_static(b"one")).encode_into(&mut buf);
+        Frame::server(6, Bytes::from_static(b"")).encode_into(&mut buf);
+        let first = decode_stream(&mut buf).expect("valid").expect("whole");
+        let second = decode_stream(&mut buf).expect("valid").expect("whole");
+        assert_eq!((first.op, &first.body[..]), (5, &b"one"[..]));
+        assert_eq!((second.op, second.body.len()), (6, 0));
+        assert!(buf.is_empty());
+    }
+
+    fn header_bytes(pack_len: i32, header_len: i16) -> BytesMut {
+        let mut buf = BytesMut::new();
+        buf.put_i32(pack_len);
+        buf.put_i16(header_len);
+        buf.put_i16(1);
+        buf.put_i32(op::HEARTBEAT);
+        buf.put_i32(0);
+        buf
+    }
+
+    #[test]
+    fn largest_client_frame_is_accepted_and_one_more_byte_refused() {
+        let mut buf = header_bytes(MAX_CLIENT_FRAME as i32, 16);
+        buf.put_bytes(0, MAX_BODY_SIZE);
+        let frame = decode_stream(&mut buf).expect("4112 is allowed").expect("whole");
+        assert_eq!(frame.body.len(), MAX_BODY_SIZE);
+
+        let mut buf = header_bytes(MAX_CLIENT_FRAME as i32 + 1, 16);
+        assert_eq!(
+            decode_stream(&mut buf),
+            Err(FrameError::PackLenTooLarge(4113))
+        );
+    }
+
+    #[test]
+    fn malformed_headers_are_refused() {
+        assert_eq!(
+            decode_stream(&mut header_bytes(20, 12)),
+            Err(FrameError::BadHeaderLen(12))
+        );
+        assert_eq!(
+            decode_stream(&mut header_bytes(8, 16)),
+            Err(FrameError::PackLenTooSmall(8))
+        );
+        assert_eq!(
+            decode_stream(&mut header_bytes(-1, 16)),
+            Err(FrameError::PackLenTooSmall(-1))
+        );
+    }
+
+    #[test]
+    fn websocket_message_must_hold_exactly_one_frame() {
+        let wire = Frame::server(4, Bytes::from_static(b"hello")).encode();
+        assert_eq!(decode_ws_message(wire.clone()).expect("valid").body, "hello");
+
+        let mut longer = BytesMut::from(&wire[..]);
+        longer.put_slice(b"!");
+        assert_eq!(
+            decode_ws_message(longer.freeze()),
+            Err(FrameError::PayloadMismatch {
+                pack_len: 21,
+                payload: 22
+            })
+        );
+        assert_eq!(
+            decode_ws_message(wire.slice(..20)),
+            Err(FrameError::PayloadMismatch {
+                pack_len: 21,
+                payload: 20
+            })
+        );
+        assert_eq!(
+            decode_ws_message(wire.slice(..10)),
+            Err(FrameError::Truncated(10))
+        );
+    }
+
+    #[test]
+    fn replies_echo_version_and_sequence() {
+        let request = Frame {
+            ver: 7,
+            op: op::CHANGE_ROOM,
+            seq: 99,
+            body: Bytes::from_static(b"live://1"),
+        };
+        let reply = request.reply(op::CHANGE_ROOM_REPLY, request.body.clone());
+        assert_eq!((reply.ver, reply.seq, reply.op), (7, 99, 13));
+    }
+
+    #[test]
+    fn op_lists() {
+        assert_eq!(parse_op_list(b"1000,1001"), Some(vec![1000, 1001]));
+        assert_eq!(parse_op_list(b"5"), Some(vec![5]));
+        assert_eq!(parse_op_list(b""), Some(vec![]));
+        assert_eq!(parse_op_list(b"1,x"), None);
+        assert_eq!(parse_op_list(&[0xff]), None);
+    }
+}
