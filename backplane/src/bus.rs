@@ -1,0 +1,416 @@
+//! The push stream: logic publishes goim `PushMsg`s, job consumes them.
+//!
+//! Guarantees every implementation gives:
+//! - messages with the same [`ordering_key`] are delivered in publish order;
+//! - a delivery stays pending until it is acked; a nacked delivery comes back
+//!   (up to the bus's delivery limit), so job acks only after comets accepted;
+//! - a publish with a message id already seen within the dedupe window is
+//!   accepted but not delivered again.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use pushcluster_api::pb::logic::PushMsg;
+use pushcluster_api::pb::logic::push_msg::Type as PushType;
+use tokio::sync::mpsc;
+
+/// Why the bus refused an operation.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BusError {
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+    #[error("bus closed")]
+    Closed,
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The key that orders messages: one room, one target comet, or one
+/// broadcast op is consumed in publish order.
+pub fn ordering_key(msg: &PushMsg) -> String {
+    match msg.r#type() {
+        PushType::Push => format!("push.{}", msg.server),
+        PushType::Room => format!("room.{}", msg.room),
+        PushType::Broadcast => format!("broadcast.{}", msg.operation),
+    }
+}
+
+/// Result of a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// The message id was seen before within the dedupe window; the message
+    /// was not stored again.
+    pub duplicate: bool,
+}
+
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Stores the message; returns once the bus holds it durably (for its
+    /// kind of durability). `msg_id` makes the publish idempotent.
+    async fn publish(&self, msg: PushMsg, msg_id: Option<String>) -> Result<Published, BusError>;
+
+    /// Starts consuming. Deliveries with the same ordering key arrive in order.
+    async fn subscribe(&self) -> Result<Subscription, BusError>;
+}
+
+/// Settles one delivery. Dropping it unsettled is a nack without delay.
+#[async_trait]
+pub trait Acker: Send + Sync + 'static {
+    /// Done: never deliver again.
+    async fn ack(self: Box<Self>);
+    /// Not done: deliver again after `delay` (if the delivery limit allows).
+    async fn nack(self: Box<Self>, delay: Duration);
+}
+
+/// One message handed to a consumer.
+pub struct Delivery {
+    pub msg: PushMsg,
+    /// When logic published it (for end-to-end latency).
+    pub published_at: SystemTime,
+    /// 1 on the first delivery, then 2, 3, ...
+    pub attempt: u32,
+    acker: Box<dyn Acker>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("msg", &self.msg)
+            .field("attempt", &self.attempt)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Delivery {
+    pub fn new(
+        msg: PushMsg,
+        published_at: SystemTime,
+        attempt: u32,
+        acker: Box<dyn Acker>,
+    ) -> Self {
+        Delivery {
+            msg,
+            published_at,
+            attempt,
+            acker,
+        }
+    }
+
+    pub async fn ack(self) {
+        self.acker.ack().await
+    }
+
+    pub async fn nack(self, delay: Duration) {
+        self.acker.nack(delay).await
+    }
+}
+
+/// A stream of deliveries.
+pub struct Subscription {
+    rx: mpsc::Receiver<Delivery>,
+}
+
+impl Subscription {
+    pub fn new(rx: mpsc::Receiver<Delivery>) -> Self {
+        Subscription { rx }
+    }
+
+    /// The next delivery; `None` once the bus is closed.
+    pub async fn next(&mut self) -> Option<Delivery> {
+        self.rx.recv().await
+    }
+}
+
+/// Settings of the in-memory bus.
+#[derive(Debug, Clone)]
+pub struct MemoryBusConfig {
+    /// Messages held before `publish` waits for the consumer.
+    pub capacity: usize,
+    /// Deliveries of one message before a nack drops it (counted, logged).
+    pub max_deliveries: u32,
+    /// How long message ids are remembered for deduplication.
+    pub dedupe_window: Duration,
+}
+
+impl Default for MemoryBusConfig {
+    fn default() -> Self {
+        MemoryBusConfig {
+            capacity: 65_536,
+            max_deliveries: 5,
+            dedupe_window: Duration::from_secs(120),
+        }
+    }
+}
+
+/// The in-process bus of standalone mode: one FIFO queue, so every ordering
+/// key keeps publish order. Publishing waits when the queue is full, which
+/// pushes back on the HTTP API instead of dropping.
+#[derive(Clone)]
+pub struct MemoryBus {
+    inner: Arc<MemoryBusInner>,
+}
+
+struct MemoryBusInner {
+    config: MemoryBusConfig,
+    tx: mpsc::Sender<Delivery>,
+    rx: Mutex<Option<mpsc::Receiver<Delivery>>>,
+    seen_ids: Mutex<Dedupe>,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Default)]
+struct Dedupe {
+    ids: HashMap<String, Instant>,
+    order: VecDeque<(Instant, String)>,
+}
+
+impl Dedupe {
+    /// Records the id; false if it was already seen within the window.
+    fn insert(&mut self, id: String, window: Duration) -> bool {
+        let now = Instant::now();
+        while let Some((at, _)) = self.order.front() {
+            if now.duration_since(*at) < window {
+                break;
+            }
+            if let Some((at, old)) = self.order.pop_front()
+                && self.ids.get(&old) == Some(&at)
+            {
+                self.ids.remove(&old);
+            }
+        }
+        if self.ids.contains_key(&id) {
+            return false;
+        }
+        self.ids.insert(id.clone(), now);
+        self.order.push_back((now, id));
+        true
+    }
+}
+
+impl MemoryBus {
+    pub fn new(config: MemoryBusConfig) -> Self {
+        let (tx, rx) = mpsc::channel(config.capacity.max(1));
+        MemoryBus {
+            inner: Arc::new(MemoryBusInner {
+                config,
+                tx,
+                rx: Mutex::new(Some(rx)),
+                seen_ids: Mutex::new(Dedupe::default()),
+                dropped: Default::default(),
+            }),
+        }
+    }
+
+    /// Messages given up after `max_deliveries` nacks.
+    pub fn dropped(&self) -> u64 {
+        self.inner
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Default for MemoryBus {
+    fn default() -> Self {
+        MemoryBus::new(MemoryBusConfig::default())
+    }
+}
+
+struct MemoryAcker {
+    bus: Arc<MemoryBusInner>,
+    msg: Option<PushMsg>,
+    published_at: SystemTime,
+    attempt: u32,
+}
+
+impl MemoryAcker {
+    fn redeliver(&mut self, delay: Duration) {
+        let Some(msg) = self.msg.take() else { return };
+        let attempt = self.attempt + 1;
+        let bus = self.bus.clone();
+        if attempt > bus.config.max_deliveries {
+            bus.dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(
+                key = %ordering_key(&msg),
+                attempts = self.attempt,
+                "message dropped after its last delivery attempt failed"
+            );
+            return;
+        }
+        let published_at = self.published_at;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            tokio::time::sleep(delay).await;
+            let acker = MemoryAcker {
+                bus: bus.clone(),
+                msg: Some(msg.clone()),
+                published_at,
+                attempt,
+            };
+            let delivery = Delivery::new(msg, published_at, attempt, Box::new(acker));
+            // Fails only when the bus is gone, and then nobody consumes.
+            let _ = bus.tx.send(delivery).await;
+        });
+    }
+}
+
+#[async_trait]
+impl Acker for MemoryAcker {
+    async fn ack(mut self: Box<Self>) {
+        self.msg = None;
+    }
+
+    async fn nack(mut self: Box<Self>, delay: Duration) {
+        self.redeliver(delay);
+    }
+}
+
+impl Drop for MemoryAcker {
+    fn drop(&mut self) {
+        if self.msg.is_some() {
+            self.redeliver(Duration::ZERO);
+        }
+    }
+}
+
+#[async_trait]
+impl Bus for MemoryBus {
+    async fn publish(&self, msg: PushMsg, msg_id: Option<String>) -> Result<Published, BusError> {
+        if let Some(id) = msg_id {
+            let fresh = self
+                .inner
+                .seen_ids
+                .lock()
+                .map_err(|_| BusError::Other("dedupe table poisoned".into()))?
+                .insert(id, self.inner.config.dedupe_window);
+            if !fresh {
+                return Ok(Published { duplicate: true });
+            }
+        }
+        let published_at = SystemTime::now();
+        let acker = MemoryAcker {
+            bus: self.inner.clone(),
+            msg: Some(msg.clone()),
+            published_at,
+            attempt: 1,
+        };
+        let delivery = Delivery::new(msg, published_at, 1, Box::new(acker));
+        self.inner
+            .tx
+            .send(delivery)
+            .await
+            .map_err(|_| BusError::Closed)?;
+        Ok(Published { duplicate: false })
+    }
+
+    async fn subscribe(&self) -> Result<Subscription, BusError> {
+        let rx = self
+            .inner
+            .rx
+            .lock()
+            .map_err(|_| BusError::Other("subscriber slot poisoned".into()))?
+            .take()
+            .ok_or_else(|| BusError::Other("the in-memory bus has one subscriber".into()))?;
+        Ok(Subscription::new(rx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn room_msg(room: &str, body: &'static [u8]) -> PushMsg {
+        PushMsg {
+            r#type: PushType::Room as i32,
+            operation: 1000,
+            room: room.into(),
+            msg: body.into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn delivers_in_publish_order() {
+        let bus = MemoryBus::default();
+        let mut sub = bus.subscribe().await.expect("first subscriber");
+        for body in [&b"1"[..], b"2", b"3"] {
+            bus.publish(room_msg("live://1", body), None).await.expect("publish");
+        }
+        for expected in [&b"1"[..], b"2", b"3"] {
+            let delivery = sub.next().await.expect("delivery");
+            assert_eq!(&delivery.msg.msg[..], expected);
+            assert_eq!(delivery.attempt, 1);
+            delivery.ack().await;
+        }
+        assert!(bus.subscribe().await.is_err(), "one subscriber only");
+    }
+
+    #[tokio::test]
+    async fn nack_redelivers_until_the_limit() {
+        let bus = MemoryBus::new(MemoryBusConfig {
+            max_deliveries: 2,
+            ..Default::default()
+        });
+        let mut sub = bus.subscribe().await.expect("subscribe");
+        bus.publish(room_msg("live://1", b"x"), None).await.expect("publish");
+        let first = sub.next().await.expect("first");
+        first.nack(Duration::from_millis(1)).await;
+        let second = sub.next().await.expect("redelivered");
+        assert_eq!(second.attempt, 2);
+        second.nack(Duration::ZERO).await;
+        assert_eq!(bus.dropped(), 1);
+    }
+
+    #[tokio::test]
+    async fn dropping_an_unsettled_delivery_redelivers_it() {
+        let bus = MemoryBus::default();
+        let mut sub = bus.subscribe().await.expect("subscribe");
+        bus.publish(room_msg("live://1", b"x"), None).await.expect("publish");
+        drop(sub.next().await.expect("first"));
+        assert_eq!(sub.next().await.expect("again").attempt, 2);
+    }
+
+    #[tokio::test]
+    async fn message_ids_deduplicate() {
+        let bus = MemoryBus::default();
+        let mut sub = bus.subscribe().await.expect("subscribe");
+        let first = bus
+            .publish(room_msg("live://1", b"a"), Some("id-1".into()))
+            .await
+            .expect("publish");
+        let again = bus
+            .publish(room_msg("live://1", b"a"), Some("id-1".into()))
+            .await
+            .expect("publish");
+        bus.publish(room_msg("live://1", b"b"), Some("id-2".into()))
+            .await
+            .expect("publish");
+        assert!(!first.duplicate);
+        assert!(again.duplicate);
+        assert_eq!(&sub.next().await.expect("a").msg.msg[..], b"a");
+        assert_eq!(&sub.next().await.expect("b").msg.msg[..], b"b");
+    }
+
+    #[test]
+    fn dedupe_window_forgets_old_ids() {
+        let mut dedupe = Dedupe::default();
+        assert!(dedupe.insert("a".into(), Duration::ZERO));
+        assert!(dedupe.insert("a".into(), Duration::ZERO), "window of zero");
+        assert!(!dedupe.insert("a".into(), Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn ordering_keys() {
+        assert_eq!(ordering_key(&room_msg("live://1", b"")), "room.live://1");
+        let push = PushMsg {
+            r#type: PushType::Push as i32,
+            server: "comet-1".into(),
+            ..Default::default()
+        };
+        assert_eq!(ordering_key(&push), "push.comet-1");
+    }
+}

@@ -1,0 +1,338 @@
+//! Sessions (which comet holds a key, which keys a user has) and the comets'
+//! own reports (room counts, connection counts, node metadata).
+//!
+//! goim kept these in Redis (`key_<key>`, `mid_<mid>`, `ol_<server>`). Two goim
+//! defects are fixed at this seam: a Disconnect only removes a mapping that
+//! still names the disconnecting comet, and a comet that stops reporting
+//! leaves the counts after the freshness window (no ghost counts).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RegistryError {
+    #[error("registry unavailable: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// One authenticated connection: user `mid` (0 = anonymous) on device `key`,
+/// held by comet `server`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Session {
+    pub mid: i64,
+    pub key: String,
+    pub server: String,
+}
+
+/// What a comet reports about itself every few seconds.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CometReport {
+    pub server: String,
+    /// Members per room on this comet (rooms with at least one).
+    pub room_counts: HashMap<String, i32>,
+    pub conn_count: i32,
+    pub ip_count: i32,
+    pub weight: i32,
+    pub offline: bool,
+    /// Public addresses handed to clients.
+    pub addrs: Vec<String>,
+    pub region: String,
+    pub zone: String,
+    /// gRPC address, for `/goim/nodes/instances`.
+    pub grpc_addr: String,
+    /// When the registry stored the report (set by the registry).
+    pub updated: Option<SystemTime>,
+}
+
+#[async_trait]
+pub trait Registry: Send + Sync + 'static {
+    /// Maps key → server (and mid → key when mid > 0).
+    async fn add_session(&self, session: &Session) -> Result<(), RegistryError>;
+    /// Extends the session's lifetime; re-adds it if it expired.
+    async fn refresh_session(&self, session: &Session) -> Result<(), RegistryError>;
+    /// Removes the mappings if they still name `session.server`; returns
+    /// whether anything was removed.
+    async fn remove_session(&self, session: &Session) -> Result<bool, RegistryError>;
+    /// key → server for the keys that have a live session.
+    async fn servers_by_keys(
+        &self,
+        keys: &[String],
+    ) -> Result<HashMap<String, String>, RegistryError>;
+    /// key → server for every live session of these users.
+    async fn servers_by_mids(&self, mids: &[i64])
+    -> Result<HashMap<String, String>, RegistryError>;
+    /// Stores a comet's report, replacing its previous one.
+    async fn report_comet(&self, report: CometReport) -> Result<(), RegistryError>;
+    /// Reports newer than the freshness window, one per comet.
+    async fn comet_reports(&self) -> Result<Vec<CometReport>, RegistryError>;
+}
+
+/// The in-process registry of standalone mode.
+pub struct MemoryRegistry {
+    session_ttl: Duration,
+    report_ttl: Duration,
+    state: Mutex<MemoryState>,
+}
+
+#[derive(Default)]
+struct MemoryState {
+    /// key → (server, mid, expiry)
+    keys: HashMap<String, KeyEntry>,
+    /// mid → key → (server, expiry)
+    mids: HashMap<i64, HashMap<String, (String, Instant)>>,
+    reports: HashMap<String, (CometReport, Instant)>,
+    operations: u64,
+}
+
+struct KeyEntry {
+    server: String,
+    expires: Instant,
+}
+
+impl MemoryRegistry {
+    /// `session_ttl`: lifetime of a session without refresh;
+    /// `report_ttl`: how long a comet report counts.
+    pub fn new(session_ttl: Duration, report_ttl: Duration) -> Self {
+        MemoryRegistry {
+            session_ttl,
+            report_ttl,
+            state: Mutex::new(MemoryState::default()),
+        }
+    }
+
+    fn state(&self) -> Result<std::sync::MutexGuard<'_, MemoryState>, RegistryError> {
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| RegistryError::Other("registry state poisoned".into()))?;
+        // Sweep expired entries now and then so abandoned sessions do not pile up.
+        state.operations += 1;
+        if state.operations.is_multiple_of(4096) {
+            let now = Instant::now();
+            state.keys.retain(|_, entry| entry.expires > now);
+            state.mids.retain(|_, keys| {
+                keys.retain(|_, (_, expires)| *expires > now);
+                !keys.is_empty()
+            });
+        }
+        Ok(state)
+    }
+
+    fn insert(&self, state: &mut MemoryState, session: &Session) {
+        let expires = Instant::now() + self.session_ttl;
+        state.keys.insert(
+            session.key.clone(),
+            KeyEntry {
+                server: session.server.clone(),
+                expires,
+            },
+        );
+        if session.mid > 0 {
+            state
+                .mids
+                .entry(session.mid)
+                .or_default()
+                .insert(session.key.clone(), (session.server.clone(), expires));
+        }
+    }
+}
+
+#[async_trait]
+impl Registry for MemoryRegistry {
+    async fn add_session(&self, session: &Session) -> Result<(), RegistryError> {
+        let mut state = self.state()?;
+        self.insert(&mut state, session);
+        Ok(())
+    }
+
+    async fn refresh_session(&self, session: &Session) -> Result<(), RegistryError> {
+        let mut state = self.state()?;
+        self.insert(&mut state, session);
+        Ok(())
+    }
+
+    async fn remove_session(&self, session: &Session) -> Result<bool, RegistryError> {
+        let mut state = self.state()?;
+        let mut removed = false;
+        if state
+            .keys
+            .get(&session.key)
+            .is_some_and(|entry| entry.server == session.server)
+        {
+            state.keys.remove(&session.key);
+            removed = true;
+        }
+        if session.mid > 0
+            && let Some(keys) = state.mids.get_mut(&session.mid)
+        {
+            if keys
+                .get(&session.key)
+                .is_some_and(|(server, _)| *server == session.server)
+            {
+                keys.remove(&session.key);
+                removed = true;
+            }
+            if keys.is_empty() {
+                state.mids.remove(&session.mid);
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn servers_by_keys(
+        &self,
+        keys: &[String],
+    ) -> Result<HashMap<String, String>, RegistryError> {
+        let state = self.state()?;
+        let now = Instant::now();
+        Ok(keys
+            .iter()
+            .filter_map(|key| {
+                let entry = state.keys.get(key)?;
+                (entry.expires > now).then(|| (key.clone(), entry.server.clone()))
+            })
+            .collect())
+    }
+
+    async fn servers_by_mids(
+        &self,
+        mids: &[i64],
+    ) -> Result<HashMap<String, String>, RegistryError> {
+        let state = self.state()?;
+        let now = Instant::now();
+        let mut found = HashMap::new();
+        for mid in mids {
+            if let Some(keys) = state.mids.get(mid) {
+                for (key, (server, expires)) in keys {
+                    if *expires > now {
+                        found.insert(key.clone(), server.clone());
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    async fn report_comet(&self, mut report: CometReport) -> Result<(), RegistryError> {
+        report.updated = Some(SystemTime::now());
+        let mut state = self.state()?;
+        state
+            .reports
+            .insert(report.server.clone(), (report, Instant::now()));
+        Ok(())
+    }
+
+    async fn comet_reports(&self) -> Result<Vec<CometReport>, RegistryError> {
+        let mut state = self.state()?;
+        let ttl = self.report_ttl;
+        state.reports.retain(|_, (_, at)| at.elapsed() < ttl);
+        Ok(state
+            .reports
+            .values()
+            .map(|(report, _)| report.clone())
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(mid: i64, key: &str, server: &str) -> Session {
+        Session {
+            mid,
+            key: key.into(),
+            server: server.into(),
+        }
+    }
+
+    fn registry() -> MemoryRegistry {
+        MemoryRegistry::new(Duration::from_secs(60), Duration::from_secs(60))
+    }
+
+    #[tokio::test]
+    async fn sessions_are_found_by_key_and_mid() {
+        let registry = registry();
+        registry.add_session(&session(7, "k1", "c1")).await.expect("add");
+        registry.add_session(&session(7, "k2", "c2")).await.expect("add");
+        registry.add_session(&session(0, "anon", "c1")).await.expect("add");
+
+        let by_key = registry
+            .servers_by_keys(&["k1".into(), "anon".into(), "missing".into()])
+            .await
+            .expect("lookup");
+        assert_eq!(by_key.len(), 2);
+        assert_eq!(by_key["anon"], "c1");
+
+        let by_mid = registry.servers_by_mids(&[7, 8]).await.expect("lookup");
+        assert_eq!(
+            by_mid,
+            HashMap::from([("k1".into(), "c1".into()), ("k2".into(), "c2".into())])
+        );
+    }
+
+    #[tokio::test]
+    async fn late_disconnect_from_an_old_comet_keeps_the_new_mapping() {
+        let registry = registry();
+        registry.add_session(&session(7, "k", "old")).await.expect("add");
+        registry.add_session(&session(7, "k", "new")).await.expect("move");
+        let removed = registry
+            .remove_session(&session(7, "k", "old"))
+            .await
+            .expect("remove");
+        assert!(!removed);
+        let by_mid = registry.servers_by_mids(&[7]).await.expect("lookup");
+        assert_eq!(by_mid["k"], "new");
+        assert!(
+            registry
+                .remove_session(&session(7, "k", "new"))
+                .await
+                .expect("remove")
+        );
+        assert!(registry.servers_by_mids(&[7]).await.expect("lookup").is_empty());
+    }
+
+    #[tokio::test]
+    async fn sessions_expire_without_refresh() {
+        let registry = MemoryRegistry::new(Duration::ZERO, Duration::from_secs(60));
+        registry.add_session(&session(1, "k", "c")).await.expect("add");
+        assert!(registry.servers_by_keys(&["k".into()]).await.expect("lookup").is_empty());
+        assert!(registry.servers_by_mids(&[1]).await.expect("lookup").is_empty());
+    }
+
+    #[tokio::test]
+    async fn stale_reports_leave_the_counts() {
+        let registry = MemoryRegistry::new(Duration::from_secs(60), Duration::ZERO);
+        registry
+            .report_comet(CometReport {
+                server: "c1".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("report");
+        assert!(registry.comet_reports().await.expect("reports").is_empty());
+
+        let registry = registry_with_reports().await;
+        let reports = registry.comet_reports().await.expect("reports");
+        assert_eq!(reports.len(), 1);
+        assert!(reports[0].updated.is_some());
+    }
+
+    async fn registry_with_reports() -> MemoryRegistry {
+        let registry = registry();
+        registry
+            .report_comet(CometReport {
+                server: "c1".into(),
+                room_counts: HashMap::from([("live://1".into(), 3)]),
+                ..Default::default()
+            })
+            .await
+            .expect("report");
+        registry
+    }
+}

@@ -1,0 +1,103 @@
+//! Prometheus metrics of logic. Labels are bounded: routes, codes, kinds and
+//! reasons, never a key, mid or room.
+
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+
+#[derive(Clone)]
+pub struct LogicMetrics {
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub published: IntCounterVec,
+    pub publish_failures: IntCounterVec,
+    pub duplicates: IntCounterVec,
+    pub unknown_targets: IntCounterVec,
+    pub connects: IntCounterVec,
+    pub disconnects: IntCounterVec,
+    pub upstream_frames: IntCounter,
+    pub online_reports: IntCounter,
+}
+
+impl LogicMetrics {
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let metrics = LogicMetrics {
+            http_requests: IntCounterVec::new(
+                Opts::new(
+                    "pushcluster_logic_http_requests_total",
+                    "HTTP API requests by route, HTTP status and goim code.",
+                ),
+                &["route", "status", "code"],
+            )?,
+            http_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "pushcluster_logic_http_request_duration_seconds",
+                    "HTTP API request latency by route.",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ]),
+                &["route"],
+            )?,
+            published: IntCounterVec::new(
+                Opts::new(
+                    "pushcluster_logic_messages_published_total",
+                    "PushMsg published to the bus, by kind (push, room, broadcast).",
+                ),
+                &["kind"],
+            )?,
+            publish_failures: IntCounterVec::new(
+                Opts::new(
+                    "pushcluster_logic_publish_failures_total",
+                    "PushMsg the bus refused, by kind; the API answered -500.",
+                ),
+                &["kind"],
+            )?,
+            duplicates: IntCounterVec::new(
+                Opts::new(
+                    "pushcluster_logic_duplicate_publishes_total",
+                    "Publishes skipped because their Idempotency-Key was seen, by kind.",
+                ),
+                &["kind"],
+            )?,
+            unknown_targets: IntCounterVec::new(
+                Opts::new(
+                    "pushcluster_logic_push_targets_offline_total",
+                    "Keys or mids named in a push that had no live session, by target (key, mid).",
+                ),
+                &["target"],
+            )?,
+            connects: IntCounterVec::new(
+                Opts::new(
+                    "pushcluster_logic_connects_total",
+                    "Connect calls from comets by result (ok, or the refusal reason).",
+                ),
+                &["result"],
+            )?,
+            disconnects: IntCounterVec::new(
+                Opts::new(
+                    "pushcluster_logic_disconnects_total",
+                    "Disconnect calls by whether a session mapping was removed (removed, kept).",
+                ),
+                &["result"],
+            )?,
+            upstream_frames: IntCounter::new(
+                "pushcluster_logic_upstream_frames_total",
+                "Client frames handed to Receive.",
+            )?,
+            online_reports: IntCounter::new(
+                "pushcluster_logic_online_reports_total",
+                "RenewOnline reports received from comets.",
+            )?,
+        };
+        registry.register(Box::new(metrics.http_requests.clone()))?;
+        registry.register(Box::new(metrics.http_duration.clone()))?;
+        registry.register(Box::new(metrics.published.clone()))?;
+        registry.register(Box::new(metrics.publish_failures.clone()))?;
+        registry.register(Box::new(metrics.duplicates.clone()))?;
+        registry.register(Box::new(metrics.unknown_targets.clone()))?;
+        registry.register(Box::new(metrics.connects.clone()))?;
+        registry.register(Box::new(metrics.disconnects.clone()))?;
+        registry.register(Box::new(metrics.upstream_frames.clone()))?;
+        registry.register(Box::new(metrics.online_reports.clone()))?;
+        Ok(metrics)
+    }
+}
