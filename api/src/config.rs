@@ -67,6 +67,9 @@ impl Config {
         if comet.protocol.handshake_timeout.is_zero() {
             return Err(invalid("comet.protocol.handshake_timeout", "must be > 0"));
         }
+        if comet.protocol.write_timeout.is_zero() {
+            return Err(invalid("comet.protocol.write_timeout", "must be > 0"));
+        }
         if comet.protocol.send_queue == 0 {
             return Err(invalid("comet.protocol.send_queue", "must be > 0"));
         }
@@ -285,6 +288,10 @@ pub struct ProtocolConfig {
     /// queue is full when a frame arrives is closed as a slow consumer and
     /// the frame counted as dropped; other connections never wait for it.
     pub send_queue: usize,
+    /// A write to a client socket that takes longer than this closes the
+    /// connection as a slow consumer (the client stopped reading).
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
 }
 
 impl Default for ProtocolConfig {
@@ -292,6 +299,7 @@ impl Default for ProtocolConfig {
         ProtocolConfig {
             handshake_timeout: Duration::from_secs(5),
             send_queue: 256,
+            write_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -1,1 +1,350 @@
+//! comet: the connection server. Clients speak goim v2 over TCP or
+//! WebSocket; job pushes through `goim.comet.Comet` (in process or gRPC);
+//! comet asks logic through a [`LogicLink`] (Connect, Disconnect, Heartbeat,
+//! RenewOnline, Receive).
+//!
+//! Runtime shape: one task per connection owns its socket, reads client
+//! frames and writes what other tasks queued on its [`Channel`]. Pushes only
+//! queue (never wait); a connection whose queue is full is closed.
+//!
+//! Invariant: comet never talks to the bus or the registry; it hears from
+//! job and asks logic.
 #![forbid(unsafe_code)]
+
+pub mod bucket;
+pub mod channel;
+mod conn;
+pub mod grpc;
+pub mod metrics;
+mod ratelimit;
+mod report;
+pub mod room;
+pub mod server;
+mod tcp;
+mod ws;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pushcluster_api::config::CometConfig;
+use pushcluster_api::link::{CometLink, LinkError, LogicLink};
+use pushcluster_api::pb::comet::{
+    BroadcastReply, BroadcastReq, BroadcastRoomReply, BroadcastRoomReq, PushMsgReply, PushMsgReq,
+    RoomsReply,
+};
+use pushcluster_api::pb::logic::OnlineReq;
+use pushcluster_api::protocol::{EncodedPush, Frame};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::bucket::Buckets;
+use crate::channel::{Channel, CloseReason, Queued};
+use crate::metrics::CometMetrics;
+use crate::room::{Fanout, Rooms};
+
+pub use crate::server::CometServer;
+
+/// Shards of the room table (rooms are looked up by id, not by key).
+const ROOM_SHARDS: usize = 64;
+
+/// The comet core shared by its listeners, its gRPC service and, in
+/// standalone mode, job.
+pub struct Comet {
+    me: Weak<Comet>,
+    id: String,
+    config: CometConfig,
+    logic: Arc<dyn LogicLink>,
+    pub(crate) buckets: Buckets,
+    pub(crate) rooms: Rooms,
+    ips: Mutex<HashMap<IpAddr, u32>>,
+    next_channel_id: AtomicU64,
+    pub(crate) metrics: CometMetrics,
+    draining: AtomicBool,
+    /// Cancelled when draining starts: connections still authenticating stop.
+    pub(crate) drain_started: CancellationToken,
+    /// Connection tasks, so a drain can wait for them.
+    pub(crate) tasks: TaskTracker,
+    /// The gRPC address reported to logic, known once bound.
+    pub(crate) grpc_addr: OnceLock<String>,
+}
+
+impl Comet {
+    pub fn new(
+        id: String,
+        config: CometConfig,
+        logic: Arc<dyn LogicLink>,
+        metrics: CometMetrics,
+    ) -> Arc<Comet> {
+        Arc::new_cyclic(|me| Comet {
+            me: me.clone(),
+            id,
+            buckets: Buckets::new(config.bucket.size),
+            rooms: Rooms::new(ROOM_SHARDS),
+            config,
+            logic,
+            ips: Mutex::new(HashMap::new()),
+            next_channel_id: AtomicU64::new(1),
+            metrics,
+            draining: AtomicBool::new(false),
+            drain_started: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            grpc_addr: OnceLock::new(),
+        })
+    }
+
+    /// The server id stored in sessions and carried in `PushMsg.server`.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn config(&self) -> &CometConfig {
+        &self.config
+    }
+
+    pub(crate) fn logic(&self) -> &Arc<dyn LogicLink> {
+        &self.logic
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.buckets.len()
+    }
+
+    pub(crate) fn next_channel_id(&self) -> u64 {
+        self.next_channel_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Makes an authenticated channel reachable: by key (replacing an older
+    /// connection with the same key) and in its room.
+    pub(crate) fn register(&self, channel: &Arc<Channel>, room: &str) {
+        if let Some(old) = self.buckets.put(channel.clone()) {
+            old.close(CloseReason::Replaced);
+        }
+        if !room.is_empty() {
+            self.rooms.change(channel, room);
+        }
+        if let Ok(mut ips) = self.ips.lock() {
+            *ips.entry(channel.ip).or_insert(0) += 1;
+        }
+        self.metrics
+            .connections
+            .with_label_values(&[channel.transport.label()])
+            .inc();
+        // A drain that started meanwhile did not see this channel.
+        if self.draining.load(Ordering::SeqCst) {
+            channel.close(CloseReason::Drain);
+        }
+    }
+
+    /// Undoes [`register`](Self::register).
+    pub(crate) fn unregister(&self, channel: &Arc<Channel>) {
+        self.buckets.remove(channel);
+        self.rooms.change(channel, "");
+        if let Ok(mut ips) = self.ips.lock()
+            && let Some(count) = ips.get_mut(&channel.ip)
+        {
+            *count -= 1;
+            if *count == 0 {
+                ips.remove(&channel.ip);
+            }
+        }
+        self.metrics
+            .connections
+            .with_label_values(&[channel.transport.label()])
+            .dec();
+    }
+
+    fn record(&self, kind: &str, fanout: Fanout) {
+        self.metrics
+            .delivered
+            .with_label_values(&[kind])
+            .inc_by(fanout.queued);
+        if fanout.dropped > 0 {
+            self.metrics
+                .dropped
+                .with_label_values(&["slow_consumer"])
+                .inc_by(fanout.dropped);
+        }
+    }
+
+    /// PushMsg: to the connections with these keys that watch `op`. Unlike
+    /// goim, a full connection never stops the remaining keys.
+    pub fn push_keys(&self, keys: &[String], op: i32, frame: &Frame) -> Fanout {
+        self.metrics.pushes.with_label_values(&["keys"]).inc();
+        let push = EncodedPush::new(frame);
+        let mut fanout = Fanout::default();
+        for key in keys {
+            match self.buckets.get(key) {
+                Some(channel) if channel.watches(op) => fanout.record(channel.push(&push)),
+                Some(_) => {}
+                None => self.metrics.keys_not_found.inc(),
+            }
+        }
+        self.record("keys", fanout);
+        fanout
+    }
+
+    /// BroadcastRoom: to every member of the room on this comet.
+    pub fn push_room(&self, room: &str, frame: &Frame) -> Fanout {
+        self.metrics.pushes.with_label_values(&["room"]).inc();
+        let fanout = match self.rooms.get(room) {
+            Some(room) => room.push(&EncodedPush::new(frame)),
+            None => Fanout::default(),
+        };
+        self.record("room", fanout);
+        fanout
+    }
+
+    /// Broadcast: to every connection watching `op`, paced to `speed`
+    /// connections per second when `speed > 0`. Returns once started.
+    pub fn start_broadcast(self: &Arc<Self>, op: i32, frame: &Frame, speed: i32) {
+        self.metrics.pushes.with_label_values(&["broadcast"]).inc();
+        let push = EncodedPush::new(frame);
+        let comet = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut sent = 0u64;
+            for shard in 0..comet.buckets.shard_count() {
+                let mut fanout = Fanout::default();
+                for channel in comet.buckets.shard_channels(shard) {
+                    if channel.watches(op) {
+                        fanout.record(channel.push(&push));
+                        sent += 1;
+                    }
+                }
+                comet.record("broadcast", fanout);
+                if speed > 0 {
+                    // Pace: `sent` connections should take sent/speed seconds.
+                    let due = started + Duration::from_secs_f64(sent as f64 / f64::from(speed));
+                    tokio::time::sleep_until(due).await;
+                }
+            }
+        });
+    }
+
+    /// Rooms with at least one member here.
+    pub fn room_ids(&self) -> HashMap<String, bool> {
+        self.rooms
+            .counts()
+            .into_keys()
+            .map(|room| (room, true))
+            .collect()
+    }
+
+    /// The RenewOnline report: room counts plus what goim kept in discovery
+    /// metadata.
+    pub(crate) fn online_request(&self) -> OnlineReq {
+        let (conn_count, ip_count) = match self.ips.lock() {
+            Ok(ips) => (ips.values().sum::<u32>(), ips.len()),
+            Err(_) => (0, 0),
+        };
+        OnlineReq {
+            server: self.id.clone(),
+            room_count: self.rooms.counts(),
+            has_metadata: true,
+            conn_count: i32::try_from(conn_count).unwrap_or(i32::MAX),
+            ip_count: i32::try_from(ip_count).unwrap_or(i32::MAX),
+            weight: self.config.weight,
+            offline: self.config.offline || self.draining.load(Ordering::SeqCst),
+            addrs: self.config.addrs.clone(),
+            region: self.config.region.clone(),
+            zone: self.config.zone.clone(),
+            grpc_addr: self.grpc_addr.get().cloned().unwrap_or_default(),
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Closes every connection, spread evenly over `period` so clients
+    /// reconnect elsewhere without a storm, then waits for the connection
+    /// tasks (queued frames are flushed first). `force` closes the rest at once.
+    pub async fn drain(&self, period: Duration, force: &CancellationToken) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.drain_started.cancel();
+        let channels = self.buckets.all_channels();
+        let count = channels.len();
+        tracing::info!(connections = count, ?period, "draining connections");
+        let started = Instant::now();
+        for (index, channel) in channels.iter().enumerate() {
+            let due = started + period.mul_f64(index as f64 / count as f64);
+            tokio::select! {
+                _ = tokio::time::sleep_until(due) => {}
+                _ = force.cancelled() => {}
+            }
+            channel.close(CloseReason::Drain);
+        }
+        self.tasks.close();
+        let bound = self.config.protocol.write_timeout + self.config.logic_timeout;
+        tokio::select! {
+            _ = self.tasks.wait() => {}
+            _ = tokio::time::sleep(bound) => {
+                tracing::warn!(left = self.tasks.len(), "connections still closing after the drain");
+            }
+            _ = force.cancelled() => {}
+        }
+        tracing::info!("drain finished");
+    }
+}
+
+fn frame_of(proto: Option<pushcluster_api::pb::protocol::Proto>) -> Result<Frame, LinkError> {
+    proto
+        .map(Frame::from)
+        .ok_or_else(|| LinkError::InvalidArgument("proto is required".into()))
+}
+
+/// What job calls, in process (standalone) or through [`grpc`].
+#[async_trait]
+impl CometLink for Comet {
+    async fn push_msg(&self, req: PushMsgReq) -> Result<PushMsgReply, LinkError> {
+        if req.keys.is_empty() {
+            return Err(LinkError::InvalidArgument("keys are required".into()));
+        }
+        let frame = frame_of(req.proto)?;
+        self.push_keys(&req.keys, req.proto_op, &frame);
+        Ok(PushMsgReply {})
+    }
+
+    async fn broadcast(&self, req: BroadcastReq) -> Result<BroadcastReply, LinkError> {
+        let frame = frame_of(req.proto)?;
+        let me = self
+            .me
+            .upgrade()
+            .ok_or_else(|| LinkError::Unavailable("comet is shutting down".into()))?;
+        me.start_broadcast(req.proto_op, &frame, req.speed);
+        Ok(BroadcastReply {})
+    }
+
+    async fn broadcast_room(
+        &self,
+        req: BroadcastRoomReq,
+    ) -> Result<BroadcastRoomReply, LinkError> {
+        if req.room_id.is_empty() {
+            return Err(LinkError::InvalidArgument("roomID is required".into()));
+        }
+        let frame = frame_of(req.proto)?;
+        self.push_room(&req.room_id, &frame);
+        Ok(BroadcastRoomReply {})
+    }
+
+    async fn rooms(&self) -> Result<RoomsReply, LinkError> {
+        Ok(RoomsReply {
+            rooms: self.room_ids(),
+        })
+    }
+}
+
+/// Records a queue outcome for frames the comet itself produced (replies).
+pub(crate) fn count_reply(metrics: &CometMetrics, outcome: Queued) {
+    if let Queued::Overflow { dropped } = outcome {
+        metrics
+            .dropped
+            .with_label_values(&["slow_consumer"])
+            .inc_by(dropped as u64);
+    }
+}

@@ -1,1 +1,597 @@
+//! job: takes `PushMsg`s from the bus and delivers them to comets.
+//!
+//! Runtime shape: one consumer loop reads the bus in order and hands each
+//! message to a *lane*, one per ordering key — a room, a target comet, or
+//! broadcasts. A lane is a bounded queue and a task that delivers its
+//! messages one batch at a time, so each room (and each comet's key pushes)
+//! keeps publish order while different rooms proceed in parallel. A full
+//! lane makes the consumer wait (back-pressure to the bus), never drops.
+//!
+//! Room lanes batch: whatever is queued for the room, up to `job.room.batch`
+//! messages, goes out as one op-9 frame; a lone message goes out at once.
+//! A message is acked only after every target comet accepted it; calls are
+//! retried with backoff for `job.delivery.retry_for`, then the message is
+//! returned to the bus.
+//!
+//! Invariant: job knows the bus and discovery only through the backplane
+//! traits, and comets only through [`CometLink`].
 #![forbid(unsafe_code)]
+
+pub mod metrics;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use futures_util::future::join_all;
+use pushcluster_api::config::JobConfig;
+use pushcluster_api::link::{CometLink, LinkError};
+use pushcluster_api::pb::comet::{BroadcastReq, BroadcastRoomReq, PushMsgReq};
+use pushcluster_api::pb::logic::push_msg::Type as PushType;
+use pushcluster_api::protocol::RawBatch;
+use pushcluster_backplane::bus::{Bus, BusError, Delivery};
+use pushcluster_backplane::discovery::{CometEndpoint, Discovery};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout, timeout_at};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::metrics::JobMetrics;
+
+/// Most key pushes a push lane takes from its queue at once (each is still
+/// its own call, in order).
+const PUSH_BATCH: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("cannot consume the bus: {0}")]
+    Bus(#[from] BusError),
+}
+
+/// Opens links to comets found by discovery.
+pub trait CometConnector: Send + Sync + 'static {
+    fn connect(&self, endpoint: &CometEndpoint) -> Result<Arc<dyn CometLink>, LinkError>;
+}
+
+/// Links to comets in this process (standalone mode), by comet id.
+#[derive(Default)]
+pub struct InProcessConnector {
+    comets: HashMap<String, Arc<dyn CometLink>>,
+}
+
+impl InProcessConnector {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with(mut self, id: impl Into<String>, comet: Arc<dyn CometLink>) -> Self {
+        self.comets.insert(id.into(), comet);
+        self
+    }
+}
+
+impl CometConnector for InProcessConnector {
+    fn connect(&self, endpoint: &CometEndpoint) -> Result<Arc<dyn CometLink>, LinkError> {
+        self.comets.get(&endpoint.id).cloned().ok_or_else(|| {
+            LinkError::Unavailable(format!("comet {} is not in this process", endpoint.id))
+        })
+    }
+}
+
+fn kind_label(kind: PushType) -> &'static str {
+    match kind {
+        PushType::Push => "push",
+        PushType::Room => "room",
+        PushType::Broadcast => "broadcast",
+    }
+}
+
+/// The ordering key of a lane.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum LaneKey {
+    Push(String),
+    Room(String),
+    Broadcast,
+}
+
+impl LaneKey {
+    fn max_batch(&self, config: &JobConfig) -> usize {
+        match self {
+            LaneKey::Push(_) => PUSH_BATCH,
+            LaneKey::Room(_) => config.room.batch,
+            LaneKey::Broadcast => 1,
+        }
+    }
+}
+
+/// How one call to one comet ended.
+enum CallOutcome {
+    Ok,
+    /// The comet left discovery; its clients reconnect elsewhere.
+    CometGone,
+    /// The comet refused the request as invalid; retrying cannot help.
+    Rejected(LinkError),
+    /// Failed for `job.delivery.retry_for`.
+    GaveUp,
+}
+
+struct Shared {
+    config: JobConfig,
+    comets: RwLock<BTreeMap<String, Arc<dyn CometLink>>>,
+    metrics: JobMetrics,
+}
+
+impl Shared {
+    fn comet(&self, id: &str) -> Option<Arc<dyn CometLink>> {
+        self.comets.read().ok()?.get(id).cloned()
+    }
+
+    fn all_comets(&self) -> Vec<(String, Arc<dyn CometLink>)> {
+        self.comets
+            .read()
+            .map(|c| c.iter().map(|(id, l)| (id.clone(), l.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Calls one comet, retrying failures with exponential backoff until
+    /// `job.delivery.retry_for` has passed.
+    async fn call_comet<F, Fut, T>(&self, id: &str, kind: &'static str, call: F) -> CallOutcome
+    where
+        F: Fn(Arc<dyn CometLink>) -> Fut,
+        Fut: Future<Output = Result<T, LinkError>>,
+    {
+        let delivery = &self.config.delivery;
+        let give_up_at = Instant::now() + delivery.retry_for;
+        let mut backoff = delivery.backoff_base;
+        loop {
+            let Some(link) = self.comet(id) else {
+                return CallOutcome::CometGone;
+            };
+            match timeout(delivery.timeout, call(link)).await {
+                Ok(Ok(_)) => {
+                    self.metrics.comet_calls.with_label_values(&[kind, "ok"]).inc();
+                    return CallOutcome::Ok;
+                }
+                Ok(Err(error)) if !error.is_retryable() => {
+                    self.metrics.comet_calls.with_label_values(&[kind, "error"]).inc();
+                    return CallOutcome::Rejected(error);
+                }
+                Ok(Err(error)) => {
+                    self.metrics.comet_calls.with_label_values(&[kind, "error"]).inc();
+                    tracing::debug!(comet = id, kind, %error, "comet call failed");
+                }
+                Err(_) => {
+                    self.metrics.comet_calls.with_label_values(&[kind, "timeout"]).inc();
+                    tracing::debug!(comet = id, kind, "comet call timed out");
+                }
+            }
+            if Instant::now() + backoff > give_up_at {
+                tracing::warn!(comet = id, kind, "giving up on a comet after retries");
+                return CallOutcome::GaveUp;
+            }
+            self.metrics.retries.with_label_values(&[kind]).inc();
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(delivery.backoff_max);
+        }
+    }
+
+    /// Acks or returns the deliveries depending on how the calls went.
+    async fn settle(&self, kind: &'static str, deliveries: Vec<Delivery>, outcomes: &[CallOutcome]) {
+        let gave_up = outcomes.iter().any(|o| matches!(o, CallOutcome::GaveUp));
+        for outcome in outcomes {
+            if let CallOutcome::Rejected(error) = outcome {
+                self.metrics.failures.with_label_values(&[kind, "rejected"]).inc();
+                tracing::warn!(kind, %error, "a comet rejected a push");
+            }
+        }
+        if gave_up {
+            self.metrics
+                .failures
+                .with_label_values(&[kind, "gave_up"])
+                .inc_by(deliveries.len() as u64);
+            for delivery in deliveries {
+                delivery.nack(self.config.delivery.backoff_max).await;
+            }
+            return;
+        }
+        let now = SystemTime::now();
+        for delivery in deliveries {
+            if let Ok(latency) = now.duration_since(delivery.published_at) {
+                self.metrics
+                    .latency
+                    .with_label_values(&[kind])
+                    .observe(latency.as_secs_f64());
+            }
+            self.metrics.delivered.with_label_values(&[kind]).inc();
+            delivery.ack().await;
+        }
+    }
+
+    async fn drop_all(&self, kind: &'static str, reason: &str, deliveries: Vec<Delivery>) {
+        self.metrics
+            .dropped
+            .with_label_values(&[kind, reason])
+            .inc_by(deliveries.len() as u64);
+        for delivery in deliveries {
+            delivery.ack().await;
+        }
+    }
+
+    async fn process(&self, key: &LaneKey, batch: Vec<Delivery>) {
+        match key {
+            LaneKey::Room(room) => self.deliver_room(room, batch).await,
+            LaneKey::Push(server) => {
+                for delivery in batch {
+                    self.deliver_push(server, delivery).await;
+                }
+            }
+            LaneKey::Broadcast => {
+                for delivery in batch {
+                    self.deliver_broadcast(delivery).await;
+                }
+            }
+        }
+    }
+
+    /// One op-9 batch of every queued room message to every comet.
+    async fn deliver_room(&self, room: &str, batch: Vec<Delivery>) {
+        let comets = self.all_comets();
+        if comets.is_empty() {
+            return self.drop_all("room", "no_comets", batch).await;
+        }
+        let size: usize = batch.iter().map(|d| d.msg.msg.len() + 16).sum();
+        let mut frames = RawBatch::with_capacity(size);
+        for delivery in &batch {
+            frames.push(delivery.msg.operation, &delivery.msg.msg);
+        }
+        self.metrics.room_batch.observe(frames.frames() as f64);
+        let proto = frames.finish().into();
+        let request = BroadcastRoomReq {
+            room_id: room.to_string(),
+            proto: Some(proto),
+        };
+        let calls = comets.iter().map(|(id, _)| {
+            let request = request.clone();
+            self.call_comet(id, "room", move |link| {
+                let request = request.clone();
+                async move { link.broadcast_room(request).await }
+            })
+        });
+        let outcomes = join_all(calls).await;
+        self.settle("room", batch, &outcomes).await;
+    }
+
+    async fn deliver_push(&self, server: &str, delivery: Delivery) {
+        let msg = &delivery.msg;
+        let mut frame = RawBatch::with_capacity(msg.msg.len() + 16);
+        frame.push(msg.operation, &msg.msg);
+        let request = PushMsgReq {
+            keys: msg.keys.clone(),
+            proto_op: msg.operation,
+            proto: Some(frame.finish().into()),
+        };
+        let outcome = self
+            .call_comet(server, "push", |link| {
+                let request = request.clone();
+                async move { link.push_msg(request).await }
+            })
+            .await;
+        match outcome {
+            CallOutcome::CometGone => {
+                self.drop_all("push", "unknown_comet", vec![delivery]).await
+            }
+            outcome => self.settle("push", vec![delivery], &[outcome]).await,
+        }
+    }
+
+    /// To every comet, each paced to its share of the speed. goim divided by
+    /// the comet count and crashed when there were none.
+    async fn deliver_broadcast(&self, delivery: Delivery) {
+        let comets = self.all_comets();
+        if comets.is_empty() {
+            return self.drop_all("broadcast", "no_comets", vec![delivery]).await;
+        }
+        let msg = &delivery.msg;
+        let count = i32::try_from(comets.len()).unwrap_or(i32::MAX);
+        let speed = if msg.speed > 0 {
+            (msg.speed + count - 1) / count
+        } else {
+            0
+        };
+        let mut frame = RawBatch::with_capacity(msg.msg.len() + 16);
+        frame.push(msg.operation, &msg.msg);
+        let request = BroadcastReq {
+            proto_op: msg.operation,
+            proto: Some(frame.finish().into()),
+            speed,
+        };
+        let calls = comets.iter().map(|(id, _)| {
+            let request = request.clone();
+            self.call_comet(id, "broadcast", move |link| {
+                let request = request.clone();
+                async move { link.broadcast(request).await }
+            })
+        });
+        let outcomes: Vec<CallOutcome> = join_all(calls)
+            .await
+            .into_iter()
+            .map(|o| match o {
+                // A comet that left has no clients to reach.
+                CallOutcome::CometGone => CallOutcome::Ok,
+                other => other,
+            })
+            .collect();
+        self.settle("broadcast", vec![delivery], &outcomes).await;
+    }
+}
+
+/// The sending side of one lane.
+struct Lane {
+    id: u64,
+    tx: mpsc::Sender<Delivery>,
+    /// Senders waiting for room in the queue; the lane stays while any wait.
+    waiting: Arc<AtomicUsize>,
+}
+
+struct Lanes {
+    shared: Arc<Shared>,
+    map: Mutex<HashMap<LaneKey, Lane>>,
+    next_id: AtomicU64,
+    tasks: TaskTracker,
+}
+
+impl Lanes {
+    fn spawn(self: &Arc<Self>, key: &LaneKey) -> Lane {
+        let (tx, rx) = mpsc::channel(self.shared.config.queue);
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.tasks.spawn(self.clone().run_lane(key.clone(), id, rx, waiting.clone()));
+        Lane { id, tx, waiting }
+    }
+
+    /// Queues a delivery on its lane, waiting while the lane is full.
+    async fn send(self: &Arc<Self>, key: LaneKey, mut delivery: Delivery) {
+        loop {
+            let (tx, waiting) = {
+                let Ok(mut map) = self.map.lock() else { return };
+                let lane = map.entry(key.clone()).or_insert_with(|| self.spawn(&key));
+                match lane.tx.try_send(delivery) {
+                    Ok(()) => return,
+                    Err(mpsc::error::TrySendError::Full(back)) => {
+                        delivery = back;
+                        lane.waiting.fetch_add(1, Ordering::SeqCst);
+                        (lane.tx.clone(), lane.waiting.clone())
+                    }
+                    Err(mpsc::error::TrySendError::Closed(back)) => {
+                        delivery = back;
+                        map.remove(&key);
+                        continue;
+                    }
+                }
+            };
+            let sent = tx.send(delivery).await;
+            waiting.fetch_sub(1, Ordering::SeqCst);
+            match sent {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(back)) => delivery = back,
+            }
+        }
+    }
+
+    /// Leaves the lane map if nothing is queued or about to be; otherwise
+    /// returns the next delivery.
+    fn retire(&self, key: &LaneKey, id: u64, rx: &mut mpsc::Receiver<Delivery>, waiting: &AtomicUsize) -> Retire {
+        let Ok(mut map) = self.map.lock() else {
+            return Retire::Exit;
+        };
+        if waiting.load(Ordering::SeqCst) > 0 {
+            return Retire::Stay;
+        }
+        // Senders only try_send under the map lock, so nothing can arrive
+        // between this check and the removal.
+        match rx.try_recv() {
+            Ok(delivery) => Retire::Process(delivery),
+            Err(_) => {
+                if map.get(key).is_some_and(|lane| lane.id == id) {
+                    map.remove(key);
+                }
+                Retire::Exit
+            }
+        }
+    }
+
+    async fn run_lane(
+        self: Arc<Self>,
+        key: LaneKey,
+        id: u64,
+        mut rx: mpsc::Receiver<Delivery>,
+        waiting: Arc<AtomicUsize>,
+    ) {
+        let shared = self.shared.clone();
+        shared.metrics.lanes.inc();
+        let max_batch = key.max_batch(&shared.config);
+        let linger = shared.config.room.linger;
+        loop {
+            let first = match timeout(shared.config.room.idle, rx.recv()).await {
+                Ok(Some(delivery)) => delivery,
+                Ok(None) => break,
+                Err(_) => match self.retire(&key, id, &mut rx, &waiting) {
+                    Retire::Process(delivery) => delivery,
+                    Retire::Stay => continue,
+                    Retire::Exit => break,
+                },
+            };
+            let first_at = Instant::now();
+            let mut batch = vec![first];
+            while batch.len() < max_batch {
+                match rx.try_recv() {
+                    Ok(delivery) => batch.push(delivery),
+                    Err(_) => break,
+                }
+            }
+            if matches!(key, LaneKey::Room(_)) && !linger.is_zero() {
+                while batch.len() < max_batch {
+                    match timeout_at(first_at + linger, rx.recv()).await {
+                        Ok(Some(delivery)) => batch.push(delivery),
+                        _ => break,
+                    }
+                }
+            }
+            shared.process(&key, batch).await;
+        }
+        shared.metrics.lanes.dec();
+    }
+
+    /// Lets every lane finish what it holds and exit.
+    fn close(&self) {
+        if let Ok(mut map) = self.map.lock() {
+            map.clear();
+        }
+        self.tasks.close();
+    }
+}
+
+enum Retire {
+    Process(Delivery),
+    Stay,
+    Exit,
+}
+
+pub struct Job {
+    shared: Arc<Shared>,
+    connector: Arc<dyn CometConnector>,
+    lanes: Arc<Lanes>,
+}
+
+impl Job {
+    pub fn new(config: JobConfig, connector: Arc<dyn CometConnector>, metrics: JobMetrics) -> Self {
+        let shared = Arc::new(Shared {
+            config,
+            comets: RwLock::new(BTreeMap::new()),
+            metrics,
+        });
+        Job {
+            lanes: Arc::new(Lanes {
+                shared: shared.clone(),
+                map: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+                tasks: TaskTracker::new(),
+            }),
+            shared,
+            connector,
+        }
+    }
+
+    /// Comets currently delivered to.
+    pub fn comet_ids(&self) -> Vec<String> {
+        self.shared
+            .comets
+            .read()
+            .map(|c| c.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Follows discovery: links to new comets, forgets vanished ones.
+    fn apply_comets(&self, endpoints: &[CometEndpoint]) {
+        let Ok(mut comets) = self.shared.comets.write() else {
+            return;
+        };
+        comets.retain(|id, _| endpoints.iter().any(|e| &e.id == id));
+        for endpoint in endpoints {
+            if comets.contains_key(&endpoint.id) {
+                continue;
+            }
+            match self.connector.connect(endpoint) {
+                Ok(link) => {
+                    tracing::info!(comet = %endpoint.id, addr = %endpoint.addr, "comet added");
+                    comets.insert(endpoint.id.clone(), link);
+                }
+                Err(error) => {
+                    tracing::warn!(comet = %endpoint.id, %error, "cannot link to comet");
+                }
+            }
+        }
+        self.shared.metrics.comets.set(comets.len() as i64);
+    }
+
+    async fn dispatch(&self, delivery: Delivery) {
+        let metrics = &self.shared.metrics;
+        let Ok(kind) = PushType::try_from(delivery.msg.r#type) else {
+            metrics.dropped.with_label_values(&["unknown", "invalid"]).inc();
+            tracing::warn!(r#type = delivery.msg.r#type, "PushMsg of unknown type dropped");
+            delivery.ack().await;
+            return;
+        };
+        let label = kind_label(kind);
+        metrics.consumed.with_label_values(&[label]).inc();
+        if delivery.attempt > 1 {
+            metrics.redelivered.with_label_values(&[label]).inc();
+        }
+        let msg = &delivery.msg;
+        let key = match kind {
+            PushType::Push if !msg.server.is_empty() && !msg.keys.is_empty() => {
+                LaneKey::Push(msg.server.clone())
+            }
+            PushType::Room if !msg.room.is_empty() => LaneKey::Room(msg.room.clone()),
+            PushType::Broadcast => LaneKey::Broadcast,
+            _ => {
+                metrics.dropped.with_label_values(&[label, "invalid"]).inc();
+                tracing::warn!(kind = label, "PushMsg without a target dropped");
+                delivery.ack().await;
+                return;
+            }
+        };
+        self.lanes.send(key, delivery).await;
+    }
+
+    /// Consumes the bus until `shutdown`, then lets the lanes finish what
+    /// they hold (bounded by one delivery timeout plus a margin).
+    pub async fn run(
+        &self,
+        bus: Arc<dyn Bus>,
+        discovery: Arc<dyn Discovery>,
+        shutdown: CancellationToken,
+    ) -> Result<(), JobError> {
+        let mut comets = discovery.comets();
+        self.apply_comets(&comets.borrow_and_update());
+        let mut subscription = bus.subscribe().await?;
+        let mut discovery_open = true;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                changed = comets.changed(), if discovery_open => {
+                    if changed.is_ok() {
+                        let endpoints = comets.borrow_and_update().clone();
+                        self.apply_comets(&endpoints);
+                    } else {
+                        discovery_open = false;
+                    }
+                }
+                delivery = subscription.next() => match delivery {
+                    Some(delivery) => {
+                        tokio::select! {
+                            _ = self.dispatch(delivery) => {}
+                            _ = shutdown.cancelled() => break,
+                        }
+                    }
+                    None => break,
+                },
+            }
+        }
+        self.lanes.close();
+        let bound = self.shared.config.delivery.timeout + Duration::from_secs(5);
+        if tokio::time::timeout(bound, self.lanes.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(lanes = self.lanes.tasks.len(), "lanes still busy at shutdown");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

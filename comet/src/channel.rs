@@ -1,0 +1,310 @@
+//! One authenticated client connection as the rest of the comet sees it:
+//! identity, watched ops, room, and a bounded queue of encoded frames that
+//! only the connection's own task drains.
+//!
+//! Pushing never waits: a frame goes into the queue or, when the queue is
+//! full, the connection is closed as a slow consumer (it can reconnect) and
+//! the frame is counted as dropped. No other connection ever waits for it.
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use pushcluster_api::protocol::EncodedPush;
+use tokio::sync::Notify;
+
+use crate::room::Room;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportKind {
+    Tcp,
+    WebSocket,
+}
+
+impl TransportKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            TransportKind::Tcp => "tcp",
+            TransportKind::WebSocket => "websocket",
+        }
+    }
+}
+
+/// Why a connection ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client closed the socket.
+    ClientClosed,
+    /// No heartbeat (op 2) within the heartbeat timeout.
+    HeartbeatTimeout,
+    /// The send queue was full.
+    SlowConsumer,
+    /// A newer connection authenticated with the same key on this comet.
+    Replaced,
+    /// The client sent bytes that are not a valid frame.
+    BadFrame,
+    /// Reading or writing the socket failed.
+    IoError,
+    /// The comet is shutting down and drains its connections.
+    Drain,
+}
+
+impl CloseReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseReason::ClientClosed => "client_closed",
+            CloseReason::HeartbeatTimeout => "heartbeat_timeout",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::Replaced => "replaced",
+            CloseReason::BadFrame => "bad_frame",
+            CloseReason::IoError => "io_error",
+            CloseReason::Drain => "drain",
+        }
+    }
+
+    /// Whether frames already queued are still written before closing.
+    pub fn flushes(self) -> bool {
+        matches!(self, CloseReason::Replaced | CloseReason::Drain)
+    }
+}
+
+/// Outcome of queueing one frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    Yes,
+    /// The queue was full: the connection is now closing as a slow consumer;
+    /// `dropped` frames (this one included) will not be written.
+    Overflow { dropped: usize },
+    /// The connection is already closing.
+    Closed,
+}
+
+struct QueueState {
+    frames: VecDeque<Bytes>,
+    closing: Option<CloseReason>,
+}
+
+/// What the connection task takes from its queue.
+pub struct Drained {
+    pub frames: VecDeque<Bytes>,
+    pub closing: Option<CloseReason>,
+}
+
+pub struct Channel {
+    pub id: u64,
+    pub key: String,
+    pub mid: i64,
+    pub ip: IpAddr,
+    pub transport: TransportKind,
+    capacity: usize,
+    watched_ops: Mutex<Vec<i32>>,
+    pub(crate) room: Mutex<Option<Arc<Room>>>,
+    queue: Mutex<QueueState>,
+    wake: Notify,
+}
+
+impl Channel {
+    pub fn new(
+        id: u64,
+        key: String,
+        mid: i64,
+        ip: IpAddr,
+        transport: TransportKind,
+        capacity: usize,
+        accepts: &[i32],
+    ) -> Self {
+        let channel = Channel {
+            id,
+            key,
+            mid,
+            ip,
+            transport,
+            capacity: capacity.max(1),
+            watched_ops: Mutex::new(Vec::new()),
+            room: Mutex::new(None),
+            queue: Mutex::new(QueueState {
+                frames: VecDeque::new(),
+                closing: None,
+            }),
+            wake: Notify::new(),
+        };
+        channel.watch(accepts);
+        channel
+    }
+
+    /// Adds ops to the watch set (auth `accepts`, op 14).
+    pub fn watch(&self, ops: &[i32]) {
+        if let Ok(mut watched) = self.watched_ops.lock() {
+            watched.extend_from_slice(ops);
+            watched.sort_unstable();
+            watched.dedup();
+        }
+    }
+
+    /// Removes ops from the watch set (op 16).
+    pub fn unwatch(&self, ops: &[i32]) {
+        if let Ok(mut watched) = self.watched_ops.lock() {
+            watched.retain(|op| !ops.contains(op));
+        }
+    }
+
+    /// Whether key/mid pushes and broadcasts of `op` reach this connection.
+    pub fn watches(&self, op: i32) -> bool {
+        self.watched_ops
+            .lock()
+            .map(|watched| watched.binary_search(&op).is_ok())
+            .unwrap_or(false)
+    }
+
+    /// The room's online count for heartbeat replies (0 outside a room).
+    pub fn room_online(&self) -> i32 {
+        self.room
+            .lock()
+            .ok()
+            .and_then(|room| room.as_ref().map(|r| r.online_num()))
+            .unwrap_or(0)
+    }
+
+    pub fn room_id(&self) -> Option<Arc<str>> {
+        self.room
+            .lock()
+            .ok()
+            .and_then(|room| room.as_ref().map(|r| r.id.clone()))
+    }
+
+    /// Queues a push encoded for both transports.
+    pub fn push(&self, push: &EncodedPush) -> Queued {
+        let bytes = match self.transport {
+            TransportKind::Tcp => push.tcp.clone(),
+            TransportKind::WebSocket => push.websocket.clone(),
+        };
+        self.push_bytes(bytes)
+    }
+
+    /// Queues bytes to write as they are (one WebSocket message, or raw TCP bytes).
+    pub fn push_bytes(&self, bytes: Bytes) -> Queued {
+        let Ok(mut queue) = self.queue.lock() else {
+            return Queued::Closed;
+        };
+        if queue.closing.is_some() {
+            return Queued::Closed;
+        }
+        if queue.frames.len() >= self.capacity {
+            let dropped = queue.frames.len() + 1;
+            queue.frames = VecDeque::new();
+            queue.closing = Some(CloseReason::SlowConsumer);
+            drop(queue);
+            self.wake.notify_one();
+            return Queued::Overflow { dropped };
+        }
+        let was_empty = queue.frames.is_empty();
+        queue.frames.push_back(bytes);
+        drop(queue);
+        if was_empty {
+            self.wake.notify_one();
+        }
+        Queued::Yes
+    }
+
+    /// Asks the connection to close. The first reason wins.
+    pub fn close(&self, reason: CloseReason) {
+        if let Ok(mut queue) = self.queue.lock()
+            && queue.closing.is_none()
+        {
+            queue.closing = Some(reason);
+            drop(queue);
+            self.wake.notify_one();
+        }
+    }
+
+    pub fn closing(&self) -> Option<CloseReason> {
+        self.queue.lock().ok().and_then(|q| q.closing)
+    }
+
+    /// Takes everything queued. The connection task calls this and writes.
+    pub fn drain(&self) -> Drained {
+        match self.queue.lock() {
+            Ok(mut queue) => Drained {
+                frames: std::mem::take(&mut queue.frames),
+                closing: queue.closing,
+            },
+            Err(_) => Drained {
+                frames: VecDeque::new(),
+                closing: Some(CloseReason::IoError),
+            },
+        }
+    }
+
+    /// Resolves when frames were queued or a close was requested since the
+    /// last call (a notification is never lost between `drain` and this).
+    pub async fn wait(&self) {
+        self.wake.notified().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn channel(capacity: usize, transport: TransportKind) -> Channel {
+        Channel::new(
+            1,
+            "key".into(),
+            0,
+            IpAddr::from([127, 0, 0, 1]),
+            transport,
+            capacity,
+            &[1000],
+        )
+    }
+
+    #[test]
+    fn a_full_queue_closes_the_connection_and_counts_the_drops() {
+        let ch = channel(2, TransportKind::Tcp);
+        assert_eq!(ch.push_bytes(Bytes::from_static(b"1")), Queued::Yes);
+        assert_eq!(ch.push_bytes(Bytes::from_static(b"2")), Queued::Yes);
+        assert_eq!(
+            ch.push_bytes(Bytes::from_static(b"3")),
+            Queued::Overflow { dropped: 3 }
+        );
+        assert_eq!(ch.push_bytes(Bytes::from_static(b"4")), Queued::Closed);
+        let drained = ch.drain();
+        assert!(drained.frames.is_empty());
+        assert_eq!(drained.closing, Some(CloseReason::SlowConsumer));
+    }
+
+    #[test]
+    fn pushes_pick_the_bytes_of_their_transport() {
+        let frame = pushcluster_api::protocol::Frame::server(
+            pushcluster_api::protocol::op::RAW,
+            Bytes::from_static(b"inner"),
+        );
+        let push = EncodedPush::new(&frame);
+        let tcp = channel(4, TransportKind::Tcp);
+        let ws = channel(4, TransportKind::WebSocket);
+        tcp.push(&push);
+        ws.push(&push);
+        assert_eq!(tcp.drain().frames[0], push.tcp);
+        assert_eq!(ws.drain().frames[0], push.websocket);
+    }
+
+    #[test]
+    fn watch_set() {
+        let ch = channel(1, TransportKind::Tcp);
+        assert!(ch.watches(1000));
+        ch.watch(&[5, 6, 5]);
+        ch.unwatch(&[1000, 6]);
+        assert!(ch.watches(5) && !ch.watches(6) && !ch.watches(1000));
+    }
+
+    #[tokio::test]
+    async fn wakeups_are_not_lost() {
+        let ch = channel(4, TransportKind::Tcp);
+        ch.push_bytes(Bytes::from_static(b"x"));
+        // The push happened before anyone waited; wait() still returns.
+        tokio::time::timeout(std::time::Duration::from_secs(5), ch.wait())
+            .await
+            .expect("stored notification");
+    }
+}

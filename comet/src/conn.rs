@@ -1,0 +1,445 @@
+//! The life of one client connection, the same for TCP and WebSocket:
+//! handshake (frames until op 7, then logic Connect, within the handshake
+//! timeout), then one loop that writes what was queued for the connection
+//! and answers the client's frames, until the client leaves, misses its
+//! heartbeat, overflows its queue, or the comet drains.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use pushcluster_api::link::LinkError;
+use pushcluster_api::pb::logic::{ConnectReply, ConnectReq, DisconnectReq, HeartbeatReq, ReceiveReq};
+use pushcluster_api::protocol::{self, Frame, FrameError, op};
+use tokio::time::{Instant, sleep_until, timeout, timeout_at};
+
+use crate::channel::{Channel, CloseReason, Queued, TransportKind};
+use crate::ratelimit::LogBudget;
+use crate::{Comet, count_reply};
+
+/// goim renews a session with logic every 10 to 30 minutes of heartbeats.
+const RENEW_MIN: Duration = Duration::from_secs(10 * 60);
+const RENEW_MAX: Duration = Duration::from_secs(30 * 60);
+/// Used when logic hands out no heartbeat timeout (goim's example: 8 min).
+const FALLBACK_HEARTBEAT: Duration = Duration::from_secs(8 * 60);
+
+static BAD_INPUT_LOG: LogBudget = LogBudget::new(10);
+static LOGIC_ERROR_LOG: LogBudget = LogBudget::new(5);
+
+/// Why reading a frame failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReadError {
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("message of {0} bytes exceeds the client frame limit")]
+    Oversized(usize),
+    #[error("WebSocket protocol error: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ReadError {
+    fn reason(&self) -> &'static str {
+        match self {
+            ReadError::Frame(e) => e.reason(),
+            ReadError::Oversized(_) => "pack_len_too_large",
+            ReadError::Protocol(_) => "websocket_protocol",
+            ReadError::Io(_) => "io",
+        }
+    }
+
+    fn is_bad_input(&self) -> bool {
+        !matches!(self, ReadError::Io(_))
+    }
+}
+
+/// A client socket speaking goim frames.
+pub(crate) trait Transport: Send + 'static {
+    fn kind(&self) -> TransportKind;
+    /// The next client frame; `None` when the client closed. Cancel-safe:
+    /// a partly read frame is kept for the next call.
+    fn read_frame(&mut self) -> impl Future<Output = Result<Option<Frame>, ReadError>> + Send;
+    /// Writes queued bytes; returns the number of bytes written.
+    fn write(
+        &mut self,
+        frames: VecDeque<Bytes>,
+    ) -> impl Future<Output = std::io::Result<u64>> + Send;
+    /// Closes the connection politely.
+    fn shutdown(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+fn log_bad_input(kind: TransportKind, ip: IpAddr, error: &ReadError) {
+    if let Some(suppressed) = BAD_INPUT_LOG.allow() {
+        tracing::warn!(
+            transport = kind.label(),
+            %ip,
+            reason = error.reason(),
+            %error,
+            suppressed,
+            "closing connection: bad client input"
+        );
+    }
+}
+
+fn log_logic_error(call: &'static str, error: &LinkError) {
+    if let Some(suppressed) = LOGIC_ERROR_LOG.allow() {
+        tracing::warn!(call, %error, suppressed, "logic call failed");
+    }
+}
+
+/// Why a connection ended before it authenticated.
+enum HandshakeFailure {
+    Timeout,
+    Closed,
+    Read(ReadError),
+    Rejected(LinkError),
+    LogicUnavailable(LinkError),
+    Drain,
+}
+
+impl HandshakeFailure {
+    fn reason(&self) -> &'static str {
+        match self {
+            HandshakeFailure::Timeout => "timeout",
+            HandshakeFailure::Closed => "client_closed",
+            HandshakeFailure::Read(e) if e.is_bad_input() => "bad_frame",
+            HandshakeFailure::Read(_) => "io_error",
+            HandshakeFailure::Rejected(_) => "auth_rejected",
+            HandshakeFailure::LogicUnavailable(_) => "logic_unavailable",
+            HandshakeFailure::Drain => "drain",
+        }
+    }
+}
+
+/// Reads frames until the auth frame (ignoring, like goim, anything before
+/// it) and asks logic to authenticate it.
+async fn authenticate<T: Transport>(
+    comet: &Comet,
+    transport: &mut T,
+    cookie: String,
+) -> Result<(Frame, ConnectReply), HandshakeFailure> {
+    let auth = loop {
+        match transport.read_frame().await {
+            Ok(Some(frame)) if frame.op == op::AUTH => break frame,
+            Ok(Some(frame)) => {
+                comet.metrics.frames_before_auth.inc();
+                tracing::debug!(op = frame.op, "frame before auth ignored");
+            }
+            Ok(None) => return Err(HandshakeFailure::Closed),
+            Err(error) => return Err(HandshakeFailure::Read(error)),
+        }
+    };
+    let request = ConnectReq {
+        server: comet.id().to_string(),
+        cookie,
+        token: auth.body.clone(),
+    };
+    match comet.logic().connect(request).await {
+        Ok(reply) => Ok((auth, reply)),
+        Err(error @ (LinkError::Rejected(_) | LinkError::InvalidArgument(_))) => {
+            Err(HandshakeFailure::Rejected(error))
+        }
+        Err(error) => Err(HandshakeFailure::LogicUnavailable(error)),
+    }
+}
+
+/// Drives one accepted connection to its end. `started` is when it was
+/// accepted: the handshake timeout counts from there.
+pub(crate) async fn run<T: Transport>(
+    comet: Arc<Comet>,
+    mut transport: T,
+    ip: IpAddr,
+    cookie: String,
+    started: Instant,
+) {
+    let kind = transport.kind();
+    let deadline = started + comet.config().protocol.handshake_timeout;
+    let outcome = tokio::select! {
+        result = timeout_at(deadline, authenticate(&comet, &mut transport, cookie)) => {
+            result.unwrap_or(Err(HandshakeFailure::Timeout))
+        }
+        _ = comet.drain_started.cancelled() => Err(HandshakeFailure::Drain),
+    };
+    let (auth, reply) = match outcome {
+        Ok(done) => done,
+        Err(failure) => {
+            comet
+                .metrics
+                .handshake_failures
+                .with_label_values(&[kind.label(), failure.reason()])
+                .inc();
+            match &failure {
+                HandshakeFailure::Read(error) if error.is_bad_input() => {
+                    comet
+                        .metrics
+                        .bad_frames
+                        .with_label_values(&[kind.label(), error.reason()])
+                        .inc();
+                    log_bad_input(kind, ip, error);
+                }
+                HandshakeFailure::Rejected(error) => {
+                    tracing::debug!(%ip, %error, "auth rejected");
+                }
+                HandshakeFailure::LogicUnavailable(error) => log_logic_error("Connect", error),
+                _ => {}
+            }
+            transport.shutdown().await;
+            return;
+        }
+    };
+
+    let channel = Arc::new(Channel::new(
+        comet.next_channel_id(),
+        reply.key.clone(),
+        reply.mid,
+        ip,
+        kind,
+        comet.config().protocol.send_queue,
+        &reply.accepts,
+    ));
+    // The auth reply is queued before the channel becomes reachable, so it
+    // is the first frame the client sees.
+    let auth_reply = auth.reply(op::AUTH_REPLY, Bytes::new()).encode();
+    channel.push_bytes(auth_reply);
+    comet.register(&channel, &reply.room_id);
+    comet
+        .metrics
+        .connects
+        .with_label_values(&[kind.label()])
+        .inc();
+    let heartbeat = u64::try_from(reply.heartbeat)
+        .ok()
+        .filter(|nanos| *nanos > 0)
+        .map(Duration::from_nanos)
+        .unwrap_or(FALLBACK_HEARTBEAT);
+
+    let mut session = Session {
+        comet: &comet,
+        channel: &channel,
+        heartbeat,
+        next_renew: Instant::now() + renew_interval(),
+    };
+    let reason = session.serve(&mut transport).await;
+
+    comet.unregister(&channel);
+    channel.close(reason);
+    let left = channel.drain().frames.len();
+    if left > 0 {
+        comet
+            .metrics
+            .dropped
+            .with_label_values(&["connection_closed"])
+            .inc_by(left as u64);
+    }
+    comet
+        .metrics
+        .disconnects
+        .with_label_values(&[kind.label(), reason.label()])
+        .inc();
+    tracing::debug!(mid = channel.mid, reason = reason.label(), "connection closed");
+    transport.shutdown().await;
+    // A replacing connection with the same key now owns the session here.
+    if reason != CloseReason::Replaced {
+        let request = DisconnectReq {
+            mid: channel.mid,
+            key: channel.key.clone(),
+            server: comet.id().to_string(),
+        };
+        match timeout(comet.config().logic_timeout, comet.logic().disconnect(request)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => log_logic_error("Disconnect", &error),
+            Err(_) => log_logic_error("Disconnect", &LinkError::Unavailable("timed out".into())),
+        }
+    }
+}
+
+fn renew_interval() -> Duration {
+    let secs = rand::random_range(RENEW_MIN.as_secs()..RENEW_MAX.as_secs());
+    Duration::from_secs(secs)
+}
+
+/// An authenticated connection's loop.
+struct Session<'a> {
+    comet: &'a Arc<Comet>,
+    channel: &'a Arc<Channel>,
+    heartbeat: Duration,
+    next_renew: Instant,
+}
+
+impl Session<'_> {
+    async fn serve<T: Transport>(&mut self, transport: &mut T) -> CloseReason {
+        let kind = transport.kind();
+        let heartbeat_due = tokio::time::sleep(self.heartbeat);
+        tokio::pin!(heartbeat_due);
+        loop {
+            let drained = self.channel.drain();
+            if let Some(reason) = drained.closing
+                && !reason.flushes()
+            {
+                return reason;
+            }
+            if !drained.frames.is_empty() {
+                let frames = drained.frames.len();
+                let write_due = Instant::now() + self.comet.config().protocol.write_timeout;
+                let write = transport.write(drained.frames);
+                tokio::pin!(write);
+                let written = loop {
+                    tokio::select! {
+                        result = &mut write => break result,
+                        _ = &mut heartbeat_due => return CloseReason::HeartbeatTimeout,
+                        _ = sleep_until(write_due) => return CloseReason::SlowConsumer,
+                        _ = self.channel.wait() => {
+                            if self.channel.closing() == Some(CloseReason::SlowConsumer) {
+                                return CloseReason::SlowConsumer;
+                            }
+                        }
+                    }
+                };
+                match written {
+                    Ok(bytes) => {
+                        self.comet
+                            .metrics
+                            .sent_bytes
+                            .with_label_values(&[kind.label()])
+                            .inc_by(bytes);
+                        self.comet
+                            .metrics
+                            .write_batch_frames
+                            .observe(frames as f64);
+                    }
+                    Err(_) => return CloseReason::IoError,
+                }
+                continue;
+            }
+            if let Some(reason) = drained.closing {
+                // A flushing close (drain, replaced): everything is written.
+                return reason;
+            }
+            tokio::select! {
+                biased;
+                _ = self.channel.wait() => {}
+                _ = &mut heartbeat_due => return CloseReason::HeartbeatTimeout,
+                read = transport.read_frame() => match read {
+                    Ok(Some(frame)) => {
+                        if frame.op == op::HEARTBEAT {
+                            heartbeat_due.as_mut().reset(Instant::now() + self.heartbeat);
+                        }
+                        if let Err(reason) = self.handle(frame).await {
+                            return reason;
+                        }
+                    }
+                    Ok(None) => return CloseReason::ClientClosed,
+                    Err(error) if error.is_bad_input() => {
+                        self.comet
+                            .metrics
+                            .bad_frames
+                            .with_label_values(&[kind.label(), error.reason()])
+                            .inc();
+                        log_bad_input(kind, self.channel.ip, &error);
+                        return CloseReason::BadFrame;
+                    }
+                    Err(_) => return CloseReason::IoError,
+                },
+            }
+        }
+    }
+
+    fn reply(&self, frame: &Frame, op: i32, body: Bytes) -> Result<(), CloseReason> {
+        let outcome = self.channel.push_bytes(frame.reply(op, body).encode());
+        count_reply(&self.comet.metrics, outcome);
+        match outcome {
+            Queued::Overflow { .. } => Err(CloseReason::SlowConsumer),
+            Queued::Yes | Queued::Closed => Ok(()),
+        }
+    }
+
+    fn count_upstream(&self, kind: &str) {
+        self.comet
+            .metrics
+            .upstream_frames
+            .with_label_values(&[kind])
+            .inc();
+    }
+
+    /// Answers one client frame (PROTOCOL.md §1.5, §1.7).
+    async fn handle(&mut self, frame: Frame) -> Result<(), CloseReason> {
+        match frame.op {
+            op::HEARTBEAT => {
+                self.count_upstream("heartbeat");
+                let online = self.channel.room_online();
+                let bytes = protocol::heartbeat_reply(frame.ver, frame.seq, online);
+                let outcome = self.channel.push_bytes(bytes);
+                count_reply(&self.comet.metrics, outcome);
+                if let Queued::Overflow { .. } = outcome {
+                    return Err(CloseReason::SlowConsumer);
+                }
+                self.renew_session();
+                Ok(())
+            }
+            op::CHANGE_ROOM => {
+                self.count_upstream("change_room");
+                let room = String::from_utf8_lossy(&frame.body);
+                self.comet.rooms.change(self.channel, &room);
+                self.reply(&frame, op::CHANGE_ROOM_REPLY, frame.body.clone())
+            }
+            op::SUB => {
+                self.count_upstream("sub");
+                if let Some(ops) = protocol::parse_op_list(&frame.body) {
+                    self.channel.watch(&ops);
+                }
+                self.reply(&frame, op::SUB_REPLY, frame.body.clone())
+            }
+            op::UNSUB => {
+                self.count_upstream("unsub");
+                if let Some(ops) = protocol::parse_op_list(&frame.body) {
+                    self.channel.unwatch(&ops);
+                }
+                self.reply(&frame, op::UNSUB_REPLY, frame.body.clone())
+            }
+            other => {
+                self.count_upstream("other");
+                let request = ReceiveReq {
+                    mid: self.channel.mid,
+                    proto: Some((&frame).into()),
+                };
+                let call = self.comet.logic().receive(request);
+                match timeout(self.comet.config().logic_timeout, call).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(error)) => log_logic_error("Receive", &error),
+                    Err(_) => {
+                        log_logic_error("Receive", &LinkError::Unavailable("timed out".into()))
+                    }
+                }
+                // goim answers every other op with the same op and no body.
+                self.reply(&frame, other, Bytes::new())
+            }
+        }
+    }
+
+    /// Refreshes the session in logic every 10–30 minutes of heartbeats.
+    fn renew_session(&mut self) {
+        let now = Instant::now();
+        if now < self.next_renew {
+            return;
+        }
+        self.next_renew = now + renew_interval();
+        let comet = self.comet.clone();
+        let request = HeartbeatReq {
+            mid: self.channel.mid,
+            key: self.channel.key.clone(),
+            server: comet.id().to_string(),
+        };
+        tokio::spawn(async move {
+            let call = comet.logic().heartbeat(request);
+            match timeout(comet.config().logic_timeout, call).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => log_logic_error("Heartbeat", &error),
+                Err(_) => log_logic_error("Heartbeat", &LinkError::Unavailable("timed out".into())),
+            }
+        });
+    }
+}

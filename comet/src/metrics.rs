@@ -1,0 +1,134 @@
+//! Prometheus metrics of a comet. Labels are bounded: transports, kinds and
+//! reasons, never a key, mid, room or client-chosen op.
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+#[derive(Clone)]
+pub struct CometMetrics {
+    pub connections: IntGaugeVec,
+    pub connects: IntCounterVec,
+    pub handshake_failures: IntCounterVec,
+    pub disconnects: IntCounterVec,
+    pub bad_frames: IntCounterVec,
+    pub frames_before_auth: IntCounter,
+    pub upstream_frames: IntCounterVec,
+    pub pushes: IntCounterVec,
+    pub delivered: IntCounterVec,
+    pub dropped: IntCounterVec,
+    pub keys_not_found: IntCounter,
+    pub sent_bytes: IntCounterVec,
+    pub write_batch_frames: Histogram,
+    pub rooms: IntGauge,
+    pub online_reports: IntCounterVec,
+    pub accept_errors: IntCounterVec,
+}
+
+impl CometMetrics {
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels)
+        };
+        let metrics = CometMetrics {
+            connections: IntGaugeVec::new(
+                Opts::new(
+                    "pushcluster_comet_connections",
+                    "Authenticated client connections by transport (tcp, websocket).",
+                ),
+                &["transport"],
+            )?,
+            connects: counter(
+                "pushcluster_comet_connects_total",
+                "Connections that authenticated, by transport.",
+                &["transport"],
+            )?,
+            handshake_failures: counter(
+                "pushcluster_comet_handshake_failures_total",
+                "Connections closed before authenticating, by transport and reason.",
+                &["transport", "reason"],
+            )?,
+            disconnects: counter(
+                "pushcluster_comet_disconnects_total",
+                "Authenticated connections closed, by transport and reason.",
+                &["transport", "reason"],
+            )?,
+            bad_frames: counter(
+                "pushcluster_comet_bad_frames_total",
+                "Malformed client input that closed its connection, by transport and reason.",
+                &["transport", "reason"],
+            )?,
+            frames_before_auth: IntCounter::new(
+                "pushcluster_comet_frames_before_auth_total",
+                "Client frames ignored because they came before the auth frame (op 7).",
+            )?,
+            upstream_frames: counter(
+                "pushcluster_comet_upstream_frames_total",
+                "Client frames after auth, by kind (heartbeat, change_room, sub, unsub, other).",
+                &["kind"],
+            )?,
+            pushes: counter(
+                "pushcluster_comet_pushes_total",
+                "Push requests received from job, by kind (keys, room, broadcast).",
+                &["kind"],
+            )?,
+            delivered: counter(
+                "pushcluster_comet_messages_sent_total",
+                "Pushed messages queued to client connections, by kind (keys, room, broadcast).",
+                &["kind"],
+            )?,
+            dropped: counter(
+                "pushcluster_comet_messages_dropped_total",
+                "Messages for a client that were not written, by reason (slow_consumer: its queue was full and it was closed; connection_closed: it closed first).",
+                &["reason"],
+            )?,
+            keys_not_found: IntCounter::new(
+                "pushcluster_comet_push_keys_not_found_total",
+                "Keys in a push that have no connection on this comet (the client left).",
+            )?,
+            sent_bytes: counter(
+                "pushcluster_comet_sent_bytes_total",
+                "Bytes written to client sockets, by transport.",
+                &["transport"],
+            )?,
+            write_batch_frames: Histogram::with_opts(
+                HistogramOpts::new(
+                    "pushcluster_comet_write_batch_messages",
+                    "Queued messages written to one client socket in one go.",
+                )
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+            )?,
+            rooms: IntGauge::new(
+                "pushcluster_comet_rooms",
+                "Rooms with at least one member on this comet.",
+            )?,
+            online_reports: counter(
+                "pushcluster_comet_online_reports_total",
+                "Room-count reports (RenewOnline) to logic, by result (ok, error).",
+                &["result"],
+            )?,
+            accept_errors: counter(
+                "pushcluster_comet_accept_errors_total",
+                "Errors accepting client sockets (for example, out of file descriptors), by transport.",
+                &["transport"],
+            )?,
+        };
+        registry.register(Box::new(metrics.connections.clone()))?;
+        registry.register(Box::new(metrics.connects.clone()))?;
+        registry.register(Box::new(metrics.handshake_failures.clone()))?;
+        registry.register(Box::new(metrics.disconnects.clone()))?;
+        registry.register(Box::new(metrics.bad_frames.clone()))?;
+        registry.register(Box::new(metrics.frames_before_auth.clone()))?;
+        registry.register(Box::new(metrics.upstream_frames.clone()))?;
+        registry.register(Box::new(metrics.pushes.clone()))?;
+        registry.register(Box::new(metrics.delivered.clone()))?;
+        registry.register(Box::new(metrics.dropped.clone()))?;
+        registry.register(Box::new(metrics.keys_not_found.clone()))?;
+        registry.register(Box::new(metrics.sent_bytes.clone()))?;
+        registry.register(Box::new(metrics.write_batch_frames.clone()))?;
+        registry.register(Box::new(metrics.rooms.clone()))?;
+        registry.register(Box::new(metrics.online_reports.clone()))?;
+        registry.register(Box::new(metrics.accept_errors.clone()))?;
+        Ok(metrics)
+    }
+}

@@ -1,0 +1,252 @@
+//! Rooms: who is in which room on this comet. A connection is in at most
+//! one room. Rooms are sharded by id; a room push holds only that room's
+//! member lock, and queueing to a member never waits, so one busy room never
+//! stalls another and every member sees a room's pushes in the same order.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use pushcluster_api::protocol::EncodedPush;
+
+use crate::channel::{Channel, Queued};
+
+pub struct Room {
+    pub id: Arc<str>,
+    members: Mutex<HashMap<u64, Arc<Channel>>>,
+    /// Members on this comet.
+    online: AtomicI32,
+    /// Members in the whole cluster, as last reported by logic (0 = unknown).
+    all_online: AtomicI32,
+}
+
+/// What happened to one room push.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Fanout {
+    pub queued: u64,
+    /// Frames dropped because members overflowed and were closed.
+    pub dropped: u64,
+}
+
+impl Fanout {
+    pub fn record(&mut self, outcome: Queued) {
+        match outcome {
+            Queued::Yes => self.queued += 1,
+            Queued::Overflow { dropped } => self.dropped += dropped as u64,
+            Queued::Closed => {}
+        }
+    }
+}
+
+impl Room {
+    fn new(id: Arc<str>) -> Self {
+        Room {
+            id,
+            members: Mutex::new(HashMap::new()),
+            online: AtomicI32::new(0),
+            all_online: AtomicI32::new(0),
+        }
+    }
+
+    /// goim's `OnlineNum`: the cluster count when known, else the local one.
+    pub fn online_num(&self) -> i32 {
+        let all = self.all_online.load(Ordering::Relaxed);
+        if all > 0 {
+            all
+        } else {
+            self.online.load(Ordering::Relaxed)
+        }
+    }
+
+    pub fn local_online(&self) -> i32 {
+        self.online.load(Ordering::Relaxed)
+    }
+
+    /// Queues the push to every member (room pushes ignore the watch set).
+    pub fn push(&self, push: &EncodedPush) -> Fanout {
+        let mut fanout = Fanout::default();
+        if let Ok(members) = self.members.lock() {
+            for channel in members.values() {
+                fanout.record(channel.push(push));
+            }
+        }
+        fanout
+    }
+}
+
+pub struct Rooms {
+    shards: Vec<Mutex<HashMap<Arc<str>, Arc<Room>>>>,
+    hasher: RandomState,
+}
+
+impl Rooms {
+    pub fn new(shards: usize) -> Self {
+        Rooms {
+            shards: (0..shards.max(1))
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
+            hasher: RandomState::new(),
+        }
+    }
+
+    fn shard(&self, id: &str) -> &Mutex<HashMap<Arc<str>, Arc<Room>>> {
+        let index = self.hasher.hash_one(id) as usize % self.shards.len();
+        &self.shards[index]
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Room>> {
+        self.shard(id).lock().ok()?.get(id).cloned()
+    }
+
+    /// Adds the channel to the room, creating it if needed.
+    pub fn join(&self, id: &str, channel: &Arc<Channel>) -> Option<Arc<Room>> {
+        let mut shard = self.shard(id).lock().ok()?;
+        let room = shard
+            .entry(Arc::from(id))
+            .or_insert_with_key(|key| Arc::new(Room::new(key.clone())))
+            .clone();
+        if let Ok(mut members) = room.members.lock()
+            && members.insert(channel.id, channel.clone()).is_none()
+        {
+            room.online.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(room)
+    }
+
+    /// Removes the channel; an empty room is removed too.
+    pub fn leave(&self, room: &Arc<Room>, channel_id: u64) {
+        let Ok(mut shard) = self.shard(&room.id).lock() else {
+            return;
+        };
+        let Ok(mut members) = room.members.lock() else {
+            return;
+        };
+        if members.remove(&channel_id).is_some() {
+            room.online.fetch_sub(1, Ordering::Relaxed);
+        }
+        if members.is_empty()
+            && shard
+                .get(&room.id)
+                .is_some_and(|current| Arc::ptr_eq(current, room))
+        {
+            shard.remove(&room.id);
+        }
+    }
+
+    /// Moves a channel to `id` (empty: out of every room). Moving to the room
+    /// it is already in changes nothing (goim dropped the room when alone).
+    pub fn change(&self, channel: &Arc<Channel>, id: &str) {
+        let Ok(mut current) = channel.room.lock() else {
+            return;
+        };
+        if current.as_ref().is_some_and(|room| &*room.id == id) {
+            return;
+        }
+        if let Some(old) = current.take() {
+            self.leave(&old, channel.id);
+        }
+        if !id.is_empty() {
+            *current = self.join(id, channel);
+        }
+    }
+
+    /// Members per room, for rooms with at least one member.
+    pub fn counts(&self) -> HashMap<String, i32> {
+        let mut counts = HashMap::new();
+        for shard in &self.shards {
+            if let Ok(shard) = shard.lock() {
+                for room in shard.values() {
+                    let online = room.local_online();
+                    if online > 0 {
+                        counts.insert(room.id.to_string(), online);
+                    }
+                }
+            }
+        }
+        counts
+    }
+
+    /// Stores logic's cluster-wide counts (0 for rooms it does not know).
+    pub fn set_all_online(&self, all: &HashMap<String, i32>) {
+        for shard in &self.shards {
+            if let Ok(shard) = shard.lock() {
+                for room in shard.values() {
+                    let count = all.get(&*room.id).copied().unwrap_or(0);
+                    room.all_online.store(count, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().map(|s| s.len()).unwrap_or(0))
+            .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::TransportKind;
+    use std::net::IpAddr;
+
+    fn channel(id: u64) -> Arc<Channel> {
+        Arc::new(Channel::new(
+            id,
+            format!("k{id}"),
+            0,
+            IpAddr::from([127, 0, 0, 1]),
+            TransportKind::Tcp,
+            8,
+            &[],
+        ))
+    }
+
+    #[test]
+    fn join_change_and_leave() {
+        let rooms = Rooms::new(4);
+        let (a, b) = (channel(1), channel(2));
+        rooms.change(&a, "live://1");
+        rooms.change(&b, "live://1");
+        assert_eq!(rooms.counts()["live://1"], 2);
+        assert_eq!(a.room_online(), 2);
+
+        rooms.change(&a, "live://2");
+        assert_eq!(rooms.counts()["live://1"], 1);
+        assert_eq!(rooms.counts()["live://2"], 1);
+
+        rooms.change(&b, "");
+        assert_eq!(rooms.get("live://1").map(|_| ()), None, "empty room removed");
+        assert_eq!(b.room_online(), 0);
+        assert_eq!(rooms.len(), 1);
+    }
+
+    #[test]
+    fn changing_to_the_same_room_keeps_it() {
+        let rooms = Rooms::new(1);
+        let a = channel(1);
+        rooms.change(&a, "live://1");
+        rooms.change(&a, "live://1");
+        assert_eq!(rooms.counts()["live://1"], 1);
+        assert_eq!(a.room_id().as_deref(), Some("live://1"));
+    }
+
+    #[test]
+    fn cluster_counts_win_when_known() {
+        let rooms = Rooms::new(1);
+        let a = channel(1);
+        rooms.change(&a, "live://1");
+        assert_eq!(a.room_online(), 1);
+        rooms.set_all_online(&HashMap::from([("live://1".to_string(), 40)]));
+        assert_eq!(a.room_online(), 40);
+        rooms.set_all_online(&HashMap::new());
+        assert_eq!(a.room_online(), 1);
+    }
+}

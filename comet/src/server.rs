@@ -1,0 +1,138 @@
+//! Binds a comet's listeners and runs them until shutdown, then drains.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::Comet;
+use crate::channel::TransportKind;
+
+/// A listen address that could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {key} = {addr}: {source}")]
+pub struct BindError {
+    pub key: &'static str,
+    pub addr: String,
+    #[source]
+    pub source: std::io::Error,
+}
+
+pub async fn bind(key: &'static str, addr: &str) -> Result<TcpListener, BindError> {
+    TcpListener::bind(addr).await.map_err(|source| BindError {
+        key,
+        addr: addr.to_string(),
+        source,
+    })
+}
+
+/// A comet with its sockets bound.
+pub struct CometServer {
+    comet: Arc<Comet>,
+    tcp: Vec<TcpListener>,
+    websocket: Vec<TcpListener>,
+    grpc: TcpListener,
+}
+
+impl CometServer {
+    /// Binds `comet.tcp.bind`, `comet.websocket.bind` and `comet.grpc.bind`.
+    pub async fn bind(comet: Arc<Comet>) -> Result<CometServer, BindError> {
+        let config = comet.config().clone();
+        let mut tcp = Vec::new();
+        for addr in &config.tcp.bind {
+            tcp.push(bind("comet.tcp.bind", addr).await?);
+        }
+        let mut websocket = Vec::new();
+        for addr in &config.websocket.bind {
+            websocket.push(bind("comet.websocket.bind", addr).await?);
+        }
+        let grpc = bind("comet.grpc.bind", &config.grpc.bind).await?;
+        if let Ok(local) = grpc.local_addr() {
+            let _ = comet.grpc_addr.set(advertised(local));
+        }
+        Ok(CometServer {
+            comet,
+            tcp,
+            websocket,
+            grpc,
+        })
+    }
+
+    /// Bound addresses by config key, for logs and tests.
+    pub fn local_addrs(&self) -> Vec<(&'static str, SocketAddr)> {
+        let mut addrs = Vec::new();
+        for listener in &self.tcp {
+            if let Ok(addr) = listener.local_addr() {
+                addrs.push(("comet.tcp", addr));
+            }
+        }
+        for listener in &self.websocket {
+            if let Ok(addr) = listener.local_addr() {
+                addrs.push(("comet.websocket", addr));
+            }
+        }
+        if let Ok(addr) = self.grpc.local_addr() {
+            addrs.push(("comet.grpc", addr));
+        }
+        addrs
+    }
+
+    pub fn comet(&self) -> &Arc<Comet> {
+        &self.comet
+    }
+
+    /// Serves clients and job until `shutdown`; then stops accepting, drains
+    /// the connections over `comet.drain` (at once if `force` is cancelled),
+    /// and stops the gRPC service last so job can push during the drain.
+    pub async fn run(self, shutdown: CancellationToken, force: CancellationToken) {
+        let comet = self.comet;
+        let stop_accepting = CancellationToken::new();
+        let stop_grpc = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        for listener in self.tcp {
+            tasks.spawn(crate::tcp::accept_loop(
+                listener,
+                comet.clone(),
+                TransportKind::Tcp,
+                stop_accepting.clone(),
+            ));
+        }
+        for listener in self.websocket {
+            tasks.spawn(crate::tcp::accept_loop(
+                listener,
+                comet.clone(),
+                TransportKind::WebSocket,
+                stop_accepting.clone(),
+            ));
+        }
+        tasks.spawn(crate::report::run(comet.clone(), stop_grpc.clone()));
+        let grpc = tokio::spawn(crate::grpc::serve(
+            self.grpc,
+            comet.clone(),
+            stop_grpc.clone(),
+        ));
+
+        shutdown.cancelled().await;
+        stop_accepting.cancel();
+        comet.drain(comet.config().drain, &force).await;
+        stop_grpc.cancel();
+        while tasks.join_next().await.is_some() {}
+        match grpc.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(%error, "comet gRPC server failed"),
+            Err(error) => tracing::error!(%error, "comet gRPC task failed"),
+        }
+    }
+}
+
+/// The gRPC address other processes use: the bound one, with an
+/// unspecified IP replaced by `POD_IP` (Kubernetes) or the loopback address.
+fn advertised(local: SocketAddr) -> String {
+    if local.ip().is_unspecified() {
+        let host = std::env::var("POD_IP").unwrap_or_else(|_| "127.0.0.1".to_string());
+        format!("{host}:{}", local.port())
+    } else {
+        local.to_string()
+    }
+}

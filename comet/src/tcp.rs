@@ -1,0 +1,190 @@
+//! goim over plain TCP: frames back to back on a byte stream.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes};
+use pushcluster_api::config::TcpConfig;
+use pushcluster_api::protocol::{Frame, HEADER_LEN, Header};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::Comet;
+use crate::channel::TransportKind;
+use crate::conn::{self, ReadError, Transport};
+use crate::ratelimit::LogBudget;
+
+/// Slices handed to one `writev` call.
+const MAX_IOV: usize = 64;
+
+static ACCEPT_ERROR_LOG: LogBudget = LogBudget::new(1);
+
+pub(crate) struct TcpTransport {
+    stream: TcpStream,
+    header: [u8; HEADER_LEN],
+    header_read: usize,
+    /// The header being completed by its body, the body, and bytes read.
+    body: Option<(Header, Vec<u8>, usize)>,
+}
+
+impl TcpTransport {
+    pub(crate) fn new(stream: TcpStream) -> Self {
+        TcpTransport {
+            stream,
+            header: [0; HEADER_LEN],
+            header_read: 0,
+            body: None,
+        }
+    }
+
+    fn mid_frame(&self) -> bool {
+        self.header_read > 0 || self.body.is_some()
+    }
+}
+
+fn eof() -> ReadError {
+    ReadError::Io(std::io::ErrorKind::UnexpectedEof.into())
+}
+
+impl Transport for TcpTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Tcp
+    }
+
+    async fn read_frame(&mut self) -> Result<Option<Frame>, ReadError> {
+        loop {
+            if let Some((header, body, read)) = &mut self.body {
+                if *read < body.len() {
+                    // `read` is cancel-safe: on cancellation nothing was consumed.
+                    let n = self.stream.read(&mut body[*read..]).await?;
+                    if n == 0 {
+                        return Err(eof());
+                    }
+                    *read += n;
+                    continue;
+                }
+                let header = *header;
+                let body = std::mem::take(body);
+                self.body = None;
+                return Ok(Some(Frame {
+                    ver: header.ver,
+                    op: header.op,
+                    seq: header.seq,
+                    body: Bytes::from(body),
+                }));
+            }
+            let n = self.stream.read(&mut self.header[self.header_read..]).await?;
+            if n == 0 {
+                return if self.mid_frame() { Err(eof()) } else { Ok(None) };
+            }
+            self.header_read += n;
+            if self.header_read == HEADER_LEN {
+                self.header_read = 0;
+                let header = Header::parse(&self.header);
+                let body_len = header.client_body_len()?;
+                self.body = Some((header, vec![0; body_len], 0));
+            }
+        }
+    }
+
+    async fn write(&mut self, mut frames: VecDeque<Bytes>) -> std::io::Result<u64> {
+        let mut written = 0u64;
+        while !frames.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let mut count = 0;
+            for (slot, frame) in slices.iter_mut().zip(frames.iter()) {
+                *slot = IoSlice::new(frame);
+                count += 1;
+            }
+            let mut n = self.stream.write_vectored(&slices[..count]).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            written += n as u64;
+            while n > 0 {
+                let Some(front) = frames.front_mut() else { break };
+                if n >= front.len() {
+                    n -= front.len();
+                    frames.pop_front();
+                } else {
+                    front.advance(n);
+                    n = 0;
+                }
+            }
+            while frames.front().is_some_and(|f| f.is_empty()) {
+                frames.pop_front();
+            }
+        }
+        Ok(written)
+    }
+
+    async fn shutdown(&mut self) {
+        let _ = self.stream.shutdown().await;
+    }
+}
+
+/// goim's socket options for client connections.
+fn configure(stream: &TcpStream, config: &TcpConfig) {
+    let _ = stream.set_nodelay(true);
+    let socket = socket2::SockRef::from(stream);
+    if config.sndbuf > 0 {
+        let _ = socket.set_send_buffer_size(config.sndbuf as usize);
+    }
+    if config.rcvbuf > 0 {
+        let _ = socket.set_recv_buffer_size(config.rcvbuf as usize);
+    }
+    let _ = socket.set_keepalive(config.keepalive);
+}
+
+/// Accepts client sockets until `stop`; each gets its own task.
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    comet: Arc<Comet>,
+    kind: TransportKind,
+    stop: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Typically out of file descriptors: back off instead of spinning.
+                comet
+                    .metrics
+                    .accept_errors
+                    .with_label_values(&[kind.label()])
+                    .inc();
+                if let Some(suppressed) = ACCEPT_ERROR_LOG.allow() {
+                    tracing::error!(%error, suppressed, transport = kind.label(), "accept failed");
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let started = Instant::now();
+        configure(&stream, &comet.config().tcp);
+        let task_comet = comet.clone();
+        match kind {
+            TransportKind::Tcp => {
+                comet.tasks.spawn(conn::run(
+                    task_comet,
+                    TcpTransport::new(stream),
+                    peer.ip(),
+                    String::new(),
+                    started,
+                ));
+            }
+            TransportKind::WebSocket => {
+                comet
+                    .tasks
+                    .spawn(crate::ws::upgrade_and_run(task_comet, stream, peer.ip(), started));
+            }
+        }
+    }
+}

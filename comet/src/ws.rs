@@ -1,0 +1,162 @@
+//! goim over WebSocket: upgrade on path `/sub`, then exactly one goim frame
+//! per WebSocket message in each direction. Text and binary messages are
+//! both accepted from clients; the server sends binary messages.
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use pushcluster_api::protocol::{self, Frame, MAX_CLIENT_FRAME};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout_at};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{self, Message, http};
+
+use crate::Comet;
+use crate::channel::TransportKind;
+use crate::conn::{self, ReadError, Transport};
+
+/// The only path goim serves WebSocket clients on.
+pub(crate) const PATH: &str = "/sub";
+
+/// Small buffers: most connections are idle, and client frames are at most
+/// 4112 bytes. Writes are buffered up to 8 KiB between flushes.
+fn websocket_config() -> WebSocketConfig {
+    let mut config = WebSocketConfig::default();
+    config.read_buffer_size = 512;
+    config.write_buffer_size = 8 * 1024;
+    config.max_write_buffer_size = usize::MAX;
+    config.max_message_size = Some(MAX_CLIENT_FRAME);
+    config.max_frame_size = Some(MAX_CLIENT_FRAME);
+    config
+}
+
+pub(crate) struct WsTransport {
+    ws: WebSocketStream<TcpStream>,
+}
+
+impl Transport for WsTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::WebSocket
+    }
+
+    async fn read_frame(&mut self) -> Result<Option<Frame>, ReadError> {
+        loop {
+            // `next` is cancel-safe: partial messages stay in the stream.
+            let message = match self.ws.next().await {
+                None => return Ok(None),
+                Some(Ok(message)) => message,
+                Some(Err(error)) => return Err(read_error(error)),
+            };
+            let payload = match message {
+                Message::Binary(payload) => payload,
+                Message::Text(text) => Bytes::from(text),
+                Message::Close(_) => return Ok(None),
+                // Pings are answered by the library; pongs need nothing.
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+            };
+            return protocol::decode_ws_message(payload)
+                .map(Some)
+                .map_err(ReadError::Frame);
+        }
+    }
+
+    async fn write(&mut self, frames: VecDeque<Bytes>) -> std::io::Result<u64> {
+        let mut written = 0u64;
+        for frame in frames {
+            written += frame.len() as u64;
+            self.ws
+                .feed(Message::Binary(frame))
+                .await
+                .map_err(write_error)?;
+        }
+        self.ws.flush().await.map_err(write_error)?;
+        Ok(written)
+    }
+
+    async fn shutdown(&mut self) {
+        let close = self.ws.close(None);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), close).await;
+    }
+}
+
+fn read_error(error: tungstenite::Error) -> ReadError {
+    match error {
+        tungstenite::Error::Capacity(capacity) => ReadError::Oversized(match capacity {
+            tungstenite::error::CapacityError::MessageTooLong { size, .. } => size,
+            _ => MAX_CLIENT_FRAME + 1,
+        }),
+        tungstenite::Error::Io(io) => ReadError::Io(io),
+        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
+            ReadError::Io(std::io::ErrorKind::ConnectionAborted.into())
+        }
+        other => ReadError::Protocol(other.to_string()),
+    }
+}
+
+fn write_error(error: tungstenite::Error) -> std::io::Error {
+    match error {
+        tungstenite::Error::Io(io) => io,
+        other => std::io::Error::other(other.to_string()),
+    }
+}
+
+fn refuse(status: http::StatusCode, message: &str) -> ErrorResponse {
+    let mut response = ErrorResponse::new(Some(message.to_string()));
+    *response.status_mut() = status;
+    response
+}
+
+/// Upgrades the socket (within the handshake timeout), then runs the
+/// connection. The upgrade request's Cookie header goes to logic Connect.
+pub(crate) async fn upgrade_and_run(
+    comet: Arc<Comet>,
+    stream: TcpStream,
+    ip: IpAddr,
+    started: Instant,
+) {
+    let mut cookie = String::new();
+    let callback = |request: &Request, response: Response| {
+        if request.uri().path() != PATH {
+            return Err(refuse(
+                http::StatusCode::NOT_FOUND,
+                "goim WebSocket clients connect to /sub",
+            ));
+        }
+        if let Some(value) = request.headers().get(http::header::COOKIE) {
+            cookie = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        }
+        Ok(response)
+    };
+    let deadline = started + comet.config().protocol.handshake_timeout;
+    let upgrade = tokio_tungstenite::accept_hdr_async_with_config(
+        stream,
+        callback,
+        Some(websocket_config()),
+    );
+    let ws = match timeout_at(deadline, upgrade).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(error)) => {
+            comet
+                .metrics
+                .handshake_failures
+                .with_label_values(&["websocket", "upgrade_failed"])
+                .inc();
+            tracing::debug!(%ip, %error, "WebSocket upgrade refused");
+            return;
+        }
+        Err(_) => {
+            comet
+                .metrics
+                .handshake_failures
+                .with_label_values(&["websocket", "timeout"])
+                .inc();
+            return;
+        }
+    };
+    conn::run(comet, WsTransport { ws }, ip, cookie, started).await;
+}

@@ -1,0 +1,100 @@
+//! Prometheus metrics of job. Labels are bounded: kinds, results, reasons.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+};
+
+#[derive(Clone)]
+pub struct JobMetrics {
+    pub consumed: IntCounterVec,
+    pub redelivered: IntCounterVec,
+    pub delivered: IntCounterVec,
+    pub dropped: IntCounterVec,
+    pub comet_calls: IntCounterVec,
+    pub retries: IntCounterVec,
+    pub failures: IntCounterVec,
+    pub room_batch: Histogram,
+    pub latency: HistogramVec,
+    pub comets: IntGauge,
+    pub lanes: IntGauge,
+}
+
+impl JobMetrics {
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels)
+        };
+        let metrics = JobMetrics {
+            consumed: counter(
+                "pushcluster_job_messages_consumed_total",
+                "PushMsg taken from the bus, by kind (push, room, broadcast).",
+                &["kind"],
+            )?,
+            redelivered: counter(
+                "pushcluster_job_messages_redelivered_total",
+                "PushMsg the bus delivered again after a failed or unfinished attempt, by kind.",
+                &["kind"],
+            )?,
+            delivered: counter(
+                "pushcluster_job_messages_delivered_total",
+                "PushMsg accepted by every target comet and acked, by kind.",
+                &["kind"],
+            )?,
+            dropped: counter(
+                "pushcluster_job_messages_dropped_total",
+                "PushMsg acked without delivery, by kind and reason (unknown_comet: the target comet is gone, its clients reconnect elsewhere; no_comets; invalid).",
+                &["kind", "reason"],
+            )?,
+            comet_calls: counter(
+                "pushcluster_job_comet_calls_total",
+                "Calls to comets by kind and result (ok, error, timeout).",
+                &["kind", "result"],
+            )?,
+            retries: counter(
+                "pushcluster_job_delivery_retries_total",
+                "Calls to comets retried after a failure, by kind.",
+                &["kind"],
+            )?,
+            failures: counter(
+                "pushcluster_job_delivery_failures_total",
+                "PushMsg returned to the bus (gave_up: a comet kept failing) or rejected by a comet (rejected), by kind and reason.",
+                &["kind", "reason"],
+            )?,
+            room_batch: Histogram::with_opts(
+                HistogramOpts::new(
+                    "pushcluster_job_room_batch_messages",
+                    "Room messages sent to comets in one op-9 batch.",
+                )
+                .buckets(vec![1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 16.0, 20.0, 32.0, 64.0]),
+            )?,
+            latency: HistogramVec::new(
+                HistogramOpts::new(
+                    "pushcluster_job_delivery_latency_seconds",
+                    "From publish (logic) to accepted by every target comet, by kind.",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0,
+                ]),
+                &["kind"],
+            )?,
+            comets: IntGauge::new("pushcluster_job_comets", "Comets job delivers to.")?,
+            lanes: IntGauge::new(
+                "pushcluster_job_lanes",
+                "Active ordered delivery lanes (one per room, per target comet, and for broadcasts).",
+            )?,
+        };
+        registry.register(Box::new(metrics.consumed.clone()))?;
+        registry.register(Box::new(metrics.redelivered.clone()))?;
+        registry.register(Box::new(metrics.delivered.clone()))?;
+        registry.register(Box::new(metrics.dropped.clone()))?;
+        registry.register(Box::new(metrics.comet_calls.clone()))?;
+        registry.register(Box::new(metrics.retries.clone()))?;
+        registry.register(Box::new(metrics.failures.clone()))?;
+        registry.register(Box::new(metrics.room_batch.clone()))?;
+        registry.register(Box::new(metrics.latency.clone()))?;
+        registry.register(Box::new(metrics.comets.clone()))?;
+        registry.register(Box::new(metrics.lanes.clone()))?;
+        Ok(metrics)
+    }
+}

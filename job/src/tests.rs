@@ -1,0 +1,410 @@
+//! Job against the in-memory bus and recording comets.
+
+use std::sync::atomic::AtomicU32;
+
+use async_trait::async_trait;
+use pushcluster_api::pb::comet::{
+    BroadcastReply, BroadcastRoomReply, PushMsgReply, RoomsReply,
+};
+use pushcluster_api::pb::logic::PushMsg;
+use pushcluster_api::protocol::{Frame, decode_stream, op};
+use pushcluster_backplane::bus::MemoryBus;
+use pushcluster_backplane::discovery::StaticDiscovery;
+use tokio::sync::{Notify, Semaphore};
+
+use super::*;
+
+/// A comet that records what it is asked, can hold calls until released,
+/// and can fail its first calls.
+#[derive(Default)]
+struct RecordingComet {
+    calls: Mutex<Vec<Call>>,
+    called: Notify,
+    gate: Option<Semaphore>,
+    failures_left: AtomicU32,
+}
+
+#[derive(Debug, Clone)]
+enum Call {
+    Push { keys: Vec<String>, op: i32, frames: Vec<Frame> },
+    Room { room: String, frames: Vec<Frame> },
+    Broadcast { op: i32, speed: i32 },
+}
+
+fn inner_frames(proto: Option<pushcluster_api::pb::protocol::Proto>) -> Vec<Frame> {
+    let proto = proto.expect("proto");
+    assert_eq!(proto.op, op::RAW);
+    let mut buf = bytes::BytesMut::from(&proto.body[..]);
+    let mut frames = Vec::new();
+    while let Some(frame) = decode_stream(&mut buf).expect("valid inner frames") {
+        assert_eq!((frame.ver, frame.seq), (1, 0));
+        frames.push(frame);
+    }
+    assert!(buf.is_empty());
+    frames
+}
+
+impl RecordingComet {
+    fn gated() -> Self {
+        RecordingComet {
+            gate: Some(Semaphore::new(0)),
+            ..Default::default()
+        }
+    }
+
+    fn failing(times: u32) -> Self {
+        RecordingComet {
+            failures_left: AtomicU32::new(times),
+            ..Default::default()
+        }
+    }
+
+    async fn enter(&self) -> Result<(), LinkError> {
+        if let Some(gate) = &self.gate {
+            gate.acquire().await.expect("gate open").forget();
+        }
+        let fail = self
+            .failures_left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if fail {
+            return Err(LinkError::Unavailable("test failure".into()));
+        }
+        Ok(())
+    }
+
+    fn record(&self, call: Call) {
+        self.calls.lock().expect("calls").push(call);
+        self.called.notify_waiters();
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().expect("calls").clone()
+    }
+
+    fn room_bodies(&self, room: &str) -> Vec<Vec<String>> {
+        self.calls()
+            .into_iter()
+            .filter_map(|call| match call {
+                Call::Room { room: r, frames } if r == room => Some(
+                    frames
+                        .iter()
+                        .map(|f| String::from_utf8_lossy(&f.body).into_owned())
+                        .collect(),
+                ),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Waits until `done` holds for the recorded calls (bounded).
+    async fn wait_for(&self, done: impl Fn(&[Call]) -> bool) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let notified = self.called.notified();
+                if done(&self.calls()) {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await
+        .expect("calls arrived in time");
+    }
+}
+
+#[async_trait]
+impl CometLink for RecordingComet {
+    async fn push_msg(&self, req: PushMsgReq) -> Result<PushMsgReply, LinkError> {
+        self.enter().await?;
+        self.record(Call::Push {
+            keys: req.keys,
+            op: req.proto_op,
+            frames: inner_frames(req.proto),
+        });
+        Ok(PushMsgReply {})
+    }
+
+    async fn broadcast(&self, req: BroadcastReq) -> Result<BroadcastReply, LinkError> {
+        self.enter().await?;
+        self.record(Call::Broadcast {
+            op: req.proto_op,
+            speed: req.speed,
+        });
+        Ok(BroadcastReply {})
+    }
+
+    async fn broadcast_room(
+        &self,
+        req: BroadcastRoomReq,
+    ) -> Result<BroadcastRoomReply, LinkError> {
+        self.enter().await?;
+        self.record(Call::Room {
+            room: req.room_id,
+            frames: inner_frames(req.proto),
+        });
+        Ok(BroadcastRoomReply {})
+    }
+
+    async fn rooms(&self) -> Result<RoomsReply, LinkError> {
+        Ok(RoomsReply::default())
+    }
+}
+
+struct Harness {
+    bus: MemoryBus,
+    job: Arc<Job>,
+    metrics: JobMetrics,
+    shutdown: CancellationToken,
+    running: tokio::task::JoinHandle<Result<(), JobError>>,
+    discovery: Arc<StaticDiscovery>,
+}
+
+fn endpoint(id: &str) -> CometEndpoint {
+    CometEndpoint {
+        id: id.into(),
+        addr: format!("{id}:3109"),
+    }
+}
+
+fn start(comets: Vec<(&str, Arc<RecordingComet>)>, config: JobConfig) -> Harness {
+    let mut connector = InProcessConnector::new();
+    let mut endpoints = Vec::new();
+    for (id, comet) in comets {
+        connector = connector.with(id, comet);
+        endpoints.push(endpoint(id));
+    }
+    let metrics = JobMetrics::new(&prometheus::Registry::new()).expect("metrics");
+    let job = Arc::new(Job::new(config, Arc::new(connector), metrics.clone()));
+    let bus = MemoryBus::default();
+    let discovery = Arc::new(StaticDiscovery::new(endpoints));
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn({
+        let (job, bus, discovery, shutdown) =
+            (job.clone(), bus.clone(), discovery.clone(), shutdown.clone());
+        async move { job.run(Arc::new(bus), discovery, shutdown).await }
+    });
+    Harness {
+        bus,
+        job,
+        metrics,
+        shutdown,
+        running,
+        discovery,
+    }
+}
+
+impl Harness {
+    async fn publish(&self, msg: PushMsg) {
+        self.bus.publish(msg, None).await.expect("publish");
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.running.await.expect("job task").expect("job ran");
+    }
+}
+
+fn room(room: &str, body: &str) -> PushMsg {
+    PushMsg {
+        r#type: PushType::Room as i32,
+        operation: 1000,
+        room: room.into(),
+        msg: body.to_string().into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_lone_room_message_goes_out_alone_and_at_once() {
+    let comet = Arc::new(RecordingComet::default());
+    let harness = start(vec![("c1", comet.clone())], JobConfig::default());
+    harness.publish(room("live://1", "hello")).await;
+    comet.wait_for(|calls| !calls.is_empty()).await;
+    assert_eq!(comet.room_bodies("live://1"), vec![vec!["hello".to_string()]]);
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn room_messages_queued_behind_a_slow_call_are_batched_in_order() {
+    let comet = Arc::new(RecordingComet::gated());
+    let harness = start(vec![("c1", comet.clone())], JobConfig::default());
+    harness.publish(room("live://1", "0")).await;
+    // The first batch is now held by the comet; 45 more queue up behind it.
+    for i in 1..46 {
+        harness.publish(room("live://1", &i.to_string())).await;
+    }
+    let gate = comet.gate.as_ref().expect("gated");
+    // Release calls one at a time until all 46 messages arrived.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            gate.add_permits(1);
+            let delivered: usize = comet.room_bodies("live://1").iter().map(Vec::len).sum();
+            if delivered == 46 {
+                break;
+            }
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("all delivered");
+    let batches = comet.room_bodies("live://1");
+    let flat: Vec<String> = batches.iter().flatten().cloned().collect();
+    let expected: Vec<String> = (0..46).map(|i| i.to_string()).collect();
+    assert_eq!(flat, expected, "publish order kept");
+    assert!(batches.iter().all(|b| b.len() <= 20), "{batches:?}");
+    assert!(batches.len() >= 3, "45 queued messages need at least 3 batches: {batches:?}");
+    assert!(batches.iter().any(|b| b.len() > 1), "queued messages were batched");
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn key_pushes_go_to_their_comet_only() {
+    let (c1, c2) = (Arc::new(RecordingComet::default()), Arc::new(RecordingComet::default()));
+    let harness = start(vec![("c1", c1.clone()), ("c2", c2.clone())], JobConfig::default());
+    harness
+        .publish(PushMsg {
+            r#type: PushType::Push as i32,
+            operation: 1001,
+            server: "c2".into(),
+            keys: vec!["k".into()],
+            msg: "m".into(),
+            ..Default::default()
+        })
+        .await;
+    c2.wait_for(|calls| !calls.is_empty()).await;
+    match &c2.calls()[0] {
+        Call::Push { keys, op, frames } => {
+            assert_eq!((keys.as_slice(), *op), (&["k".to_string()][..], 1001));
+            assert_eq!((frames.len(), frames[0].op, &frames[0].body[..]), (1, 1001, &b"m"[..]));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(c1.calls().is_empty());
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn pushes_to_unknown_comets_and_broadcasts_without_comets_are_counted() {
+    let harness = start(Vec::new(), JobConfig::default());
+    harness
+        .publish(PushMsg {
+            r#type: PushType::Push as i32,
+            server: "gone".into(),
+            keys: vec!["k".into()],
+            ..Default::default()
+        })
+        .await;
+    harness
+        .publish(PushMsg {
+            r#type: PushType::Broadcast as i32,
+            operation: 5,
+            speed: 100,
+            ..Default::default()
+        })
+        .await;
+    let dropped = |kind: &str, reason: &str| {
+        harness.metrics.dropped.with_label_values(&[kind, reason]).get()
+    };
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while dropped("push", "unknown_comet") + dropped("broadcast", "no_comets") < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("both counted, job still alive");
+    assert!(!harness.running.is_finished());
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn broadcast_speed_is_shared_between_comets() {
+    let (c1, c2) = (Arc::new(RecordingComet::default()), Arc::new(RecordingComet::default()));
+    let harness = start(vec![("c1", c1.clone()), ("c2", c2.clone())], JobConfig::default());
+    harness
+        .publish(PushMsg {
+            r#type: PushType::Broadcast as i32,
+            operation: 7,
+            speed: 101,
+            ..Default::default()
+        })
+        .await;
+    for comet in [&c1, &c2] {
+        comet.wait_for(|calls| !calls.is_empty()).await;
+        assert!(matches!(comet.calls()[0], Call::Broadcast { op: 7, speed: 51 }));
+    }
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn failed_calls_are_retried_then_acked() {
+    let comet = Arc::new(RecordingComet::failing(2));
+    let mut config = JobConfig::default();
+    config.delivery.backoff_base = Duration::from_millis(1);
+    config.delivery.backoff_max = Duration::from_millis(2);
+    let harness = start(vec![("c1", comet.clone())], config);
+    harness.publish(room("live://1", "x")).await;
+    comet.wait_for(|calls| !calls.is_empty()).await;
+    assert_eq!(harness.metrics.retries.with_label_values(&["room"]).get(), 2);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while harness.metrics.delivered.with_label_values(&["room"]).get() < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("acked");
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn comets_follow_discovery() {
+    let comet = Arc::new(RecordingComet::default());
+    let harness = start(vec![("c1", comet.clone())], JobConfig::default());
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while harness.job.comet_ids() != ["c1"] {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("c1 linked");
+    harness.discovery.set(Vec::new());
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !harness.job.comet_ids().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("c1 forgotten");
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn idle_lanes_exit_without_losing_messages() {
+    let comet = Arc::new(RecordingComet::default());
+    let mut config = JobConfig::default();
+    config.room.idle = Duration::from_millis(1);
+    let harness = start(vec![("c1", comet.clone())], config);
+    for i in 0..200 {
+        harness.publish(room("live://1", &i.to_string())).await;
+        if i % 10 == 0 {
+            // Give the lane a chance to go idle between bursts.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    comet
+        .wait_for(|calls| {
+            calls
+                .iter()
+                .map(|c| match c {
+                    Call::Room { frames, .. } => frames.len(),
+                    _ => 0,
+                })
+                .sum::<usize>()
+                == 200
+        })
+        .await;
+    let flat: Vec<String> = comet.room_bodies("live://1").into_iter().flatten().collect();
+    assert_eq!(flat, (0..200).map(|i| i.to_string()).collect::<Vec<_>>());
+    harness.stop().await;
+}
