@@ -1,1 +1,106 @@
-fn main() {}
+//! `pushcluster`: the one binary. This file parses flags and wires the
+//! components together; the behaviour lives in the crates.
+#![forbid(unsafe_code)]
+
+mod admin;
+mod standalone;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use pushcluster_api::config::{Config, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "pushcluster",
+    version,
+    about = "A goim v2-compatible push server"
+)]
+struct Cli {
+    /// Log format (default: the config's `log.format`, else text).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormatArg>,
+    /// Log filter such as `info` or `debug,hyper=info` (default: `log.level`;
+    /// the RUST_LOG environment variable wins over both).
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run comet, logic and job in one process over an in-memory backplane.
+    Standalone {
+        /// YAML configuration file (every key optional; see docs/configuration.md).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Print the effective configuration (defaults plus the file) as YAML.
+    Config {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
+    let Some(path) = path else {
+        return Ok(Config::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    Config::from_yaml(&text).with_context(|| format!("invalid config file {}", path.display()))
+}
+
+fn init_logging(cli: &Cli, config: &Config) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        let level = cli.log_level.as_deref().unwrap_or(&config.log.level);
+        EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"))
+    });
+    let format = match cli.log_format {
+        Some(LogFormatArg::Json) => LogFormat::Json,
+        Some(LogFormatArg::Text) => LogFormat::Text,
+        None => config.log.format,
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal());
+    match format {
+        LogFormat::Json => builder.json().with_current_span(false).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Config { config } => load_config(config.as_deref())
+            .and_then(|config| Ok(config.to_yaml()?))
+            .map(|yaml| print!("{yaml}")),
+        Command::Standalone { config } => load_config(config.as_deref()).and_then(|config| {
+            init_logging(&cli, &config);
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?
+                .block_on(standalone::run(config))
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("pushcluster: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

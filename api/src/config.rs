@@ -515,7 +515,10 @@ mod tests {
         assert_eq!(config.comet.grpc.bind, "0.0.0.0:3109");
         assert_eq!(config.logic.http.bind, "0.0.0.0:3111");
         assert_eq!(config.logic.grpc.bind, "0.0.0.0:3119");
-        assert_eq!(config.comet.protocol.handshake_timeout, Duration::from_secs(5));
+        assert_eq!(
+            config.comet.protocol.handshake_timeout,
+            Duration::from_secs(5)
+        );
         assert_eq!(config.job.room.batch, 20);
     }
 
@@ -548,7 +551,10 @@ logic:
             "comet: { protocol: { handshake_timeout: 8s } }\nlogic: { node: { heartbeat: 4m } }",
         )
         .expect("valid");
-        assert_eq!(config.comet.protocol.handshake_timeout, Duration::from_secs(8));
+        assert_eq!(
+            config.comet.protocol.handshake_timeout,
+            Duration::from_secs(8)
+        );
         assert_eq!(config.logic.node.heartbeat, Duration::from_secs(240));
     }
 
@@ -556,10 +562,10 @@ logic:
     fn yaml_round_trips() {
         let mut config = Config::default();
         config.comet.id = Some("comet-0".into());
-        config.logic.regions.insert(
-            "east".into(),
-            vec!["10.0.0.0/8".parse().expect("cidr")],
-        );
+        config
+            .logic
+            .regions
+            .insert("east".into(), vec!["10.0.0.0/8".parse().expect("cidr")]);
         let text = config.to_yaml().expect("serializes");
         assert_eq!(Config::from_yaml(&text).expect("parses"), config);
     }
@@ -574,8 +580,14 @@ logic:
     fn impossible_values_are_errors() {
         for (yaml, key) in [
             ("job: { room: { batch: 0 } }", "job.room.batch"),
-            ("comet: { protocol: { send_queue: 0 } }", "comet.protocol.send_queue"),
-            ("comet: { tcp: { bind: [] }, websocket: { bind: [] } }", "comet.tcp.bind"),
+            (
+                "comet: { protocol: { send_queue: 0 } }",
+                "comet.protocol.send_queue",
+            ),
+            (
+                "comet: { tcp: { bind: [] }, websocket: { bind: [] } }",
+                "comet.tcp.bind",
+            ),
             ("comet: { id: ' ' }", "comet.id"),
         ] {
             let error = Config::from_yaml(yaml).expect_err(yaml).to_string();

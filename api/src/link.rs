@@ -86,8 +86,7 @@ impl From<tonic::Status> for LinkError {
 pub trait CometLink: Send + Sync + 'static {
     async fn push_msg(&self, req: PushMsgReq) -> Result<PushMsgReply, LinkError>;
     async fn broadcast(&self, req: BroadcastReq) -> Result<BroadcastReply, LinkError>;
-    async fn broadcast_room(&self, req: BroadcastRoomReq)
-    -> Result<BroadcastRoomReply, LinkError>;
+    async fn broadcast_room(&self, req: BroadcastRoomReq) -> Result<BroadcastRoomReply, LinkError>;
     async fn rooms(&self) -> Result<RoomsReply, LinkError>;
 }
 

@@ -153,7 +153,12 @@ impl Header {
     /// goim accepts a pack length below 16 on TCP as an empty body; such a
     /// frame can only come from a broken client, so it is refused here.
     pub fn client_body_len(&self) -> Result<usize, FrameError> {
-        if self.pack_len > MAX_CLIENT_FRAME as i32 {
+        self.body_len_within(MAX_CLIENT_FRAME)
+    }
+
+    /// Validates a header whose frame may be up to `max_frame` bytes long.
+    pub fn body_len_within(&self, max_frame: usize) -> Result<usize, FrameError> {
+        if i64::from(self.pack_len) > max_frame as i64 {
             return Err(FrameError::PackLenTooLarge(self.pack_len));
         }
         if self.header_len != HEADER_LEN as i16 {
@@ -195,11 +200,20 @@ pub fn decode_ws_message(payload: Bytes) -> Result<Frame, FrameError> {
 /// Decodes client frames from a byte stream buffer (TCP). Returns `Ok(None)`
 /// when `buf` does not yet hold a whole frame; consumed bytes are removed.
 pub fn decode_stream(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+    decode_stream_within(buf, MAX_CLIENT_FRAME)
+}
+
+/// Decodes frames a server sent (what a client reads): any length.
+pub fn decode_server_stream(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+    decode_stream_within(buf, i32::MAX as usize)
+}
+
+fn decode_stream_within(buf: &mut BytesMut, max_frame: usize) -> Result<Option<Frame>, FrameError> {
     let Some(raw) = buf.first_chunk::<HEADER_LEN>() else {
         return Ok(None);
     };
     let header = Header::parse(raw);
-    let body_len = header.client_body_len()?;
+    let body_len = header.body_len_within(max_frame)?;
     if buf.len() < HEADER_LEN + body_len {
         return Ok(None);
     }
@@ -295,7 +309,9 @@ pub fn parse_op_list(body: &[u8]) -> Option<Vec<i32>> {
     if text.is_empty() {
         return Some(Vec::new());
     }
-    text.split(',').map(|item| item.trim().parse().ok()).collect()
+    text.split(',')
+        .map(|item| item.trim().parse().ok())
+        .collect()
 }
 
 #[cfg(test)]
@@ -353,7 +369,8 @@ mod tests {
         assert_eq!(batch.frames(), 2);
         let push = EncodedPush::new(&batch.finish());
         let outer = "00000033 0010 0001 00000009 00000000";
-        let inner = "00000011 0010 0001 000003E8 00000000 61 00000012 0010 0001 000003E8 00000000 6263";
+        let inner =
+            "00000011 0010 0001 000003E8 00000000 61 00000012 0010 0001 000003E8 00000000 6263";
         assert_eq!(
             hex(&push.websocket),
             hex(&unhex(&format!("{outer} {inner}")))
@@ -412,7 +429,9 @@ mod tests {
     fn largest_client_frame_is_accepted_and_one_more_byte_refused() {
         let mut buf = header_bytes(MAX_CLIENT_FRAME as i32, 16);
         buf.put_bytes(0, MAX_BODY_SIZE);
-        let frame = decode_stream(&mut buf).expect("4112 is allowed").expect("whole");
+        let frame = decode_stream(&mut buf)
+            .expect("4112 is allowed")
+            .expect("whole");
         assert_eq!(frame.body.len(), MAX_BODY_SIZE);
 
         let mut buf = header_bytes(MAX_CLIENT_FRAME as i32 + 1, 16);
@@ -420,6 +439,17 @@ mod tests {
             decode_stream(&mut buf),
             Err(FrameError::PackLenTooLarge(4113))
         );
+    }
+
+    #[test]
+    fn server_frames_may_exceed_the_client_limit() {
+        let big = Frame::server(op::RAW, Bytes::from(vec![7u8; 10_000])).encode();
+        let mut buf = BytesMut::from(&big[..]);
+        assert!(decode_stream(&mut buf.clone()).is_err());
+        let frame = decode_server_stream(&mut buf)
+            .expect("valid")
+            .expect("whole");
+        assert_eq!(frame.body.len(), 10_000);
     }
 
     #[test]
@@ -441,7 +471,10 @@ mod tests {
     #[test]
     fn websocket_message_must_hold_exactly_one_frame() {
         let wire = Frame::server(4, Bytes::from_static(b"hello")).encode();
-        assert_eq!(decode_ws_message(wire.clone()).expect("valid").body, "hello");
+        assert_eq!(
+            decode_ws_message(wire.clone()).expect("valid").body,
+            "hello"
+        );
 
         let mut longer = BytesMut::from(&wire[..]);
         longer.put_slice(b"!");

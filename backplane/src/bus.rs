@@ -338,7 +338,9 @@ mod tests {
         let bus = MemoryBus::default();
         let mut sub = bus.subscribe().await.expect("first subscriber");
         for body in [&b"1"[..], b"2", b"3"] {
-            bus.publish(room_msg("live://1", body), None).await.expect("publish");
+            bus.publish(room_msg("live://1", body), None)
+                .await
+                .expect("publish");
         }
         for expected in [&b"1"[..], b"2", b"3"] {
             let delivery = sub.next().await.expect("delivery");
@@ -356,7 +358,9 @@ mod tests {
             ..Default::default()
         });
         let mut sub = bus.subscribe().await.expect("subscribe");
-        bus.publish(room_msg("live://1", b"x"), None).await.expect("publish");
+        bus.publish(room_msg("live://1", b"x"), None)
+            .await
+            .expect("publish");
         let first = sub.next().await.expect("first");
         first.nack(Duration::from_millis(1)).await;
         let second = sub.next().await.expect("redelivered");
@@ -369,7 +373,9 @@ mod tests {
     async fn dropping_an_unsettled_delivery_redelivers_it() {
         let bus = MemoryBus::default();
         let mut sub = bus.subscribe().await.expect("subscribe");
-        bus.publish(room_msg("live://1", b"x"), None).await.expect("publish");
+        bus.publish(room_msg("live://1", b"x"), None)
+            .await
+            .expect("publish");
         drop(sub.next().await.expect("first"));
         assert_eq!(sub.next().await.expect("again").attempt, 2);
     }

@@ -258,9 +258,18 @@ mod tests {
     #[tokio::test]
     async fn sessions_are_found_by_key_and_mid() {
         let registry = registry();
-        registry.add_session(&session(7, "k1", "c1")).await.expect("add");
-        registry.add_session(&session(7, "k2", "c2")).await.expect("add");
-        registry.add_session(&session(0, "anon", "c1")).await.expect("add");
+        registry
+            .add_session(&session(7, "k1", "c1"))
+            .await
+            .expect("add");
+        registry
+            .add_session(&session(7, "k2", "c2"))
+            .await
+            .expect("add");
+        registry
+            .add_session(&session(0, "anon", "c1"))
+            .await
+            .expect("add");
 
         let by_key = registry
             .servers_by_keys(&["k1".into(), "anon".into(), "missing".into()])
@@ -279,8 +288,14 @@ mod tests {
     #[tokio::test]
     async fn late_disconnect_from_an_old_comet_keeps_the_new_mapping() {
         let registry = registry();
-        registry.add_session(&session(7, "k", "old")).await.expect("add");
-        registry.add_session(&session(7, "k", "new")).await.expect("move");
+        registry
+            .add_session(&session(7, "k", "old"))
+            .await
+            .expect("add");
+        registry
+            .add_session(&session(7, "k", "new"))
+            .await
+            .expect("move");
         let removed = registry
             .remove_session(&session(7, "k", "old"))
             .await
@@ -294,15 +309,36 @@ mod tests {
                 .await
                 .expect("remove")
         );
-        assert!(registry.servers_by_mids(&[7]).await.expect("lookup").is_empty());
+        assert!(
+            registry
+                .servers_by_mids(&[7])
+                .await
+                .expect("lookup")
+                .is_empty()
+        );
     }
 
     #[tokio::test]
     async fn sessions_expire_without_refresh() {
         let registry = MemoryRegistry::new(Duration::ZERO, Duration::from_secs(60));
-        registry.add_session(&session(1, "k", "c")).await.expect("add");
-        assert!(registry.servers_by_keys(&["k".into()]).await.expect("lookup").is_empty());
-        assert!(registry.servers_by_mids(&[1]).await.expect("lookup").is_empty());
+        registry
+            .add_session(&session(1, "k", "c"))
+            .await
+            .expect("add");
+        assert!(
+            registry
+                .servers_by_keys(&["k".into()])
+                .await
+                .expect("lookup")
+                .is_empty()
+        );
+        assert!(
+            registry
+                .servers_by_mids(&[1])
+                .await
+                .expect("lookup")
+                .is_empty()
+        );
     }
 
     #[tokio::test]

@@ -16,7 +16,9 @@ pub struct Buckets {
 impl Buckets {
     pub fn new(size: usize) -> Self {
         Buckets {
-            shards: (0..size.max(1)).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..size.max(1))
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
             hasher: RandomState::new(),
         }
     }

@@ -75,7 +75,9 @@ pub enum Queued {
     Yes,
     /// The queue was full: the connection is now closing as a slow consumer;
     /// `dropped` frames (this one included) will not be written.
-    Overflow { dropped: usize },
+    Overflow {
+        dropped: usize,
+    },
     /// The connection is already closing.
     Closed,
 }

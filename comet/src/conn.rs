@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use pushcluster_api::link::LinkError;
-use pushcluster_api::pb::logic::{ConnectReply, ConnectReq, DisconnectReq, HeartbeatReq, ReceiveReq};
+use pushcluster_api::pb::logic::{
+    ConnectReply, ConnectReq, DisconnectReq, HeartbeatReq, ReceiveReq,
+};
 use pushcluster_api::protocol::{self, Frame, FrameError, op};
 use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 
@@ -240,7 +242,11 @@ pub(crate) async fn run<T: Transport>(
         .disconnects
         .with_label_values(&[kind.label(), reason.label()])
         .inc();
-    tracing::debug!(mid = channel.mid, reason = reason.label(), "connection closed");
+    tracing::debug!(
+        mid = channel.mid,
+        reason = reason.label(),
+        "connection closed"
+    );
     transport.shutdown().await;
     // A replacing connection with the same key now owns the session here.
     if reason != CloseReason::Replaced {
@@ -249,7 +255,12 @@ pub(crate) async fn run<T: Transport>(
             key: channel.key.clone(),
             server: comet.id().to_string(),
         };
-        match timeout(comet.config().logic_timeout, comet.logic().disconnect(request)).await {
+        match timeout(
+            comet.config().logic_timeout,
+            comet.logic().disconnect(request),
+        )
+        .await
+        {
             Ok(Ok(_)) => {}
             Ok(Err(error)) => log_logic_error("Disconnect", &error),
             Err(_) => log_logic_error("Disconnect", &LinkError::Unavailable("timed out".into())),
@@ -306,10 +317,7 @@ impl Session<'_> {
                             .sent_bytes
                             .with_label_values(&[kind.label()])
                             .inc_by(bytes);
-                        self.comet
-                            .metrics
-                            .write_batch_frames
-                            .observe(frames as f64);
+                        self.comet.metrics.write_batch_frames.observe(frames as f64);
                     }
                     Err(_) => return CloseReason::IoError,
                 }

@@ -320,10 +320,7 @@ impl CometLink for Comet {
         Ok(BroadcastReply {})
     }
 
-    async fn broadcast_room(
-        &self,
-        req: BroadcastRoomReq,
-    ) -> Result<BroadcastRoomReply, LinkError> {
+    async fn broadcast_room(&self, req: BroadcastRoomReq) -> Result<BroadcastRoomReply, LinkError> {
         if req.room_id.is_empty() {
             return Err(LinkError::InvalidArgument("roomID is required".into()));
         }

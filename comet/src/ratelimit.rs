@@ -40,10 +40,12 @@ impl LogBudget {
             } else {
                 (now << 32) | 1
             };
-            match self
-                .state
-                .compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed)
-            {
+            match self.state.compare_exchange_weak(
+                current,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => return Some(self.suppressed.swap(0, Ordering::Relaxed)),
                 Err(actual) => current = actual,
             }

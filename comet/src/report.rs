@@ -33,7 +33,11 @@ pub(crate) async fn run(comet: Arc<Comet>, stop: CancellationToken) {
             match result {
                 Ok(reply) => {
                     comet.rooms.set_all_online(&reply.all_room_count);
-                    comet.metrics.online_reports.with_label_values(&["ok"]).inc();
+                    comet
+                        .metrics
+                        .online_reports
+                        .with_label_values(&["ok"])
+                        .inc();
                     if failing {
                         tracing::info!("online reports to logic work again");
                         failing = false;

@@ -223,7 +223,11 @@ mod tests {
         assert_eq!(rooms.counts()["live://2"], 1);
 
         rooms.change(&b, "");
-        assert_eq!(rooms.get("live://1").map(|_| ()), None, "empty room removed");
+        assert_eq!(
+            rooms.get("live://1").map(|_| ()),
+            None,
+            "empty room removed"
+        );
         assert_eq!(b.room_online(), 0);
         assert_eq!(rooms.len(), 1);
     }

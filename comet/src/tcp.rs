@@ -76,9 +76,16 @@ impl Transport for TcpTransport {
                     body: Bytes::from(body),
                 }));
             }
-            let n = self.stream.read(&mut self.header[self.header_read..]).await?;
+            let n = self
+                .stream
+                .read(&mut self.header[self.header_read..])
+                .await?;
             if n == 0 {
-                return if self.mid_frame() { Err(eof()) } else { Ok(None) };
+                return if self.mid_frame() {
+                    Err(eof())
+                } else {
+                    Ok(None)
+                };
             }
             self.header_read += n;
             if self.header_read == HEADER_LEN {
@@ -105,7 +112,9 @@ impl Transport for TcpTransport {
             }
             written += n as u64;
             while n > 0 {
-                let Some(front) = frames.front_mut() else { break };
+                let Some(front) = frames.front_mut() else {
+                    break;
+                };
                 if n >= front.len() {
                     n -= front.len();
                     frames.pop_front();
@@ -181,9 +190,12 @@ pub(crate) async fn accept_loop(
                 ));
             }
             TransportKind::WebSocket => {
-                comet
-                    .tasks
-                    .spawn(crate::ws::upgrade_and_run(task_comet, stream, peer.ip(), started));
+                comet.tasks.spawn(crate::ws::upgrade_and_run(
+                    task_comet,
+                    stream,
+                    peer.ip(),
+                    started,
+                ));
             }
         }
     }

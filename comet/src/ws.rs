@@ -120,6 +120,8 @@ pub(crate) async fn upgrade_and_run(
     started: Instant,
 ) {
     let mut cookie = String::new();
+    // The callback's signature is tungstenite's, large error type included.
+    #[allow(clippy::result_large_err)]
     let callback = |request: &Request, response: Response| {
         if request.uri().path() != PATH {
             return Err(refuse(
@@ -133,11 +135,8 @@ pub(crate) async fn upgrade_and_run(
         Ok(response)
     };
     let deadline = started + comet.config().protocol.handshake_timeout;
-    let upgrade = tokio_tungstenite::accept_hdr_async_with_config(
-        stream,
-        callback,
-        Some(websocket_config()),
-    );
+    let upgrade =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(websocket_config()));
     let ws = match timeout_at(deadline, upgrade).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(error)) => {

@@ -152,19 +152,31 @@ impl Shared {
             };
             match timeout(delivery.timeout, call(link)).await {
                 Ok(Ok(_)) => {
-                    self.metrics.comet_calls.with_label_values(&[kind, "ok"]).inc();
+                    self.metrics
+                        .comet_calls
+                        .with_label_values(&[kind, "ok"])
+                        .inc();
                     return CallOutcome::Ok;
                 }
                 Ok(Err(error)) if !error.is_retryable() => {
-                    self.metrics.comet_calls.with_label_values(&[kind, "error"]).inc();
+                    self.metrics
+                        .comet_calls
+                        .with_label_values(&[kind, "error"])
+                        .inc();
                     return CallOutcome::Rejected(error);
                 }
                 Ok(Err(error)) => {
-                    self.metrics.comet_calls.with_label_values(&[kind, "error"]).inc();
+                    self.metrics
+                        .comet_calls
+                        .with_label_values(&[kind, "error"])
+                        .inc();
                     tracing::debug!(comet = id, kind, %error, "comet call failed");
                 }
                 Err(_) => {
-                    self.metrics.comet_calls.with_label_values(&[kind, "timeout"]).inc();
+                    self.metrics
+                        .comet_calls
+                        .with_label_values(&[kind, "timeout"])
+                        .inc();
                     tracing::debug!(comet = id, kind, "comet call timed out");
                 }
             }
@@ -179,11 +191,19 @@ impl Shared {
     }
 
     /// Acks or returns the deliveries depending on how the calls went.
-    async fn settle(&self, kind: &'static str, deliveries: Vec<Delivery>, outcomes: &[CallOutcome]) {
+    async fn settle(
+        &self,
+        kind: &'static str,
+        deliveries: Vec<Delivery>,
+        outcomes: &[CallOutcome],
+    ) {
         let gave_up = outcomes.iter().any(|o| matches!(o, CallOutcome::GaveUp));
         for outcome in outcomes {
             if let CallOutcome::Rejected(error) = outcome {
-                self.metrics.failures.with_label_values(&[kind, "rejected"]).inc();
+                self.metrics
+                    .failures
+                    .with_label_values(&[kind, "rejected"])
+                    .inc();
                 tracing::warn!(kind, %error, "a comet rejected a push");
             }
         }
@@ -280,9 +300,7 @@ impl Shared {
             })
             .await;
         match outcome {
-            CallOutcome::CometGone => {
-                self.drop_all("push", "unknown_comet", vec![delivery]).await
-            }
+            CallOutcome::CometGone => self.drop_all("push", "unknown_comet", vec![delivery]).await,
             outcome => self.settle("push", vec![delivery], &[outcome]).await,
         }
     }
@@ -292,7 +310,9 @@ impl Shared {
     async fn deliver_broadcast(&self, delivery: Delivery) {
         let comets = self.all_comets();
         if comets.is_empty() {
-            return self.drop_all("broadcast", "no_comets", vec![delivery]).await;
+            return self
+                .drop_all("broadcast", "no_comets", vec![delivery])
+                .await;
         }
         let msg = &delivery.msg;
         let count = i32::try_from(comets.len()).unwrap_or(i32::MAX);
@@ -348,7 +368,8 @@ impl Lanes {
         let (tx, rx) = mpsc::channel(self.shared.config.queue);
         let waiting = Arc::new(AtomicUsize::new(0));
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.tasks.spawn(self.clone().run_lane(key.clone(), id, rx, waiting.clone()));
+        self.tasks
+            .spawn(self.clone().run_lane(key.clone(), id, rx, waiting.clone()));
         Lane { id, tx, waiting }
     }
 
@@ -383,7 +404,13 @@ impl Lanes {
 
     /// Leaves the lane map if nothing is queued or about to be; otherwise
     /// returns the next delivery.
-    fn retire(&self, key: &LaneKey, id: u64, rx: &mut mpsc::Receiver<Delivery>, waiting: &AtomicUsize) -> Retire {
+    fn retire(
+        &self,
+        key: &LaneKey,
+        id: u64,
+        rx: &mut mpsc::Receiver<Delivery>,
+        waiting: &AtomicUsize,
+    ) -> Retire {
         let Ok(mut map) = self.map.lock() else {
             return Retire::Exit;
         };
@@ -520,8 +547,14 @@ impl Job {
     async fn dispatch(&self, delivery: Delivery) {
         let metrics = &self.shared.metrics;
         let Ok(kind) = PushType::try_from(delivery.msg.r#type) else {
-            metrics.dropped.with_label_values(&["unknown", "invalid"]).inc();
-            tracing::warn!(r#type = delivery.msg.r#type, "PushMsg of unknown type dropped");
+            metrics
+                .dropped
+                .with_label_values(&["unknown", "invalid"])
+                .inc();
+            tracing::warn!(
+                r#type = delivery.msg.r#type,
+                "PushMsg of unknown type dropped"
+            );
             delivery.ack().await;
             return;
         };
@@ -587,7 +620,10 @@ impl Job {
             .await
             .is_err()
         {
-            tracing::warn!(lanes = self.lanes.tasks.len(), "lanes still busy at shutdown");
+            tracing::warn!(
+                lanes = self.lanes.tasks.len(),
+                "lanes still busy at shutdown"
+            );
         }
         Ok(())
     }

@@ -3,9 +3,7 @@
 use std::sync::atomic::AtomicU32;
 
 use async_trait::async_trait;
-use pushcluster_api::pb::comet::{
-    BroadcastReply, BroadcastRoomReply, PushMsgReply, RoomsReply,
-};
+use pushcluster_api::pb::comet::{BroadcastReply, BroadcastRoomReply, PushMsgReply, RoomsReply};
 use pushcluster_api::pb::logic::PushMsg;
 use pushcluster_api::protocol::{Frame, decode_stream, op};
 use pushcluster_backplane::bus::MemoryBus;
@@ -26,9 +24,19 @@ struct RecordingComet {
 
 #[derive(Debug, Clone)]
 enum Call {
-    Push { keys: Vec<String>, op: i32, frames: Vec<Frame> },
-    Room { room: String, frames: Vec<Frame> },
-    Broadcast { op: i32, speed: i32 },
+    Push {
+        keys: Vec<String>,
+        op: i32,
+        frames: Vec<Frame>,
+    },
+    Room {
+        room: String,
+        frames: Vec<Frame>,
+    },
+    Broadcast {
+        op: i32,
+        speed: i32,
+    },
 }
 
 fn inner_frames(proto: Option<pushcluster_api::pb::protocol::Proto>) -> Vec<Frame> {
@@ -134,10 +142,7 @@ impl CometLink for RecordingComet {
         Ok(BroadcastReply {})
     }
 
-    async fn broadcast_room(
-        &self,
-        req: BroadcastRoomReq,
-    ) -> Result<BroadcastRoomReply, LinkError> {
+    async fn broadcast_room(&self, req: BroadcastRoomReq) -> Result<BroadcastRoomReply, LinkError> {
         self.enter().await?;
         self.record(Call::Room {
             room: req.room_id,
@@ -180,8 +185,12 @@ fn start(comets: Vec<(&str, Arc<RecordingComet>)>, config: JobConfig) -> Harness
     let discovery = Arc::new(StaticDiscovery::new(endpoints));
     let shutdown = CancellationToken::new();
     let running = tokio::spawn({
-        let (job, bus, discovery, shutdown) =
-            (job.clone(), bus.clone(), discovery.clone(), shutdown.clone());
+        let (job, bus, discovery, shutdown) = (
+            job.clone(),
+            bus.clone(),
+            discovery.clone(),
+            shutdown.clone(),
+        );
         async move { job.run(Arc::new(bus), discovery, shutdown).await }
     });
     Harness {
@@ -221,7 +230,10 @@ async fn a_lone_room_message_goes_out_alone_and_at_once() {
     let harness = start(vec![("c1", comet.clone())], JobConfig::default());
     harness.publish(room("live://1", "hello")).await;
     comet.wait_for(|calls| !calls.is_empty()).await;
-    assert_eq!(comet.room_bodies("live://1"), vec![vec!["hello".to_string()]]);
+    assert_eq!(
+        comet.room_bodies("live://1"),
+        vec![vec!["hello".to_string()]]
+    );
     harness.stop().await;
 }
 
@@ -254,15 +266,27 @@ async fn room_messages_queued_behind_a_slow_call_are_batched_in_order() {
     let expected: Vec<String> = (0..46).map(|i| i.to_string()).collect();
     assert_eq!(flat, expected, "publish order kept");
     assert!(batches.iter().all(|b| b.len() <= 20), "{batches:?}");
-    assert!(batches.len() >= 3, "45 queued messages need at least 3 batches: {batches:?}");
-    assert!(batches.iter().any(|b| b.len() > 1), "queued messages were batched");
+    assert!(
+        batches.len() >= 3,
+        "45 queued messages need at least 3 batches: {batches:?}"
+    );
+    assert!(
+        batches.iter().any(|b| b.len() > 1),
+        "queued messages were batched"
+    );
     harness.stop().await;
 }
 
 #[tokio::test]
 async fn key_pushes_go_to_their_comet_only() {
-    let (c1, c2) = (Arc::new(RecordingComet::default()), Arc::new(RecordingComet::default()));
-    let harness = start(vec![("c1", c1.clone()), ("c2", c2.clone())], JobConfig::default());
+    let (c1, c2) = (
+        Arc::new(RecordingComet::default()),
+        Arc::new(RecordingComet::default()),
+    );
+    let harness = start(
+        vec![("c1", c1.clone()), ("c2", c2.clone())],
+        JobConfig::default(),
+    );
     harness
         .publish(PushMsg {
             r#type: PushType::Push as i32,
@@ -277,7 +301,10 @@ async fn key_pushes_go_to_their_comet_only() {
     match &c2.calls()[0] {
         Call::Push { keys, op, frames } => {
             assert_eq!((keys.as_slice(), *op), (&["k".to_string()][..], 1001));
-            assert_eq!((frames.len(), frames[0].op, &frames[0].body[..]), (1, 1001, &b"m"[..]));
+            assert_eq!(
+                (frames.len(), frames[0].op, &frames[0].body[..]),
+                (1, 1001, &b"m"[..])
+            );
         }
         other => panic!("unexpected {other:?}"),
     }
@@ -305,7 +332,11 @@ async fn pushes_to_unknown_comets_and_broadcasts_without_comets_are_counted() {
         })
         .await;
     let dropped = |kind: &str, reason: &str| {
-        harness.metrics.dropped.with_label_values(&[kind, reason]).get()
+        harness
+            .metrics
+            .dropped
+            .with_label_values(&[kind, reason])
+            .get()
     };
     tokio::time::timeout(Duration::from_secs(10), async {
         while dropped("push", "unknown_comet") + dropped("broadcast", "no_comets") < 2 {
@@ -320,8 +351,14 @@ async fn pushes_to_unknown_comets_and_broadcasts_without_comets_are_counted() {
 
 #[tokio::test]
 async fn broadcast_speed_is_shared_between_comets() {
-    let (c1, c2) = (Arc::new(RecordingComet::default()), Arc::new(RecordingComet::default()));
-    let harness = start(vec![("c1", c1.clone()), ("c2", c2.clone())], JobConfig::default());
+    let (c1, c2) = (
+        Arc::new(RecordingComet::default()),
+        Arc::new(RecordingComet::default()),
+    );
+    let harness = start(
+        vec![("c1", c1.clone()), ("c2", c2.clone())],
+        JobConfig::default(),
+    );
     harness
         .publish(PushMsg {
             r#type: PushType::Broadcast as i32,
@@ -332,7 +369,10 @@ async fn broadcast_speed_is_shared_between_comets() {
         .await;
     for comet in [&c1, &c2] {
         comet.wait_for(|calls| !calls.is_empty()).await;
-        assert!(matches!(comet.calls()[0], Call::Broadcast { op: 7, speed: 51 }));
+        assert!(matches!(
+            comet.calls()[0],
+            Call::Broadcast { op: 7, speed: 51 }
+        ));
     }
     harness.stop().await;
 }
@@ -346,7 +386,10 @@ async fn failed_calls_are_retried_then_acked() {
     let harness = start(vec![("c1", comet.clone())], config);
     harness.publish(room("live://1", "x")).await;
     comet.wait_for(|calls| !calls.is_empty()).await;
-    assert_eq!(harness.metrics.retries.with_label_values(&["room"]).get(), 2);
+    assert_eq!(
+        harness.metrics.retries.with_label_values(&["room"]).get(),
+        2
+    );
     tokio::time::timeout(Duration::from_secs(10), async {
         while harness.metrics.delivered.with_label_values(&["room"]).get() < 1 {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -404,7 +447,11 @@ async fn idle_lanes_exit_without_losing_messages() {
                 == 200
         })
         .await;
-    let flat: Vec<String> = comet.room_bodies("live://1").into_iter().flatten().collect();
+    let flat: Vec<String> = comet
+        .room_bodies("live://1")
+        .into_iter()
+        .flatten()
+        .collect();
     assert_eq!(flat, (0..200).map(|i| i.to_string()).collect::<Vec<_>>());
     harness.stop().await;
 }

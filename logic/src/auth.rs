@@ -92,7 +92,11 @@ mod tests {
             b"not json",
             br#"[1]"#,
         ] {
-            assert!(AuthBody::parse(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                AuthBody::parse(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }

@@ -118,12 +118,11 @@ impl LoadBalancer {
         let (total_weight, total_conns) = (self.total_weight, self.total_conns);
         let mut ranked: Vec<&mut WeightedNode> = self.nodes.values_mut().collect();
         for node in ranked.iter_mut() {
-            let in_region =
-                region.is_some_and(|r| !r.is_empty() && node.info.region.as_str() == r);
+            let in_region = region.is_some_and(|r| !r.is_empty() && node.info.region.as_str() == r);
             let gain = if in_region { region_weight } else { 1.0 };
             node.calculate_weight(total_weight, total_conns, gain);
         }
-        ranked.sort_by(|a, b| b.current_weight.cmp(&a.current_weight));
+        ranked.sort_by_key(|node| std::cmp::Reverse(node.current_weight));
         if let Some(first) = ranked.first_mut() {
             first.current_conns += 1;
         }
@@ -250,13 +249,21 @@ mod tests {
     #[test]
     fn unchanged_reports_keep_counted_connections_and_shrinking_is_accepted() {
         let mut lb = LoadBalancer::default();
-        let nodes = vec![node("a", "", 10, 10), node("b", "", 10, 10), node("c", "", 10, 10)];
+        let nodes = vec![
+            node("a", "", 10, 10),
+            node("b", "", 10, 10),
+            node("c", "", 10, 10),
+        ];
         lb.update(nodes.clone());
         lb.node_addrs(None, "", 1.6);
         let chosen_conns: i64 = lb.nodes.values().map(|n| n.current_conns).sum();
         assert_eq!(chosen_conns, 31);
         lb.update(nodes[..1].to_vec());
-        assert_eq!(lb.len(), 1, "goim refused to shrink below half; we follow reports");
+        assert_eq!(
+            lb.len(),
+            1,
+            "goim refused to shrink below half; we follow reports"
+        );
     }
 
     #[test]

@@ -54,7 +54,9 @@ impl LogicService for LogicGrpc {
         &self,
         req: Request<DisconnectReq>,
     ) -> Result<Response<DisconnectReply>, Status> {
-        Ok(Response::new(self.logic.disconnect(req.into_inner()).await?))
+        Ok(Response::new(
+            self.logic.disconnect(req.into_inner()).await?,
+        ))
     }
 
     async fn heartbeat(
@@ -64,10 +66,7 @@ impl LogicService for LogicGrpc {
         Ok(Response::new(self.logic.heartbeat(req.into_inner()).await?))
     }
 
-    async fn renew_online(
-        &self,
-        req: Request<OnlineReq>,
-    ) -> Result<Response<OnlineReply>, Status> {
+    async fn renew_online(&self, req: Request<OnlineReq>) -> Result<Response<OnlineReply>, Status> {
         Ok(Response::new(
             self.logic.renew_online(req.into_inner()).await?,
         ))

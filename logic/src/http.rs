@@ -112,7 +112,11 @@ struct Params(Vec<(String, String)>);
 impl Params {
     fn from_uri(uri: &Uri) -> Params {
         let query = uri.query().unwrap_or("");
-        Params(form_urlencoded::parse(query.as_bytes()).into_owned().collect())
+        Params(
+            form_urlencoded::parse(query.as_bytes())
+                .into_owned()
+                .collect(),
+        )
     }
 
     fn first(&self, name: &str) -> Option<&str> {
@@ -258,7 +262,11 @@ async fn online_top(State(logic): State<Arc<Logic>>, uri: Uri) -> ApiResult {
     let room_type = params.required_str("type")?;
     let limit = match params.number::<i64>("limit")? {
         Some(limit) if limit > 0 => usize::try_from(limit).unwrap_or(usize::MAX),
-        _ => return Err(ApiResponse::bad_request("limit is required and must be > 0")),
+        _ => {
+            return Err(ApiResponse::bad_request(
+                "limit is required and must be > 0",
+            ));
+        }
     };
     data(logic.online_top(&room_type, limit).await?)
 }
@@ -491,11 +499,23 @@ mod tests {
     async fn missing_and_invalid_parameters_are_code_minus_400() {
         for (uri, needle) in [
             ("/goim/push/room?type=live&room=1", "operation is required"),
-            ("/goim/push/room?operation=0&type=live&room=1", "operation is required"),
-            ("/goim/push/room?operation=x&type=live&room=1", "operation: invalid value"),
+            (
+                "/goim/push/room?operation=0&type=live&room=1",
+                "operation is required",
+            ),
+            (
+                "/goim/push/room?operation=x&type=live&room=1",
+                "operation: invalid value",
+            ),
             ("/goim/push/room?operation=1&room=1", "type is required"),
-            ("/goim/push/all?operation=1&speed=fast", "speed: invalid value"),
-            ("/goim/push/mids?operation=1&mids=abc", "mids: invalid value"),
+            (
+                "/goim/push/all?operation=1&speed=fast",
+                "speed: invalid value",
+            ),
+            (
+                "/goim/push/mids?operation=1&mids=abc",
+                "mids: invalid value",
+            ),
             ("/goim/push/mids?operation=1", "mids is required"),
             ("/goim/push/keys?operation=1", "keys is required"),
         ] {
@@ -564,7 +584,10 @@ mod tests {
         assert_eq!(client_ip(&headers, Some(peer)), Some(peer.ip()));
         headers.insert("x-real-ip", "10.0.0.2".parse().expect("value"));
         assert_eq!(client_ip(&headers, Some(peer)), "10.0.0.2".parse().ok());
-        headers.insert("x-forwarded-for", "1.2.3.4, 10.0.0.3".parse().expect("value"));
+        headers.insert(
+            "x-forwarded-for",
+            "1.2.3.4, 10.0.0.3".parse().expect("value"),
+        );
         assert_eq!(client_ip(&headers, Some(peer)), "1.2.3.4".parse().ok());
     }
 }

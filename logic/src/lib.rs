@@ -146,7 +146,10 @@ impl Logic {
                 Ok(())
             }
             Err(error) => {
-                self.metrics.publish_failures.with_label_values(&[kind]).inc();
+                self.metrics
+                    .publish_failures
+                    .with_label_values(&[kind])
+                    .inc();
                 tracing::warn!(%error, kind, "publish failed");
                 Err(error.into())
             }
@@ -200,7 +203,8 @@ impl Logic {
                 .with_label_values(&["key"])
                 .inc_by(offline as u64);
         }
-        self.publish_to_servers(op, found, msg, idempotency_key).await
+        self.publish_to_servers(op, found, msg, idempotency_key)
+            .await
     }
 
     /// POST /goim/push/mids
@@ -221,7 +225,8 @@ impl Logic {
                 .with_label_values(&["mid"])
                 .inc_by(mids.len() as u64);
         }
-        self.publish_to_servers(op, found, msg, idempotency_key).await
+        self.publish_to_servers(op, found, msg, idempotency_key)
+            .await
     }
 
     /// POST /goim/push/room
@@ -322,7 +327,11 @@ impl Logic {
                 })
             })
             .collect();
-        tops.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.room_id.cmp(&b.room_id)));
+        tops.sort_by(|a, b| {
+            b.count
+                .cmp(&a.count)
+                .then_with(|| a.room_id.cmp(&b.room_id))
+        });
         tops.truncate(limit);
         Ok(tops)
     }
@@ -639,10 +648,16 @@ mod tests {
         assert_eq!(reply.mid, 5);
         assert_eq!(reply.room_id, "live://1");
         assert_eq!(reply.accepts, vec![1000]);
-        assert_eq!(uuid::Uuid::parse_str(&reply.key).map(|u| u.get_version_num()), Ok(4));
+        assert_eq!(
+            uuid::Uuid::parse_str(&reply.key).map(|u| u.get_version_num()),
+            Ok(4)
+        );
         // 4 minutes × 2 in nanoseconds, like goim's example config.
         assert_eq!(reply.heartbeat, 480_000_000_000);
-        let error = logic.connect(connect_req("c1", "{")).await.expect_err("bad json");
+        let error = logic
+            .connect(connect_req("c1", "{"))
+            .await
+            .expect_err("bad json");
         assert!(matches!(error, LinkError::Rejected(_)));
     }
 
@@ -667,8 +682,14 @@ mod tests {
             .expect("push");
         let first = sub.next().await.expect("first").msg;
         let second = sub.next().await.expect("second").msg;
-        assert_eq!((first.server.as_str(), first.keys.clone()), ("c1", vec!["a".into(), "c".into()]));
-        assert_eq!((second.server.as_str(), second.keys.clone()), ("c2", vec!["b".into()]));
+        assert_eq!(
+            (first.server.as_str(), first.keys.clone()),
+            ("c1", vec!["a".into(), "c".into()])
+        );
+        assert_eq!(
+            (second.server.as_str(), second.keys.clone()),
+            ("c2", vec!["b".into()])
+        );
         assert_eq!(first.operation, 7);
         assert_eq!(&first.msg[..], b"hi");
     }
@@ -702,7 +723,13 @@ mod tests {
         assert_eq!(reply.all_room_count["live://1"], 5);
         logic.invalidate_online();
         let top = logic.online_top("live", 10).await.expect("top");
-        assert_eq!(top, vec![Top { room_id: "1".into(), count: 5 }]);
+        assert_eq!(
+            top,
+            vec![Top {
+                room_id: "1".into(),
+                count: 5
+            }]
+        );
         let rooms = logic
             .online_room("live", &["1".into(), "2".into()])
             .await

@@ -1,0 +1,215 @@
+//! `pushcluster standalone`: comet, logic and job in one process, joined by
+//! the in-memory bus, registry and discovery, and by direct in-process links
+//! in place of gRPC. The comet and logic gRPC services still listen, so
+//! goim's own processes and tools can talk to them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use pushcluster_api::config::Config;
+use pushcluster_api::health::Readiness;
+use pushcluster_backplane::bus::MemoryBus;
+use pushcluster_backplane::discovery::{CometEndpoint, StaticDiscovery};
+use pushcluster_backplane::registry::MemoryRegistry;
+use pushcluster_comet::metrics::CometMetrics;
+use pushcluster_comet::server::bind;
+use pushcluster_comet::{Comet, CometServer};
+use pushcluster_job::metrics::JobMetrics;
+use pushcluster_job::{InProcessConnector, Job};
+use pushcluster_logic::Logic;
+use pushcluster_logic::metrics::LogicMetrics;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+/// The comet's server id: `comet.id`, else env `POD_NAME`, else the hostname.
+pub fn comet_id(config: &Config) -> String {
+    if let Some(id) = &config.comet.id {
+        return id.clone();
+    }
+    if let Ok(pod) = std::env::var("POD_NAME")
+        && !pod.trim().is_empty()
+    {
+        return pod;
+    }
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    if host.is_empty() {
+        "comet".to_string()
+    } else {
+        host
+    }
+}
+
+fn log_listening(name: &str, addr: SocketAddr) {
+    tracing::info!(name, %addr, "listening");
+}
+
+/// First SIGTERM/SIGINT: graceful shutdown. Second: skip the rest of the drain.
+fn watch_signals(shutdown: CancellationToken, force: CancellationToken) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    tokio::spawn(async move {
+        for round in 0.. {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            if round == 0 {
+                tracing::info!(
+                    signal = name,
+                    "shutting down; send it again to stop at once"
+                );
+                shutdown.cancel();
+            } else {
+                tracing::warn!(signal = name, "stopping at once");
+                force.cancel();
+                return;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Marks the run failed and starts a shutdown when a server stops by itself.
+fn on_failure(
+    failed: &Arc<AtomicBool>,
+    shutdown: &CancellationToken,
+    what: &'static str,
+    error: impl std::fmt::Display,
+) {
+    tracing::error!(%error, "{what} failed");
+    failed.store(true, Ordering::SeqCst);
+    shutdown.cancel();
+}
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let registry = prometheus::Registry::new();
+    registry
+        .register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .context("cannot register process metrics")?;
+    let readiness = Readiness::new();
+
+    let bus = MemoryBus::default();
+    let sessions = MemoryRegistry::new(config.logic.session_expire, config.logic.online_expire);
+    let logic = Arc::new(Logic::new(
+        config.logic.clone(),
+        Arc::new(sessions),
+        Arc::new(bus.clone()),
+        LogicMetrics::new(&registry)?,
+    ));
+
+    let id = comet_id(&config);
+    let comet = Comet::new(
+        id.clone(),
+        config.comet.clone(),
+        logic.clone(),
+        CometMetrics::new(&registry)?,
+    );
+    let comet_server = CometServer::bind(comet.clone()).await?;
+    let comet_grpc = comet_server
+        .local_addrs()
+        .into_iter()
+        .find(|(name, _)| *name == "comet.grpc")
+        .map(|(_, addr)| addr.to_string())
+        .unwrap_or_default();
+    let discovery = Arc::new(StaticDiscovery::new(vec![CometEndpoint {
+        id: id.clone(),
+        addr: comet_grpc,
+    }]));
+    let connector = InProcessConnector::new().with(id.clone(), comet.clone());
+    let job = Arc::new(Job::new(
+        config.job.clone(),
+        Arc::new(connector),
+        JobMetrics::new(&registry)?,
+    ));
+
+    let http = bind("logic.http.bind", &config.logic.http.bind).await?;
+    let logic_grpc = bind("logic.grpc.bind", &config.logic.grpc.bind).await?;
+    let admin = bind("admin.bind", &config.admin.bind).await?;
+    for (name, addr) in comet_server.local_addrs() {
+        log_listening(name, addr);
+    }
+    log_listening("logic.http", http.local_addr()?);
+    log_listening("logic.grpc", logic_grpc.local_addr()?);
+    log_listening("admin", admin.local_addr()?);
+
+    let shutdown = CancellationToken::new();
+    let force = CancellationToken::new();
+    watch_signals(shutdown.clone(), force.clone())?;
+    let failed = Arc::new(AtomicBool::new(false));
+
+    let stop_admin = CancellationToken::new();
+    let admin_task = tokio::spawn({
+        let (registry, readiness, stop) = (registry.clone(), readiness.clone(), stop_admin.clone());
+        let (failed, shutdown) = (failed.clone(), shutdown.clone());
+        async move {
+            if let Err(error) = crate::admin::serve(admin, registry, readiness, stop).await {
+                on_failure(&failed, &shutdown, "admin server", error);
+            }
+        }
+    });
+    let stop_http = CancellationToken::new();
+    let http_task = tokio::spawn({
+        let (logic, stop) = (logic.clone(), stop_http.clone());
+        let (failed, shutdown) = (failed.clone(), shutdown.clone());
+        async move {
+            if let Err(error) = pushcluster_logic::http::serve(http, logic, stop).await {
+                on_failure(&failed, &shutdown, "logic HTTP server", error);
+            }
+        }
+    });
+    let stop_logic_grpc = CancellationToken::new();
+    let logic_grpc_task = tokio::spawn({
+        let (logic, stop) = (logic.clone(), stop_logic_grpc.clone());
+        let (failed, shutdown) = (failed.clone(), shutdown.clone());
+        async move {
+            if let Err(error) = pushcluster_logic::grpc::serve(logic_grpc, logic, stop).await {
+                on_failure(&failed, &shutdown, "logic gRPC server", error);
+            }
+        }
+    });
+    let stop_job = CancellationToken::new();
+    let job_task = tokio::spawn({
+        let (job, stop) = (job.clone(), stop_job.clone());
+        let (failed, shutdown) = (failed.clone(), shutdown.clone());
+        async move {
+            if let Err(error) = job.run(Arc::new(bus), discovery, stop).await {
+                on_failure(&failed, &shutdown, "job", error);
+            }
+        }
+    });
+    let comet_task = tokio::spawn(comet_server.run(shutdown.clone(), force.clone()));
+
+    readiness.set_ready(true);
+    tracing::info!(comet = %id, version = env!("CARGO_PKG_VERSION"), "pushcluster standalone ready");
+
+    shutdown.cancelled().await;
+    readiness.set_ready(false);
+    // No new pushes; what is queued still reaches the connections that stay
+    // until the comet has drained them.
+    stop_http.cancel();
+    if let Err(error) = comet_task.await {
+        tracing::error!(%error, "comet task failed");
+    }
+    stop_job.cancel();
+    stop_logic_grpc.cancel();
+    for (name, task) in [
+        ("logic HTTP", http_task),
+        ("job", job_task),
+        ("logic gRPC", logic_grpc_task),
+    ] {
+        if let Err(error) = task.await {
+            tracing::error!(%error, "{name} task failed");
+        }
+    }
+    stop_admin.cancel();
+    let _ = admin_task.await;
+    tracing::info!("stopped");
+    if failed.load(Ordering::SeqCst) {
+        anyhow::bail!("a server failed; see the log above");
+    }
+    Ok(())
+}

@@ -1,0 +1,10 @@
+//! End-to-end tests of `pushcluster standalone`: the real binary on
+//! ephemeral loopback ports, driven by real TCP, WebSocket, HTTP and gRPC
+//! clients, exactly as goim clients and business backends use it.
+
+mod common;
+mod grpc;
+mod lifecycle;
+mod push_api;
+mod websocket;
+mod wire;

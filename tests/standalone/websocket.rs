@@ -1,0 +1,159 @@
+//! The goim client protocol over WebSocket (PROTOCOL.md §1.8, §1.9).
+
+use bytes::Bytes;
+use pushcluster_api::protocol::op;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+use crate::common::*;
+
+#[tokio::test]
+async fn websocket_clients_authenticate_heartbeat_and_get_replies() {
+    let server = Server::start();
+    let mut client = WsClient::auth(server.ws(), json!({"room_id": "live://1"})).await;
+    client.send(&frame(op::HEARTBEAT, 2, "")).await;
+    let reply = client.recv_frame().await;
+    assert_eq!(
+        (reply.op, reply.seq, reply.encoded_len()),
+        (op::HEARTBEAT_REPLY, 2, 20)
+    );
+
+    client.send(&frame(op::CHANGE_ROOM, 3, "live://2")).await;
+    let reply = client.recv_frame().await;
+    assert_eq!(
+        (reply.op, body(&reply).as_str()),
+        (op::CHANGE_ROOM_REPLY, "live://2")
+    );
+
+    // Text messages carry frames too.
+    let echo = frame(4, 4, "x").encode();
+    let text = String::from_utf8(echo.to_vec()).expect("ASCII frame");
+    client.send_message(Message::text(text)).await;
+    let reply = client.recv_frame().await;
+    assert_eq!((reply.op, reply.seq, reply.body.len()), (4, 4, 0));
+}
+
+#[tokio::test]
+async fn websocket_pushes_are_op_9_batches_with_frames_inside() {
+    let server = Server::start();
+    let mut client = WsClient::auth(
+        server.ws(),
+        json!({"mid": 5, "room_id": "live://1", "accepts": [1001, 1002]}),
+    )
+    .await;
+
+    server
+        .push("/goim/push/mids?operation=1001&mids=5", "to mid")
+        .await;
+    let batch = client.recv_frame().await;
+    let inner = inner_frames(&batch);
+    assert_eq!(inner.len(), 1);
+    assert_eq!((inner[0].op, inner[0].ver, inner[0].seq), (1001, 1, 0));
+    assert_eq!(body(&inner[0]), "to mid");
+
+    server.push("/goim/push/all?operation=1002", "to all").await;
+    let inner = inner_frames(&client.recv_frame().await);
+    assert_eq!((inner.len(), body(&inner[0]).as_str()), (1, "to all"));
+
+    for i in 0..40 {
+        server
+            .push(
+                "/goim/push/room?operation=1000&type=live&room=1",
+                &format!("r{i}"),
+            )
+            .await;
+    }
+    let mut seen = Vec::new();
+    while seen.len() < 40 {
+        let batch = client.recv_frame().await;
+        let inner = inner_frames(&batch);
+        assert!(
+            !inner.is_empty() && inner.len() <= 20,
+            "batch of {}",
+            inner.len()
+        );
+        seen.extend(inner.iter().map(body));
+    }
+    let expected: Vec<String> = (0..40).map(|i| format!("r{i}")).collect();
+    assert_eq!(seen, expected, "room order kept across batches");
+}
+
+#[tokio::test]
+async fn only_the_sub_path_upgrades() {
+    let server = Server::start();
+    match WsClient::connect_path(server.ws(), "/other").await {
+        Err(WsError::Http(response)) => assert_eq!(response.status(), 404),
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => panic!("/other must not upgrade"),
+    }
+    // The listener keeps serving.
+    WsClient::auth(server.ws(), json!({})).await;
+    server
+        .wait_metric(
+            "pushcluster_comet_handshake_failures_total",
+            &[("transport", "websocket"), ("reason", "upgrade_failed")],
+            1.0,
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn websocket_bad_input_closes_only_that_connection() {
+    let server = Server::start();
+    let mut neighbour = WsClient::auth(server.ws(), json!({"room_id": "live://8"})).await;
+
+    // packLen says 21 but the message holds 22 bytes.
+    let mut longer = frame(4, 1, "hello").encode().to_vec();
+    longer.push(b'!');
+    // A message shorter than a header.
+    let short = Bytes::from_static(b"\x00\x00\x00\x10\x00\x10");
+    // packLen larger than the client limit, in a message that is small.
+    let mut huge = frame(4, 1, "").encode().to_vec();
+    huge[0..4].copy_from_slice(&5000i32.to_be_bytes());
+    // A message over the limit itself.
+    let oversized = frame(4, 1, &"y".repeat(5000)).encode();
+
+    for (payload, reason) in [
+        (Bytes::from(longer), "payload_mismatch"),
+        (short, "truncated"),
+        (Bytes::from(huge), "pack_len_too_large"),
+        (oversized, "pack_len_too_large"),
+    ] {
+        let mut client = WsClient::auth(server.ws(), json!({})).await;
+        client.send_message(Message::Binary(payload)).await;
+        client.expect_closed().await;
+        server
+            .wait_metric(
+                "pushcluster_comet_bad_frames_total",
+                &[("transport", "websocket"), ("reason", reason)],
+                1.0,
+            )
+            .await;
+    }
+    server
+        .push("/goim/push/room?operation=1000&type=live&room=8", "fine")
+        .await;
+    let inner = inner_frames(&neighbour.recv_frame().await);
+    assert_eq!(body(&inner[0]), "fine");
+}
+
+#[tokio::test]
+async fn tcp_and_websocket_members_of_one_room_both_receive() {
+    let server = Server::start();
+    let mut tcp = TcpClient::auth(server.tcp(), json!({"room_id": "live://5"})).await;
+    let mut ws = WsClient::auth(server.ws(), json!({"room_id": "live://5"})).await;
+    server
+        .push("/goim/push/room?operation=1000&type=live&room=5", "both")
+        .await;
+    assert_eq!(body(&tcp.recv().await), "both");
+    assert_eq!(body(&inner_frames(&ws.recv_frame().await)[0]), "both");
+    let mut seq = 1;
+    let mut online = 0;
+    while online != 2 && seq < 200 {
+        seq += 1;
+        online = tcp.heartbeat(seq).await;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(online, 2, "the room counts members of both transports");
+    assert!(ws.try_recv_frame(QUIET).await.is_none());
+}
