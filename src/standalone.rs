@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Context;
 use pushcluster_api::config::Config;
 use pushcluster_api::health::Readiness;
-use pushcluster_backplane::bus::MemoryBus;
+use pushcluster_backplane::bus::{BusMetrics, MemoryBus, MemoryBusConfig};
 use pushcluster_backplane::discovery::{CometEndpoint, StaticDiscovery};
 use pushcluster_backplane::registry::MemoryRegistry;
 use pushcluster_comet::metrics::CometMetrics;
@@ -92,7 +92,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("cannot register process metrics")?;
     let readiness = Readiness::new();
 
-    let bus = MemoryBus::default();
+    let bus = MemoryBus::with_metrics(MemoryBusConfig::default(), BusMetrics::new(&registry)?);
     let sessions = MemoryRegistry::new(config.logic.session_expire, config.logic.online_expire);
     let logic = Arc::new(Logic::new(
         config.logic.clone(),

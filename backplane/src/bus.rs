@@ -123,6 +123,56 @@ impl Subscription {
     }
 }
 
+/// Metrics every bus implementation keeps.
+#[derive(Clone)]
+pub struct BusMetrics {
+    pub published: prometheus::IntCounter,
+    pub redelivered: prometheus::IntCounter,
+    pub dropped: prometheus::IntCounterVec,
+    pub pending: prometheus::IntGauge,
+}
+
+impl BusMetrics {
+    /// Metrics not registered anywhere (tests, or when nobody scrapes).
+    pub fn unregistered() -> Self {
+        Self::build().unwrap_or_else(|_| unreachable!("static metric definitions are valid"))
+    }
+
+    fn build() -> Result<Self, prometheus::Error> {
+        Ok(BusMetrics {
+            published: prometheus::IntCounter::new(
+                "pushcluster_bus_published_total",
+                "PushMsg stored on the bus (duplicates by message id excluded).",
+            )?,
+            redelivered: prometheus::IntCounter::new(
+                "pushcluster_bus_redelivered_total",
+                "Deliveries repeated because the previous attempt was nacked or abandoned.",
+            )?,
+            dropped: prometheus::IntCounterVec::new(
+                prometheus::Opts::new(
+                    "pushcluster_bus_dropped_total",
+                    "PushMsg the bus gave up on, by reason (max_deliveries).",
+                ),
+                &["reason"],
+            )?,
+            pending: prometheus::IntGauge::new(
+                "pushcluster_bus_pending_messages",
+                "PushMsg published and not yet acked (consumer lag).",
+            )?,
+        })
+    }
+
+    pub fn new(registry: &prometheus::Registry) -> Result<Self, prometheus::Error> {
+        let metrics = Self::build()?;
+        metrics.dropped.with_label_values(&["max_deliveries"]);
+        registry.register(Box::new(metrics.published.clone()))?;
+        registry.register(Box::new(metrics.redelivered.clone()))?;
+        registry.register(Box::new(metrics.dropped.clone()))?;
+        registry.register(Box::new(metrics.pending.clone()))?;
+        Ok(metrics)
+    }
+}
+
 /// Settings of the in-memory bus.
 #[derive(Debug, Clone)]
 pub struct MemoryBusConfig {
@@ -157,7 +207,7 @@ struct MemoryBusInner {
     tx: mpsc::Sender<Delivery>,
     rx: Mutex<Option<mpsc::Receiver<Delivery>>>,
     seen_ids: Mutex<Dedupe>,
-    dropped: std::sync::atomic::AtomicU64,
+    metrics: BusMetrics,
 }
 
 #[derive(Default)]
@@ -191,6 +241,10 @@ impl Dedupe {
 
 impl MemoryBus {
     pub fn new(config: MemoryBusConfig) -> Self {
+        Self::with_metrics(config, BusMetrics::unregistered())
+    }
+
+    pub fn with_metrics(config: MemoryBusConfig, metrics: BusMetrics) -> Self {
         let (tx, rx) = mpsc::channel(config.capacity.max(1));
         MemoryBus {
             inner: Arc::new(MemoryBusInner {
@@ -198,7 +252,7 @@ impl MemoryBus {
                 tx,
                 rx: Mutex::new(Some(rx)),
                 seen_ids: Mutex::new(Dedupe::default()),
-                dropped: Default::default(),
+                metrics,
             }),
         }
     }
@@ -206,8 +260,10 @@ impl MemoryBus {
     /// Messages given up after `max_deliveries` nacks.
     pub fn dropped(&self) -> u64 {
         self.inner
+            .metrics
             .dropped
-            .load(std::sync::atomic::Ordering::Relaxed)
+            .with_label_values(&["max_deliveries"])
+            .get()
     }
 }
 
@@ -230,8 +286,11 @@ impl MemoryAcker {
         let attempt = self.attempt + 1;
         let bus = self.bus.clone();
         if attempt > bus.config.max_deliveries {
-            bus.dropped
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            bus.metrics
+                .dropped
+                .with_label_values(&["max_deliveries"])
+                .inc();
+            bus.metrics.pending.dec();
             tracing::warn!(
                 key = %ordering_key(&msg),
                 attempts = self.attempt,
@@ -243,6 +302,7 @@ impl MemoryAcker {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        bus.metrics.redelivered.inc();
         runtime.spawn(async move {
             tokio::time::sleep(delay).await;
             let acker = MemoryAcker {
@@ -261,7 +321,9 @@ impl MemoryAcker {
 #[async_trait]
 impl Acker for MemoryAcker {
     async fn ack(mut self: Box<Self>) {
-        self.msg = None;
+        if self.msg.take().is_some() {
+            self.bus.metrics.pending.dec();
+        }
     }
 
     async fn nack(mut self: Box<Self>, delay: Duration) {
@@ -299,11 +361,14 @@ impl Bus for MemoryBus {
             attempt: 1,
         };
         let delivery = Delivery::new(msg, published_at, 1, Box::new(acker));
-        self.inner
-            .tx
-            .send(delivery)
-            .await
-            .map_err(|_| BusError::Closed)?;
+        // Counted before the send: the consumer may ack before it returns.
+        self.inner.metrics.pending.inc();
+        if let Err(mpsc::error::SendError(delivery)) = self.inner.tx.send(delivery).await {
+            // Nobody will consume it: settle it so it is not redelivered.
+            delivery.acker.ack().await;
+            return Err(BusError::Closed);
+        }
+        self.inner.metrics.published.inc();
         Ok(Published { duplicate: false })
     }
 

@@ -113,6 +113,7 @@ impl CometMetrics {
                 &["transport"],
             )?,
         };
+        metrics.init_series();
         registry.register(Box::new(metrics.connections.clone()))?;
         registry.register(Box::new(metrics.connects.clone()))?;
         registry.register(Box::new(metrics.handshake_failures.clone()))?;
@@ -130,5 +131,66 @@ impl CometMetrics {
         registry.register(Box::new(metrics.online_reports.clone()))?;
         registry.register(Box::new(metrics.accept_errors.clone()))?;
         Ok(metrics)
+    }
+
+    /// Creates every known series at 0, so dashboards and alerts see them
+    /// before the first event.
+    fn init_series(&self) {
+        const TRANSPORTS: [&str; 2] = ["tcp", "websocket"];
+        const KINDS: [&str; 3] = ["keys", "room", "broadcast"];
+        for transport in TRANSPORTS {
+            self.connections.with_label_values(&[transport]);
+            self.connects.with_label_values(&[transport]);
+            self.sent_bytes.with_label_values(&[transport]);
+            self.accept_errors.with_label_values(&[transport]);
+            for reason in [
+                "client_closed",
+                "heartbeat_timeout",
+                "slow_consumer",
+                "replaced",
+                "bad_frame",
+                "io_error",
+                "drain",
+            ] {
+                self.disconnects.with_label_values(&[transport, reason]);
+            }
+            for reason in [
+                "timeout",
+                "client_closed",
+                "bad_frame",
+                "io_error",
+                "auth_rejected",
+                "logic_unavailable",
+                "drain",
+            ] {
+                self.handshake_failures
+                    .with_label_values(&[transport, reason]);
+            }
+            for reason in [
+                "pack_len_too_large",
+                "pack_len_too_small",
+                "bad_header_len",
+                "payload_mismatch",
+                "truncated",
+                "websocket_protocol",
+            ] {
+                self.bad_frames.with_label_values(&[transport, reason]);
+            }
+        }
+        self.handshake_failures
+            .with_label_values(&["websocket", "upgrade_failed"]);
+        for kind in KINDS {
+            self.pushes.with_label_values(&[kind]);
+            self.delivered.with_label_values(&[kind]);
+        }
+        for reason in ["slow_consumer", "connection_closed"] {
+            self.dropped.with_label_values(&[reason]);
+        }
+        for kind in ["heartbeat", "change_room", "sub", "unsub", "other"] {
+            self.upstream_frames.with_label_values(&[kind]);
+        }
+        for result in ["ok", "error"] {
+            self.online_reports.with_label_values(&[result]);
+        }
     }
 }

@@ -82,6 +82,7 @@ impl JobMetrics {
                 "Active ordered delivery lanes (one per room, per target comet, and for broadcasts).",
             )?,
         };
+        metrics.init_series();
         registry.register(Box::new(metrics.consumed.clone()))?;
         registry.register(Box::new(metrics.redelivered.clone()))?;
         registry.register(Box::new(metrics.delivered.clone()))?;
@@ -94,5 +95,24 @@ impl JobMetrics {
         registry.register(Box::new(metrics.comets.clone()))?;
         registry.register(Box::new(metrics.lanes.clone()))?;
         Ok(metrics)
+    }
+
+    /// Creates every known series at 0.
+    fn init_series(&self) {
+        for kind in ["push", "room", "broadcast"] {
+            self.consumed.with_label_values(&[kind]);
+            self.redelivered.with_label_values(&[kind]);
+            self.delivered.with_label_values(&[kind]);
+            self.retries.with_label_values(&[kind]);
+            for reason in ["unknown_comet", "no_comets", "invalid"] {
+                self.dropped.with_label_values(&[kind, reason]);
+            }
+            for result in ["ok", "error", "timeout"] {
+                self.comet_calls.with_label_values(&[kind, result]);
+            }
+            for reason in ["gave_up", "rejected"] {
+                self.failures.with_label_values(&[kind, reason]);
+            }
+        }
     }
 }

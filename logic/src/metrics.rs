@@ -88,6 +88,7 @@ impl LogicMetrics {
                 "RenewOnline reports received from comets.",
             )?,
         };
+        metrics.init_series();
         registry.register(Box::new(metrics.http_requests.clone()))?;
         registry.register(Box::new(metrics.http_duration.clone()))?;
         registry.register(Box::new(metrics.published.clone()))?;
@@ -99,5 +100,23 @@ impl LogicMetrics {
         registry.register(Box::new(metrics.upstream_frames.clone()))?;
         registry.register(Box::new(metrics.online_reports.clone()))?;
         Ok(metrics)
+    }
+
+    /// Creates every known series at 0.
+    fn init_series(&self) {
+        for kind in ["push", "room", "broadcast"] {
+            self.published.with_label_values(&[kind]);
+            self.publish_failures.with_label_values(&[kind]);
+            self.duplicates.with_label_values(&[kind]);
+        }
+        for target in ["key", "mid"] {
+            self.unknown_targets.with_label_values(&[target]);
+        }
+        for result in ["ok", "invalid_body", "registry_error"] {
+            self.connects.with_label_values(&[result]);
+        }
+        for result in ["removed", "kept"] {
+            self.disconnects.with_label_values(&[result]);
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! clients, exactly as goim clients and business backends use it.
 
 mod common;
+mod docs;
 mod grpc;
 mod lifecycle;
 mod push_api;

@@ -86,8 +86,11 @@ async fn only_the_sub_path_upgrades() {
         Err(other) => panic!("unexpected error {other}"),
         Ok(_) => panic!("/other must not upgrade"),
     }
-    // The listener keeps serving.
+    // The listener keeps serving; a query string on /sub is fine.
     WsClient::auth(server.ws(), json!({})).await;
+    WsClient::connect_path(server.ws(), "/sub?v=1")
+        .await
+        .expect("query accepted");
     server
         .wait_metric(
             "pushcluster_comet_handshake_failures_total",
