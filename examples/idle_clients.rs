@@ -66,10 +66,10 @@ async fn open(index: usize, args: &Args) -> std::io::Result<TcpStream> {
         if stream.read_buf(&mut buf).await? == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
-        if let Ok(Some(reply)) = decode_server_stream(&mut buf) {
-            if reply.op == op::AUTH_REPLY {
-                return Ok(stream);
-            }
+        if let Ok(Some(reply)) = decode_server_stream(&mut buf)
+            && reply.op == op::AUTH_REPLY
+        {
+            return Ok(stream);
         }
     }
 }
