@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
+use futures_util::TryFutureExt;
+use futures_util::future::BoxFuture;
 use pushcluster_api::config::Config;
 use pushcluster_api::health::Readiness;
 use pushcluster_backplane::bus::{BusMetrics, MemoryBus, MemoryBusConfig};
@@ -141,45 +143,52 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     watch_signals(shutdown.clone(), force.clone())?;
     let failed = Arc::new(AtomicBool::new(false));
 
+    // Each server stops on its own token; one that fails stops the process.
+    let spawn = |what: &'static str, server: BoxFuture<'static, Result<(), String>>| {
+        let (failed, shutdown) = (failed.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(error) = server.await {
+                on_failure(&failed, &shutdown, what, error);
+            }
+        })
+    };
     let stop_admin = CancellationToken::new();
-    let admin_task = tokio::spawn({
-        let (registry, readiness, stop) = (registry.clone(), readiness.clone(), stop_admin.clone());
-        let (failed, shutdown) = (failed.clone(), shutdown.clone());
-        async move {
-            if let Err(error) = crate::admin::serve(admin, registry, readiness, stop).await {
-                on_failure(&failed, &shutdown, "admin server", error);
-            }
-        }
-    });
+    let admin_task = spawn(
+        "admin server",
+        Box::pin(
+            crate::admin::serve(
+                admin,
+                registry.clone(),
+                readiness.clone(),
+                stop_admin.clone(),
+            )
+            .map_err(|e| e.to_string()),
+        ),
+    );
     let stop_http = CancellationToken::new();
-    let http_task = tokio::spawn({
-        let (logic, stop) = (logic.clone(), stop_http.clone());
-        let (failed, shutdown) = (failed.clone(), shutdown.clone());
-        async move {
-            if let Err(error) = pushcluster_logic::http::serve(http, logic, stop).await {
-                on_failure(&failed, &shutdown, "logic HTTP server", error);
-            }
-        }
-    });
+    let http_task = spawn(
+        "logic HTTP server",
+        Box::pin(
+            pushcluster_logic::http::serve(http, logic.clone(), stop_http.clone())
+                .map_err(|e| e.to_string()),
+        ),
+    );
     let stop_logic_grpc = CancellationToken::new();
-    let logic_grpc_task = tokio::spawn({
-        let (logic, stop) = (logic.clone(), stop_logic_grpc.clone());
-        let (failed, shutdown) = (failed.clone(), shutdown.clone());
-        async move {
-            if let Err(error) = pushcluster_logic::grpc::serve(logic_grpc, logic, stop).await {
-                on_failure(&failed, &shutdown, "logic gRPC server", error);
-            }
-        }
-    });
+    let logic_grpc_task = spawn(
+        "logic gRPC server",
+        Box::pin(
+            pushcluster_logic::grpc::serve(logic_grpc, logic.clone(), stop_logic_grpc.clone())
+                .map_err(|e| e.to_string()),
+        ),
+    );
     let stop_job = CancellationToken::new();
-    let job_task = tokio::spawn({
+    let job_task = spawn("job", {
         let (job, stop) = (job.clone(), stop_job.clone());
-        let (failed, shutdown) = (failed.clone(), shutdown.clone());
-        async move {
-            if let Err(error) = job.run(Arc::new(bus), discovery, stop).await {
-                on_failure(&failed, &shutdown, "job", error);
-            }
-        }
+        Box::pin(async move {
+            job.run(Arc::new(bus), discovery, stop)
+                .await
+                .map_err(|e| e.to_string())
+        })
     });
     let comet_task = tokio::spawn(comet_server.run(shutdown.clone(), force.clone()));
 

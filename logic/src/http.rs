@@ -15,7 +15,7 @@ use std::time::Instant;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, MatchedPath, Request, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -188,72 +188,65 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiResponse> {
     }
 }
 
-async fn push_keys(
-    State(logic): State<Arc<Logic>>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> ApiResult {
-    let params = Params::from_uri(&uri);
-    let op = params.number::<i32>("operation")?.unwrap_or(0);
-    let keys = params.all("keys");
-    let msg = body_bytes(body)?;
-    let id = idempotency_key(&headers)?;
-    logic.push_keys(op, keys, msg, id.as_deref()).await?;
+/// What every push route takes: query parameters, the raw body as the
+/// message, and an optional `Idempotency-Key`.
+struct PushInput {
+    params: Params,
+    msg: Bytes,
+    id: Option<String>,
+}
+
+impl<S: Send + Sync> FromRequest<S> for PushInput {
+    type Rejection = ApiResponse;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let params = Params::from_uri(request.uri());
+        let id = idempotency_key(request.headers())?;
+        let msg = body_bytes(Bytes::from_request(request, state).await)?;
+        Ok(PushInput { params, msg, id })
+    }
+}
+
+async fn push_keys(State(logic): State<Arc<Logic>>, push: PushInput) -> ApiResult {
+    let op = push.params.number::<i32>("operation")?.unwrap_or(0);
+    let keys = push.params.all("keys");
+    logic
+        .push_keys(op, keys, push.msg, push.id.as_deref())
+        .await?;
     Ok(ApiResponse::ok(None))
 }
 
-async fn push_mids(
-    State(logic): State<Arc<Logic>>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> ApiResult {
-    let params = Params::from_uri(&uri);
-    let op = params.number::<i32>("operation")?.unwrap_or(0);
+async fn push_mids(State(logic): State<Arc<Logic>>, push: PushInput) -> ApiResult {
+    let op = push.params.number::<i32>("operation")?.unwrap_or(0);
     let mut mids = Vec::new();
-    for raw in params.all("mids") {
+    for raw in push.params.all("mids") {
         let mid = raw.trim().parse::<i64>().map_err(|_| {
             ApiResponse::bad_request(format!("mids: invalid value {raw:?} (want int64)"))
         })?;
         mids.push(mid);
     }
-    let msg = body_bytes(body)?;
-    let id = idempotency_key(&headers)?;
-    logic.push_mids(op, mids, msg, id.as_deref()).await?;
-    Ok(ApiResponse::ok(None))
-}
-
-async fn push_room(
-    State(logic): State<Arc<Logic>>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> ApiResult {
-    let params = Params::from_uri(&uri);
-    let op = params.required_i32("operation")?;
-    let room_type = params.required_str("type")?;
-    let room = params.required_str("room")?;
-    let msg = body_bytes(body)?;
-    let id = idempotency_key(&headers)?;
     logic
-        .push_room(op, &room_type, &room, msg, id.as_deref())
+        .push_mids(op, mids, push.msg, push.id.as_deref())
         .await?;
     Ok(ApiResponse::ok(None))
 }
 
-async fn push_all(
-    State(logic): State<Arc<Logic>>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> ApiResult {
-    let params = Params::from_uri(&uri);
-    let op = params.required_i32("operation")?;
-    let speed = params.number::<i32>("speed")?.unwrap_or(0);
-    let msg = body_bytes(body)?;
-    let id = idempotency_key(&headers)?;
-    logic.push_all(op, speed, msg, id.as_deref()).await?;
+async fn push_room(State(logic): State<Arc<Logic>>, push: PushInput) -> ApiResult {
+    let op = push.params.required_i32("operation")?;
+    let room_type = push.params.required_str("type")?;
+    let room = push.params.required_str("room")?;
+    logic
+        .push_room(op, &room_type, &room, push.msg, push.id.as_deref())
+        .await?;
+    Ok(ApiResponse::ok(None))
+}
+
+async fn push_all(State(logic): State<Arc<Logic>>, push: PushInput) -> ApiResult {
+    let op = push.params.required_i32("operation")?;
+    let speed = push.params.number::<i32>("speed")?.unwrap_or(0);
+    logic
+        .push_all(op, speed, push.msg, push.id.as_deref())
+        .await?;
     Ok(ApiResponse::ok(None))
 }
 
