@@ -87,6 +87,20 @@ fn log_bad_input(kind: TransportKind, ip: IpAddr, error: &ReadError) {
     }
 }
 
+/// A connection refused before auth (never logs the auth body itself).
+pub(crate) fn log_refused(kind: TransportKind, ip: IpAddr, reason: &str, detail: &str) {
+    if let Some(suppressed) = BAD_INPUT_LOG.allow() {
+        tracing::warn!(
+            transport = kind.label(),
+            %ip,
+            reason,
+            detail,
+            suppressed,
+            "closing connection before auth"
+        );
+    }
+}
+
 fn log_logic_error(call: &'static str, error: &LinkError) {
     if let Some(suppressed) = LOGIC_ERROR_LOG.allow() {
         tracing::warn!(call, %error, suppressed, "logic call failed");
@@ -184,7 +198,10 @@ pub(crate) async fn run<T: Transport>(
                     log_bad_input(kind, ip, error);
                 }
                 HandshakeFailure::Rejected(error) => {
-                    tracing::debug!(%ip, %error, "auth rejected");
+                    log_refused(kind, ip, "auth_rejected", &error.to_string());
+                }
+                HandshakeFailure::Timeout => {
+                    log_refused(kind, ip, "handshake_timeout", "no successful auth in time");
                 }
                 HandshakeFailure::LogicUnavailable(error) => log_logic_error("Connect", error),
                 _ => {}

@@ -145,7 +145,12 @@ pub(crate) async fn upgrade_and_run(
                 .handshake_failures
                 .with_label_values(&["websocket", "upgrade_failed"])
                 .inc();
-            tracing::debug!(%ip, %error, "WebSocket upgrade refused");
+            conn::log_refused(
+                TransportKind::WebSocket,
+                ip,
+                "upgrade_failed",
+                &error.to_string(),
+            );
             return;
         }
         Err(_) => {

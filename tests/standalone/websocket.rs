@@ -98,6 +98,7 @@ async fn only_the_sub_path_upgrades() {
             1.0,
         )
         .await;
+    server.wait_for_log("upgrade_failed").await;
 }
 
 #[tokio::test]

@@ -211,6 +211,7 @@ async fn a_client_that_never_authenticates_is_closed_after_the_handshake_timeout
             2.0,
         )
         .await;
+    server.wait_for_log("handshake_timeout").await;
 }
 
 #[tokio::test]
@@ -257,6 +258,8 @@ async fn invalid_auth_bodies_close_only_their_connection() {
             3.0,
         )
         .await;
+    server.wait_for_log("auth_rejected").await;
+    assert!(!server.log_contains("not json"), "auth bodies are never logged");
     server
         .push("/goim/push/room?operation=1000&type=live&room=9", "fine")
         .await;
