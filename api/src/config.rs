@@ -36,6 +36,8 @@ pub struct Config {
     pub comet: CometConfig,
     pub logic: LogicConfig,
     pub job: JobConfig,
+    pub nats: NatsConfig,
+    pub discovery: DiscoveryConfig,
 }
 
 impl Config {
@@ -118,6 +120,53 @@ impl Config {
         }
         if job.delivery.timeout.is_zero() {
             return Err(invalid("job.delivery.timeout", "must be > 0"));
+        }
+        let nats = &self.nats;
+        if nats.url.trim().is_empty() {
+            return Err(invalid("nats.url", "must not be empty"));
+        }
+        if nats.partitions == 0 || nats.partitions > 1024 {
+            return Err(invalid("nats.partitions", "must be 1 to 1024"));
+        }
+        if nats.lease_ttl < Duration::from_secs(1) {
+            return Err(invalid("nats.lease_ttl", "must be at least 1s"));
+        }
+        if nats.max_deliver == 0 {
+            return Err(invalid("nats.max_deliver", "must be > 0"));
+        }
+        if nats.ack_wait <= job.delivery.retry_for {
+            return Err(invalid(
+                "nats.ack_wait",
+                "must exceed job.delivery.retry_for, or messages are redelivered while still retried",
+            ));
+        }
+        for (key, value) in [
+            ("nats.stream.name", &nats.stream.name),
+            ("nats.stream.subject_prefix", &nats.stream.subject_prefix),
+            ("nats.consumer_prefix", &nats.consumer_prefix),
+            ("nats.buckets.sessions", &nats.buckets.sessions),
+            ("nats.buckets.online", &nats.buckets.online),
+            ("nats.buckets.leases", &nats.buckets.leases),
+        ] {
+            if value.is_empty()
+                || value.contains(char::is_whitespace)
+                || value.contains('*')
+                || value.contains('>')
+            {
+                return Err(invalid(
+                    key,
+                    "must be a non-empty NATS name without spaces or wildcards",
+                ));
+            }
+        }
+        let discovery = &self.discovery;
+        if discovery.kind == DiscoveryKind::Kubernetes
+            && (discovery.comet_service.is_empty() || discovery.logic_service.is_empty())
+        {
+            return Err(invalid(
+                "discovery.comet_service / discovery.logic_service",
+                "must be set for kind: kubernetes",
+            ));
         }
         if job.delivery.backoff_base.is_zero()
             || job.delivery.backoff_max < job.delivery.backoff_base
@@ -432,6 +481,9 @@ impl Default for BackoffConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct JobConfig {
+    /// This job's member id for partition leases. Default: env `POD_NAME`,
+    /// else the hostname, plus a random suffix (unique per process).
+    pub id: Option<String>,
     pub room: RoomConfig,
     pub delivery: DeliveryConfig,
     /// Messages that may wait per room / per comet before consuming pauses.
@@ -441,6 +493,7 @@ pub struct JobConfig {
 impl Default for JobConfig {
     fn default() -> Self {
         JobConfig {
+            id: None,
             room: RoomConfig::default(),
             delivery: DeliveryConfig::default(),
             queue: 1024,
@@ -500,6 +553,188 @@ impl Default for DeliveryConfig {
             backoff_max: Duration::from_secs(3),
         }
     }
+}
+
+/// `nats`: the fleet's one stateful dependency (distributed mode only).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated.
+    pub url: String,
+    /// A NATS `.creds` file (JWT + NKey), if the server needs one.
+    pub credentials_file: Option<String>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    /// Deadline of each JetStream / KV request.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    pub stream: StreamConfig,
+    /// Ordering partitions of the stream. Every room, target comet and
+    /// broadcast op maps to one; each partition has one job owner at a time.
+    /// Change only with an empty stream.
+    pub partitions: u32,
+    /// Prefix of the durable consumers, one per partition.
+    pub consumer_prefix: String,
+    /// How long a delivered, unacked message waits before redelivery.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+    /// Deliveries of one message before it is given up (counted).
+    pub max_deliver: u32,
+    /// Unacked messages one partition may have out at once.
+    pub max_ack_pending: u32,
+    pub buckets: BucketNames,
+    /// Replicas of the KV buckets.
+    pub kv_replicas: u32,
+    /// Lifetime of a job's partition lease without renewal; a dead job's
+    /// partitions move to the others after about this long.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: "nats://127.0.0.1:4222".into(),
+            credentials_file: None,
+            user: None,
+            password: None,
+            token: None,
+            request_timeout: Duration::from_secs(5),
+            stream: StreamConfig::default(),
+            partitions: 16,
+            consumer_prefix: "pushcluster-job".into(),
+            ack_wait: Duration::from_secs(60),
+            max_deliver: 5,
+            max_ack_pending: 1024,
+            buckets: BucketNames::default(),
+            kv_replicas: 1,
+            lease_ttl: Duration::from_secs(6),
+        }
+    }
+}
+
+/// `nats.stream`: the JetStream stream carrying PushMsg.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamConfig {
+    pub name: String,
+    /// Subjects are `<subject_prefix>.<partition>`.
+    pub subject_prefix: String,
+    pub retention: Retention,
+    pub storage: Storage,
+    pub replicas: u32,
+    /// Messages older than this are removed even if never consumed.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Stream size limit in bytes; -1 for none.
+    pub max_bytes: i64,
+    /// Window in which a repeated `Idempotency-Key` is recognised.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            name: "PUSHCLUSTER".into(),
+            subject_prefix: "pushcluster.push".into(),
+            retention: Retention::Workqueue,
+            storage: Storage::File,
+            replicas: 1,
+            max_age: Duration::from_secs(24 * 3600),
+            max_bytes: -1,
+            duplicate_window: Duration::from_secs(120),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Retention {
+    /// A message is removed once acked (goim's Kafka topic was read once).
+    #[default]
+    Workqueue,
+    /// Messages stay until `max_age` / `max_bytes`.
+    Limits,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Storage {
+    #[default]
+    File,
+    Memory,
+}
+
+/// `nats.buckets`: KV bucket names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BucketNames {
+    /// Sessions: key → (mid, server), mid → keys.
+    pub sessions: String,
+    /// Comet reports: room counts and node metadata.
+    pub online: String,
+    /// Job membership and partition leases.
+    pub leases: String,
+}
+
+impl Default for BucketNames {
+    fn default() -> Self {
+        BucketNames {
+            sessions: "pushcluster-sessions".into(),
+            online: "pushcluster-online".into(),
+            leases: "pushcluster-leases".into(),
+        }
+    }
+}
+
+/// `discovery`: how job finds comets and comets find logic (distributed mode).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    pub kind: DiscoveryKind,
+    /// `static`: the comets (id = `comet.id`, addr = gRPC host:port).
+    pub comets: Vec<StaticComet>,
+    /// `static`: logic gRPC host:port list.
+    pub logics: Vec<String>,
+    /// `kubernetes`: namespace of the services (default: this pod's).
+    pub namespace: Option<String>,
+    /// `kubernetes`: the comets' headless Service.
+    pub comet_service: String,
+    /// `kubernetes`: the logic Service.
+    pub logic_service: String,
+    /// `kubernetes`: name of the gRPC port in the EndpointSlices.
+    pub grpc_port_name: String,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig {
+            kind: DiscoveryKind::Static,
+            comets: Vec::new(),
+            logics: Vec::new(),
+            namespace: None,
+            comet_service: String::new(),
+            logic_service: String::new(),
+            grpc_port_name: "grpc".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoveryKind {
+    #[default]
+    Static,
+    Kubernetes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticComet {
+    pub id: String,
+    pub addr: String,
 }
 
 #[cfg(test)]
@@ -568,6 +803,30 @@ logic:
             .insert("east".into(), vec!["10.0.0.0/8".parse().expect("cidr")]);
         let text = config.to_yaml().expect("serializes");
         assert_eq!(Config::from_yaml(&text).expect("parses"), config);
+    }
+
+    #[test]
+    fn distributed_keys_exist() {
+        let config = Config::from_yaml(
+            r#"
+nats: { url: "nats://nats:4222" }
+comet: { id: comet-0 }
+discovery:
+  kind: static
+  comets: [{ id: comet-0, addr: "10.0.0.1:3109" }]
+  logics: ["10.0.0.2:3119"]
+"#,
+        )
+        .expect("valid");
+        assert_eq!(config.nats.url, "nats://nats:4222");
+        assert_eq!(config.discovery.comets[0].addr, "10.0.0.1:3109");
+        let config = Config::from_yaml(
+            "discovery: { kind: kubernetes, namespace: push, comet_service: c, logic_service: l }",
+        )
+        .expect("valid");
+        assert_eq!(config.discovery.kind, DiscoveryKind::Kubernetes);
+        assert_eq!(config.discovery.namespace.as_deref(), Some("push"));
+        assert!(Config::from_yaml("discovery: { kind: kubernetes }").is_err());
     }
 
     #[test]

@@ -30,6 +30,11 @@ pub enum LinkError {
     /// The peer failed while handling the request.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The caller lost its right to deliver: a newer owner of the stream
+    /// partition has delivered since (fencing). Drop the message; its new
+    /// owner delivers it.
+    #[error("stale partition owner: {0}")]
+    Stale(String),
 }
 
 impl LinkError {
@@ -45,6 +50,7 @@ impl LinkError {
             LinkError::Rejected(_) => "rejected",
             LinkError::Unavailable(_) => "unavailable",
             LinkError::Internal(_) => "internal",
+            LinkError::Stale(_) => "stale_owner",
         }
     }
 }
@@ -56,6 +62,7 @@ impl From<LinkError> for tonic::Status {
             LinkError::Rejected(m) => tonic::Status::unauthenticated(m),
             LinkError::Unavailable(m) => tonic::Status::unavailable(m),
             LinkError::Internal(m) => tonic::Status::internal(m),
+            LinkError::Stale(m) => tonic::Status::failed_precondition(m),
         }
     }
 }
@@ -68,9 +75,8 @@ impl From<tonic::Status> for LinkError {
             Code::InvalidArgument | Code::OutOfRange | Code::Unimplemented => {
                 LinkError::InvalidArgument(message)
             }
-            Code::Unauthenticated | Code::PermissionDenied | Code::FailedPrecondition => {
-                LinkError::Rejected(message)
-            }
+            Code::Unauthenticated | Code::PermissionDenied => LinkError::Rejected(message),
+            Code::FailedPrecondition => LinkError::Stale(message),
             Code::Unavailable
             | Code::DeadlineExceeded
             | Code::Cancelled

@@ -302,6 +302,24 @@ impl EncodedPush {
     }
 }
 
+/// The body of an op-9 batch without its first `count` inner frames, or
+/// `None` if the body does not hold that many well-formed frames.
+pub fn skip_frames(batch: &Bytes, count: usize) -> Option<Bytes> {
+    let mut offset = 0usize;
+    for _ in 0..count {
+        let header = batch.get(offset..)?.first_chunk::<HEADER_LEN>()?;
+        let pack_len = usize::try_from(Header::parse(header).pack_len).ok()?;
+        if pack_len < HEADER_LEN {
+            return None;
+        }
+        offset = offset.checked_add(pack_len)?;
+        if offset > batch.len() {
+            return None;
+        }
+    }
+    Some(batch.slice(offset..))
+}
+
 /// Parses goim's comma-separated op list ("1000,1001") used by op 14 / 16.
 /// Like goim, one bad item makes the whole list invalid.
 pub fn parse_op_list(body: &[u8]) -> Option<Vec<i32>> {
@@ -508,6 +526,25 @@ mod tests {
         };
         let reply = request.reply(op::CHANGE_ROOM_REPLY, request.body.clone());
         assert_eq!((reply.ver, reply.seq, reply.op), (7, 99, 13));
+    }
+
+    #[test]
+    fn skipping_inner_frames() {
+        let mut batch = RawBatch::default();
+        batch.push(1, b"a");
+        batch.push(2, b"bc");
+        batch.push(3, b"");
+        let body = batch.finish().body;
+        let rest = skip_frames(&body, 2).expect("two frames");
+        let mut buf = BytesMut::from(&rest[..]);
+        let third = decode_server_stream(&mut buf)
+            .expect("valid")
+            .expect("whole");
+        assert_eq!((third.op, buf.len()), (3, 0));
+        assert_eq!(skip_frames(&body, 0), Some(body.clone()));
+        assert_eq!(skip_frames(&body, 3).map(|b| b.len()), Some(0));
+        assert_eq!(skip_frames(&body, 4), None);
+        assert_eq!(skip_frames(&Bytes::from_static(b"\x00\x00"), 1), None);
     }
 
     #[test]

@@ -55,6 +55,22 @@ pub trait Bus: Send + Sync + 'static {
     async fn subscribe(&self) -> Result<Subscription, BusError>;
 }
 
+/// Where a message sits in the stream, handed to comets so they can drop
+/// duplicates and refuse a stale partition owner (see `goim.comet`'s
+/// extension fields).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Position {
+    /// Identity of the stream the sequence numbers belong to (0: unknown).
+    pub epoch: u64,
+    /// The ordering partition the message belongs to.
+    pub partition: u32,
+    /// Fencing token of the partition's owner that delivered the message;
+    /// a later owner has a larger one.
+    pub generation: u64,
+    /// Stream sequence: increases with publish order within a partition.
+    pub seq: u64,
+}
+
 /// Settles one delivery. Dropping it unsettled is a nack without delay.
 #[async_trait]
 pub trait Acker: Send + Sync + 'static {
@@ -71,6 +87,7 @@ pub struct Delivery {
     pub published_at: SystemTime,
     /// 1 on the first delivery, then 2, 3, ...
     pub attempt: u32,
+    pub position: Position,
     acker: Box<dyn Acker>,
 }
 
@@ -88,12 +105,14 @@ impl Delivery {
         msg: PushMsg,
         published_at: SystemTime,
         attempt: u32,
+        position: Position,
         acker: Box<dyn Acker>,
     ) -> Self {
         Delivery {
             msg,
             published_at,
             attempt,
+            position,
             acker,
         }
     }
@@ -208,6 +227,8 @@ struct MemoryBusInner {
     rx: Mutex<Option<mpsc::Receiver<Delivery>>>,
     seen_ids: Mutex<Dedupe>,
     metrics: BusMetrics,
+    epoch: u64,
+    next_seq: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -253,6 +274,13 @@ impl MemoryBus {
                 rx: Mutex::new(Some(rx)),
                 seen_ids: Mutex::new(Dedupe::default()),
                 metrics,
+                // Distinguishes this process's sequence numbers from any other's.
+                epoch: SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+                    | 1,
+                next_seq: std::sync::atomic::AtomicU64::new(1),
             }),
         }
     }
@@ -278,6 +306,7 @@ struct MemoryAcker {
     msg: Option<PushMsg>,
     published_at: SystemTime,
     attempt: u32,
+    position: Position,
 }
 
 impl MemoryAcker {
@@ -299,6 +328,7 @@ impl MemoryAcker {
             return;
         }
         let published_at = self.published_at;
+        let position = self.position;
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -310,8 +340,9 @@ impl MemoryAcker {
                 msg: Some(msg.clone()),
                 published_at,
                 attempt,
+                position,
             };
-            let delivery = Delivery::new(msg, published_at, attempt, Box::new(acker));
+            let delivery = Delivery::new(msg, published_at, attempt, position, Box::new(acker));
             // Fails only when the bus is gone, and then nobody consumes.
             let _ = bus.tx.send(delivery).await;
         });
@@ -354,13 +385,25 @@ impl Bus for MemoryBus {
             }
         }
         let published_at = SystemTime::now();
+        // One queue: sequence order is publish order. A single consumer owns
+        // the only partition for good, so the generation never changes.
+        let position = Position {
+            epoch: self.inner.epoch,
+            partition: 0,
+            generation: 1,
+            seq: self
+                .inner
+                .next_seq
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        };
         let acker = MemoryAcker {
             bus: self.inner.clone(),
             msg: Some(msg.clone()),
             published_at,
             attempt: 1,
+            position,
         };
-        let delivery = Delivery::new(msg, published_at, 1, Box::new(acker));
+        let delivery = Delivery::new(msg, published_at, 1, position, Box::new(acker));
         // Counted before the send: the consumer may ack before it returns.
         self.inner.metrics.pending.inc();
         if let Err(mpsc::error::SendError(delivery)) = self.inner.tx.send(delivery).await {
@@ -414,6 +457,25 @@ mod tests {
             delivery.ack().await;
         }
         assert!(bus.subscribe().await.is_err(), "one subscriber only");
+    }
+
+    #[tokio::test]
+    async fn positions_increase_in_publish_order_and_survive_redelivery() {
+        let bus = MemoryBus::default();
+        let mut sub = bus.subscribe().await.expect("subscribe");
+        bus.publish(room_msg("live://1", b"a"), None)
+            .await
+            .expect("publish");
+        bus.publish(room_msg("live://1", b"b"), None)
+            .await
+            .expect("publish");
+        let a = sub.next().await.expect("a");
+        let b = sub.next().await.expect("b");
+        assert!(a.position.epoch != 0 && a.position.epoch == b.position.epoch);
+        assert!(a.position.seq < b.position.seq);
+        let seq = a.position.seq;
+        a.nack(Duration::ZERO).await;
+        assert_eq!(sub.next().await.expect("again").position.seq, seq);
     }
 
     #[tokio::test]

@@ -20,6 +20,7 @@ mod ratelimit;
 mod report;
 pub mod room;
 pub mod server;
+pub mod stream_guard;
 mod tcp;
 mod ws;
 
@@ -46,6 +47,7 @@ use crate::bucket::Buckets;
 use crate::channel::{Channel, CloseReason, Queued};
 use crate::metrics::CometMetrics;
 use crate::room::{Fanout, Rooms};
+use crate::stream_guard::{StreamGuard, StreamMark};
 
 pub use crate::server::CometServer;
 
@@ -61,6 +63,7 @@ pub struct Comet {
     logic: Arc<dyn LogicLink>,
     pub(crate) buckets: Buckets,
     pub(crate) rooms: Rooms,
+    guard: StreamGuard,
     ips: Mutex<HashMap<IpAddr, u32>>,
     next_channel_id: AtomicU64,
     pub(crate) metrics: CometMetrics,
@@ -85,6 +88,7 @@ impl Comet {
             id,
             buckets: Buckets::new(config.bucket.size),
             rooms: Rooms::new(ROOM_SHARDS),
+            guard: StreamGuard::default(),
             config,
             logic,
             ips: Mutex::new(HashMap::new()),
@@ -171,10 +175,44 @@ impl Comet {
         }
     }
 
+    /// Refuses a stale partition owner; counts and reports duplicates.
+    fn admit(
+        &self,
+        kind: &str,
+        mark: Option<&StreamMark>,
+        seen: impl FnOnce(&StreamMark) -> usize,
+    ) -> Result<usize, LinkError> {
+        let Some(mark) = mark else { return Ok(0) };
+        if let Err(newer) = self.guard.check_owner(mark) {
+            self.metrics.stale_owners.inc();
+            return Err(LinkError::Stale(format!(
+                "partition {} has owner generation {newer}, this push {}",
+                mark.partition, mark.generation
+            )));
+        }
+        let seen = seen(mark);
+        if seen > 0 {
+            self.metrics
+                .duplicates
+                .with_label_values(&[kind])
+                .inc_by(seen as u64);
+        }
+        Ok(seen)
+    }
+
     /// PushMsg: to the connections with these keys that watch `op`. Unlike
     /// goim, a full connection never stops the remaining keys.
-    pub fn push_keys(&self, keys: &[String], op: i32, frame: &Frame) -> Fanout {
+    pub fn push_keys(
+        &self,
+        keys: &[String],
+        op: i32,
+        frame: &Frame,
+        mark: Option<&StreamMark>,
+    ) -> Result<Fanout, LinkError> {
         self.metrics.pushes.with_label_values(&["keys"]).inc();
+        if self.admit("keys", mark, |m| self.guard.admit_key_push(m))? > 0 {
+            return Ok(Fanout::default());
+        }
         let push = EncodedPush::new(frame);
         let mut fanout = Fanout::default();
         for key in keys {
@@ -185,24 +223,45 @@ impl Comet {
             }
         }
         self.record("keys", fanout);
-        fanout
+        Ok(fanout)
     }
 
     /// BroadcastRoom: to every member of the room on this comet.
-    pub fn push_room(&self, room: &str, frame: &Frame) -> Fanout {
+    pub fn push_room(
+        &self,
+        room: &str,
+        frame: &Frame,
+        mark: Option<&StreamMark>,
+    ) -> Result<Fanout, LinkError> {
         self.metrics.pushes.with_label_values(&["room"]).inc();
-        let fanout = match self.rooms.get(room) {
-            Some(room) => room.push(&EncodedPush::new(frame)),
-            None => Fanout::default(),
+        self.admit("room", mark, |_| 0)?;
+        let Some(room) = self.rooms.get(room) else {
+            return Ok(Fanout::default());
         };
+        let (fanout, seen) = room.push(&EncodedPush::new(frame), frame, mark);
+        if seen > 0 {
+            self.metrics
+                .duplicates
+                .with_label_values(&["room"])
+                .inc_by(seen as u64);
+        }
         self.record("room", fanout);
-        fanout
+        Ok(fanout)
     }
 
     /// Broadcast: to every connection watching `op`, paced to `speed`
     /// connections per second when `speed > 0`. Returns once started.
-    pub fn start_broadcast(self: &Arc<Self>, op: i32, frame: &Frame, speed: i32) {
+    pub fn start_broadcast(
+        self: &Arc<Self>,
+        op: i32,
+        frame: &Frame,
+        speed: i32,
+        mark: Option<&StreamMark>,
+    ) -> Result<(), LinkError> {
         self.metrics.pushes.with_label_values(&["broadcast"]).inc();
+        if self.admit("broadcast", mark, |m| self.guard.admit_broadcast(op, m))? > 0 {
+            return Ok(());
+        }
         let push = EncodedPush::new(frame);
         let comet = self.clone();
         tokio::spawn(async move {
@@ -224,6 +283,7 @@ impl Comet {
                 }
             }
         });
+        Ok(())
     }
 
     /// Rooms with at least one member here.
@@ -306,7 +366,13 @@ impl CometLink for Comet {
             return Err(LinkError::InvalidArgument("keys are required".into()));
         }
         let frame = frame_of(req.proto)?;
-        self.push_keys(&req.keys, req.proto_op, &frame);
+        let mark = StreamMark::from_fields(
+            req.stream_epoch,
+            req.partition,
+            req.owner_generation,
+            req.seqs,
+        );
+        self.push_keys(&req.keys, req.proto_op, &frame, mark.as_ref())?;
         Ok(PushMsgReply {})
     }
 
@@ -316,7 +382,13 @@ impl CometLink for Comet {
             .me
             .upgrade()
             .ok_or_else(|| LinkError::Unavailable("comet is shutting down".into()))?;
-        me.start_broadcast(req.proto_op, &frame, req.speed);
+        let mark = StreamMark::from_fields(
+            req.stream_epoch,
+            req.partition,
+            req.owner_generation,
+            req.seqs,
+        );
+        me.start_broadcast(req.proto_op, &frame, req.speed, mark.as_ref())?;
         Ok(BroadcastReply {})
     }
 
@@ -325,7 +397,21 @@ impl CometLink for Comet {
             return Err(LinkError::InvalidArgument("roomID is required".into()));
         }
         let frame = frame_of(req.proto)?;
-        self.push_room(&req.room_id, &frame);
+        let mark = StreamMark::from_fields(
+            req.stream_epoch,
+            req.partition,
+            req.owner_generation,
+            req.seqs,
+        );
+        if let Some(mark) = &mark
+            && frame.op != pushcluster_api::protocol::op::RAW
+            && mark.seqs.len() != 1
+        {
+            return Err(LinkError::InvalidArgument(
+                "seqs must have one entry per frame".into(),
+            ));
+        }
+        self.push_room(&req.room_id, &frame, mark.as_ref())?;
         Ok(BroadcastRoomReply {})
     }
 

@@ -18,6 +18,8 @@ pub struct CometMetrics {
     pub delivered: IntCounterVec,
     pub dropped: IntCounterVec,
     pub keys_not_found: IntCounter,
+    pub duplicates: IntCounterVec,
+    pub stale_owners: IntCounter,
     pub sent_bytes: IntCounterVec,
     pub write_batch_frames: Histogram,
     pub rooms: IntGauge,
@@ -86,6 +88,15 @@ impl CometMetrics {
                 "pushcluster_comet_push_keys_not_found_total",
                 "Keys in a push that have no connection on this comet (the client left).",
             )?,
+            duplicates: counter(
+                "pushcluster_comet_duplicates_dropped_total",
+                "Redelivered messages this comet had already delivered, left out, by kind (keys, room, broadcast).",
+                &["kind"],
+            )?,
+            stale_owners: IntCounter::new(
+                "pushcluster_comet_stale_owner_rejected_total",
+                "Pushes refused because a newer job owner of their stream partition had delivered (fencing).",
+            )?,
             sent_bytes: counter(
                 "pushcluster_comet_sent_bytes_total",
                 "Bytes written to client sockets, by transport.",
@@ -125,6 +136,8 @@ impl CometMetrics {
         registry.register(Box::new(metrics.delivered.clone()))?;
         registry.register(Box::new(metrics.dropped.clone()))?;
         registry.register(Box::new(metrics.keys_not_found.clone()))?;
+        registry.register(Box::new(metrics.duplicates.clone()))?;
+        registry.register(Box::new(metrics.stale_owners.clone()))?;
         registry.register(Box::new(metrics.sent_bytes.clone()))?;
         registry.register(Box::new(metrics.write_batch_frames.clone()))?;
         registry.register(Box::new(metrics.rooms.clone()))?;
@@ -182,6 +195,7 @@ impl CometMetrics {
         for kind in KINDS {
             self.pushes.with_label_values(&[kind]);
             self.delivered.with_label_values(&[kind]);
+            self.duplicates.with_label_values(&[kind]);
         }
         for reason in ["slow_consumer", "connection_closed"] {
             self.dropped.with_label_values(&[reason]);

@@ -8,13 +8,21 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use pushcluster_api::protocol::EncodedPush;
+use pushcluster_api::protocol::{EncodedPush, Frame, op, skip_frames};
 
 use crate::channel::{Channel, Queued};
+use crate::stream_guard::{HighWater, StreamMark};
+
+#[derive(Default)]
+struct Members {
+    channels: HashMap<u64, Arc<Channel>>,
+    /// Last stream sequence pushed to this room (duplicate detection).
+    high_water: HighWater,
+}
 
 pub struct Room {
     pub id: Arc<str>,
-    members: Mutex<HashMap<u64, Arc<Channel>>>,
+    members: Mutex<Members>,
     /// Members on this comet.
     online: AtomicI32,
     /// Members in the whole cluster, as last reported by logic (0 = unknown).
@@ -43,7 +51,7 @@ impl Room {
     fn new(id: Arc<str>) -> Self {
         Room {
             id,
-            members: Mutex::new(HashMap::new()),
+            members: Mutex::new(Members::default()),
             online: AtomicI32::new(0),
             all_online: AtomicI32::new(0),
         }
@@ -64,14 +72,43 @@ impl Room {
     }
 
     /// Queues the push to every member (room pushes ignore the watch set).
-    pub fn push(&self, push: &EncodedPush) -> Fanout {
+    /// With a stream mark, frames this room already got are left out; the
+    /// number left out is returned with the fan-out.
+    pub fn push(
+        &self,
+        push: &EncodedPush,
+        frame: &Frame,
+        mark: Option<&StreamMark>,
+    ) -> (Fanout, usize) {
         let mut fanout = Fanout::default();
-        if let Ok(members) = self.members.lock() {
-            for channel in members.values() {
-                fanout.record(channel.push(push));
-            }
+        let Ok(mut members) = self.members.lock() else {
+            return (fanout, 0);
+        };
+        let seen = mark.map(|m| members.high_water.admit(m)).unwrap_or(0);
+        let total = mark.map(|m| m.seqs.len()).unwrap_or(1);
+        if seen >= total {
+            return (fanout, seen);
         }
-        fanout
+        let partial;
+        let push = if seen == 0 {
+            push
+        } else {
+            // Only the tail of the batch is new: rebuild it (rare).
+            match (frame.op == op::RAW)
+                .then(|| skip_frames(&frame.body, seen))
+                .flatten()
+            {
+                Some(rest) => {
+                    partial = EncodedPush::new(&Frame::server(op::RAW, rest));
+                    &partial
+                }
+                None => return (fanout, total),
+            }
+        };
+        for channel in members.channels.values() {
+            fanout.record(channel.push(push));
+        }
+        (fanout, seen)
     }
 }
 
@@ -107,7 +144,10 @@ impl Rooms {
             .or_insert_with_key(|key| Arc::new(Room::new(key.clone())))
             .clone();
         if let Ok(mut members) = room.members.lock()
-            && members.insert(channel.id, channel.clone()).is_none()
+            && members
+                .channels
+                .insert(channel.id, channel.clone())
+                .is_none()
         {
             room.online.fetch_add(1, Ordering::Relaxed);
         }
@@ -122,10 +162,10 @@ impl Rooms {
         let Ok(mut members) = room.members.lock() else {
             return;
         };
-        if members.remove(&channel_id).is_some() {
+        if members.channels.remove(&channel_id).is_some() {
             room.online.fetch_sub(1, Ordering::Relaxed);
         }
-        if members.is_empty()
+        if members.channels.is_empty()
             && shard
                 .get(&room.id)
                 .is_some_and(|current| Arc::ptr_eq(current, room))
@@ -240,6 +280,43 @@ mod tests {
         rooms.change(&a, "live://1");
         assert_eq!(rooms.counts()["live://1"], 1);
         assert_eq!(a.room_id().as_deref(), Some("live://1"));
+    }
+
+    #[test]
+    fn redelivered_frames_reach_members_once() {
+        use pushcluster_api::protocol::RawBatch;
+        let rooms = Rooms::new(1);
+        let a = channel(1);
+        rooms.change(&a, "live://1");
+        let room = rooms.get("live://1").expect("room");
+        let batch = |bodies: &[&str]| {
+            let mut batch = RawBatch::default();
+            for body in bodies {
+                batch.push(1000, body.as_bytes());
+            }
+            batch.finish()
+        };
+        let mark = |seqs: &[u64]| StreamMark {
+            epoch: 9,
+            partition: 0,
+            generation: 1,
+            seqs: seqs.to_vec(),
+        };
+        let first = batch(&["1", "2"]);
+        let (fanout, seen) = room.push(&EncodedPush::new(&first), &first, Some(&mark(&[1, 2])));
+        assert_eq!((fanout.queued, seen), (1, 0));
+        // 2 again, with 3: only 3 goes out.
+        let again = batch(&["2", "3"]);
+        let (fanout, seen) = room.push(&EncodedPush::new(&again), &again, Some(&mark(&[2, 3])));
+        assert_eq!((fanout.queued, seen), (1, 1));
+        let queued = a.drain().frames;
+        assert_eq!(queued.len(), 2);
+        // TCP bytes of the second push: just frame "3".
+        assert_eq!(&queued[1][16..], b"3");
+        // Wholly seen: nothing queued.
+        let old = batch(&["1"]);
+        let (fanout, seen) = room.push(&EncodedPush::new(&old), &old, Some(&mark(&[1])));
+        assert_eq!((fanout.queued, seen), (0, 1));
     }
 
     #[test]

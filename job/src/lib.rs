@@ -116,6 +116,33 @@ enum CallOutcome {
     Rejected(LinkError),
     /// Failed for `job.delivery.retry_for`.
     GaveUp,
+    /// A newer owner of the stream partition has delivered (fencing): this
+    /// job must leave the message to it.
+    Stale,
+}
+
+/// The stream position fields of goim.comet requests for these deliveries.
+struct StreamFields {
+    epoch: u64,
+    partition: u32,
+    generation: u64,
+    seqs: Vec<u64>,
+}
+
+impl StreamFields {
+    fn of(deliveries: &[Delivery]) -> StreamFields {
+        let first = deliveries.first().map(|d| d.position).unwrap_or_default();
+        StreamFields {
+            epoch: first.epoch,
+            partition: first.partition,
+            generation: deliveries
+                .iter()
+                .map(|d| d.position.generation)
+                .max()
+                .unwrap_or(0),
+            seqs: deliveries.iter().map(|d| d.position.seq).collect(),
+        }
+    }
 }
 
 struct Shared {
@@ -158,6 +185,14 @@ impl Shared {
                         .inc();
                     return CallOutcome::Ok;
                 }
+                Ok(Err(LinkError::Stale(reason))) => {
+                    self.metrics
+                        .comet_calls
+                        .with_label_values(&[kind, "error"])
+                        .inc();
+                    tracing::info!(comet = id, kind, %reason, "partition moved to another job");
+                    return CallOutcome::Stale;
+                }
                 Ok(Err(error)) if !error.is_retryable() => {
                     self.metrics
                         .comet_calls
@@ -197,6 +232,15 @@ impl Shared {
         deliveries: Vec<Delivery>,
         outcomes: &[CallOutcome],
     ) {
+        if outcomes.iter().any(|o| matches!(o, CallOutcome::Stale)) {
+            // Neither ack nor nack: the partition's new owner redelivers them.
+            self.metrics
+                .failures
+                .with_label_values(&[kind, "stale_owner"])
+                .inc_by(deliveries.len() as u64);
+            drop(deliveries);
+            return;
+        }
         let gave_up = outcomes.iter().any(|o| matches!(o, CallOutcome::GaveUp));
         for outcome in outcomes {
             if let CallOutcome::Rejected(error) = outcome {
@@ -269,9 +313,14 @@ impl Shared {
         }
         self.metrics.room_batch.observe(frames.frames() as f64);
         let proto = frames.finish().into();
+        let stream = StreamFields::of(&batch);
         let request = BroadcastRoomReq {
             room_id: room.to_string(),
             proto: Some(proto),
+            stream_epoch: stream.epoch,
+            partition: stream.partition,
+            owner_generation: stream.generation,
+            seqs: stream.seqs,
         };
         let calls = comets.iter().map(|(id, _)| {
             let request = request.clone();
@@ -288,10 +337,15 @@ impl Shared {
         let msg = &delivery.msg;
         let mut frame = RawBatch::with_capacity(msg.msg.len() + 16);
         frame.push(msg.operation, &msg.msg);
+        let stream = StreamFields::of(std::slice::from_ref(&delivery));
         let request = PushMsgReq {
             keys: msg.keys.clone(),
             proto_op: msg.operation,
             proto: Some(frame.finish().into()),
+            stream_epoch: stream.epoch,
+            partition: stream.partition,
+            owner_generation: stream.generation,
+            seqs: stream.seqs,
         };
         let outcome = self
             .call_comet(server, "push", |link| {
@@ -323,10 +377,15 @@ impl Shared {
         };
         let mut frame = RawBatch::with_capacity(msg.msg.len() + 16);
         frame.push(msg.operation, &msg.msg);
+        let stream = StreamFields::of(std::slice::from_ref(&delivery));
         let request = BroadcastReq {
             proto_op: msg.operation,
             proto: Some(frame.finish().into()),
             speed,
+            stream_epoch: stream.epoch,
+            partition: stream.partition,
+            owner_generation: stream.generation,
+            seqs: stream.seqs,
         };
         let calls = comets.iter().map(|(id, _)| {
             let request = request.clone();

@@ -55,7 +55,7 @@ impl JobMetrics {
             )?,
             failures: counter(
                 "pushcluster_job_delivery_failures_total",
-                "PushMsg returned to the bus (gave_up: a comet kept failing) or rejected by a comet (rejected), by kind and reason.",
+                "PushMsg returned to the bus (gave_up: a comet kept failing), rejected by a comet (rejected), or left to the partition's newer owner (stale_owner), by kind and reason.",
                 &["kind", "reason"],
             )?,
             room_batch: Histogram::with_opts(
@@ -110,7 +110,7 @@ impl JobMetrics {
             for result in ["ok", "error", "timeout"] {
                 self.comet_calls.with_label_values(&[kind, result]);
             }
-            for reason in ["gave_up", "rejected"] {
+            for reason in ["gave_up", "rejected", "stale_owner"] {
                 self.failures.with_label_values(&[kind, reason]);
             }
         }

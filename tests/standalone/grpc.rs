@@ -48,6 +48,7 @@ async fn comet_service_pushes_like_goims_job() {
             keys: vec!["k".into(), "unknown".into()],
             proto_op: 1000,
             proto: Some(raw(1000, "by key")),
+            ..Default::default()
         })
         .await
         .expect("PushMsg");
@@ -60,6 +61,7 @@ async fn comet_service_pushes_like_goims_job() {
         .broadcast_room(BroadcastRoomReq {
             room_id: "live://g".into(),
             proto: Some(batch.finish().into()),
+            ..Default::default()
         })
         .await
         .expect("BroadcastRoom");
@@ -80,6 +82,7 @@ async fn comet_service_pushes_like_goims_job() {
             proto_op: 1000,
             proto: Some(raw(1000, "everyone")),
             speed: 0,
+            ..Default::default()
         })
         .await
         .expect("Broadcast");
@@ -98,6 +101,7 @@ async fn comet_service_pushes_like_goims_job() {
             keys: vec!["k".into()],
             proto_op: 1000,
             proto: Some(frame.into()),
+            ..Default::default()
         })
         .await
         .expect("PushMsg plain");
@@ -117,6 +121,7 @@ async fn comet_service_rejects_incomplete_requests() {
             keys: vec![],
             proto_op: 1,
             proto: Some(raw(1, "x")),
+            ..Default::default()
         })
         .await
         .expect_err("no keys");
@@ -125,6 +130,7 @@ async fn comet_service_rejects_incomplete_requests() {
         .broadcast_room(BroadcastRoomReq {
             room_id: "live://1".into(),
             proto: None,
+            ..Default::default()
         })
         .await
         .expect_err("no proto");
@@ -133,10 +139,67 @@ async fn comet_service_rejects_incomplete_requests() {
         .broadcast_room(BroadcastRoomReq {
             room_id: String::new(),
             proto: Some(raw(1, "x")),
+            ..Default::default()
         })
         .await
         .expect_err("no room");
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn comet_service_drops_redelivered_messages_and_fences_old_owners() {
+    let server = Server::start();
+    let mut comet = CometClient::new(channel(server.addr("comet.grpc")).await);
+    let mut client = TcpClient::auth(server.tcp(), json!({"room_id": "live://f"})).await;
+    let room = |bodies: &[&str], seqs: &[u64], generation: u64| {
+        let mut batch = RawBatch::default();
+        for body in bodies {
+            batch.push(1000, body.as_bytes());
+        }
+        BroadcastRoomReq {
+            room_id: "live://f".into(),
+            proto: Some(batch.finish().into()),
+            stream_epoch: 42,
+            partition: 3,
+            owner_generation: generation,
+            seqs: seqs.to_vec(),
+        }
+    };
+    comet
+        .broadcast_room(room(&["1", "2"], &[1, 2], 5))
+        .await
+        .expect("first");
+    // A new owner redelivers 2 and delivers 3: only 3 reaches the client.
+    comet
+        .broadcast_room(room(&["2", "3"], &[2, 3], 6))
+        .await
+        .expect("redelivery");
+    let bodies: Vec<String> = [
+        client.recv().await,
+        client.recv().await,
+        client.recv().await,
+    ]
+    .iter()
+    .map(body)
+    .collect();
+    assert_eq!(bodies, ["1", "2", "3"]);
+    client.expect_silence().await;
+    // The old owner is refused.
+    let status = comet
+        .broadcast_room(room(&["4"], &[4], 5))
+        .await
+        .expect_err("stale owner");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    server
+        .wait_metric(
+            "pushcluster_comet_duplicates_dropped_total",
+            &[("kind", "room")],
+            1.0,
+        )
+        .await;
+    server
+        .wait_metric("pushcluster_comet_stale_owner_rejected_total", &[], 1.0)
+        .await;
 }
 
 #[tokio::test]

@@ -259,7 +259,10 @@ async fn invalid_auth_bodies_close_only_their_connection() {
         )
         .await;
     server.wait_for_log("auth_rejected").await;
-    assert!(!server.log_contains("not json"), "auth bodies are never logged");
+    assert!(
+        !server.log_contains("not json"),
+        "auth bodies are never logged"
+    );
     server
         .push("/goim/push/room?operation=1000&type=live&room=9", "fine")
         .await;

@@ -1,0 +1,161 @@
+//! Exactly-once from the stream to clients, on top of at-least-once from
+//! the stream to comets.
+//!
+//! Job tells comets where each message sits in the push stream (epoch,
+//! partition, owner generation, sequence — goim.comet extension fields).
+//! A comet then
+//! - refuses deliveries from a partition owner older than one it has seen
+//!   (the generation is a fencing token), so a job that lost its partition
+//!   cannot deliver out of order behind the new owner's back; and
+//! - drops a message whose sequence is not above the last one it delivered
+//!   for the same ordering key (room, key pushes to this comet, broadcast
+//!   op): a message redelivered after a job died reaches no client twice.
+//!
+//! Requests without an epoch (goim's job) skip both checks.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// Broadcast ops remembered; past this the table starts over.
+const MAX_BROADCAST_OPS: usize = 4096;
+
+/// Where a request's messages sit in the stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamMark {
+    pub epoch: u64,
+    pub partition: u32,
+    pub generation: u64,
+    /// One per message, increasing.
+    pub seqs: Vec<u64>,
+}
+
+impl StreamMark {
+    /// `None` when the request carries no stream position (goim's job).
+    pub fn from_fields(
+        epoch: u64,
+        partition: u32,
+        generation: u64,
+        seqs: Vec<u64>,
+    ) -> Option<Self> {
+        (epoch != 0 && !seqs.is_empty()).then_some(StreamMark {
+            epoch,
+            partition,
+            generation,
+            seqs,
+        })
+    }
+}
+
+/// The last sequence delivered for one ordering key.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HighWater {
+    epoch: u64,
+    seq: u64,
+}
+
+impl HighWater {
+    /// How many of `mark`'s leading messages were already delivered; records
+    /// the rest as delivered. A new epoch (a new stream) starts over.
+    pub fn admit(&mut self, mark: &StreamMark) -> usize {
+        let last = mark.seqs.last().copied().unwrap_or(0);
+        if mark.epoch != self.epoch {
+            *self = HighWater {
+                epoch: mark.epoch,
+                seq: last,
+            };
+            return 0;
+        }
+        let seen = mark.seqs.iter().take_while(|seq| **seq <= self.seq).count();
+        self.seq = self.seq.max(last);
+        seen
+    }
+}
+
+/// Fencing tokens and the comet-wide high-water marks.
+#[derive(Default)]
+pub struct StreamGuard {
+    owners: Mutex<HashMap<(u64, u32), u64>>,
+    key_pushes: Mutex<HighWater>,
+    broadcasts: Mutex<HashMap<i32, HighWater>>,
+}
+
+impl StreamGuard {
+    /// Accepts the delivering owner unless a newer owner of the partition
+    /// has been seen.
+    pub fn check_owner(&self, mark: &StreamMark) -> Result<(), u64> {
+        let Ok(mut owners) = self.owners.lock() else {
+            return Ok(());
+        };
+        let known = owners.entry((mark.epoch, mark.partition)).or_insert(0);
+        if mark.generation < *known {
+            return Err(*known);
+        }
+        *known = mark.generation;
+        Ok(())
+    }
+
+    /// Already-delivered leading messages of a key push.
+    pub fn admit_key_push(&self, mark: &StreamMark) -> usize {
+        self.key_pushes
+            .lock()
+            .map(|mut hw| hw.admit(mark))
+            .unwrap_or(0)
+    }
+
+    /// Already-delivered leading messages of a broadcast of `op`.
+    pub fn admit_broadcast(&self, op: i32, mark: &StreamMark) -> usize {
+        let Ok(mut ops) = self.broadcasts.lock() else {
+            return 0;
+        };
+        if ops.len() >= MAX_BROADCAST_OPS && !ops.contains_key(&op) {
+            ops.clear();
+        }
+        ops.entry(op).or_default().admit(mark)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mark(epoch: u64, generation: u64, seqs: &[u64]) -> StreamMark {
+        StreamMark {
+            epoch,
+            partition: 3,
+            generation,
+            seqs: seqs.to_vec(),
+        }
+    }
+
+    #[test]
+    fn high_water_counts_redelivered_prefixes() {
+        let mut hw = HighWater::default();
+        assert_eq!(hw.admit(&mark(1, 1, &[1, 2, 3])), 0);
+        assert_eq!(hw.admit(&mark(1, 1, &[2, 3])), 2, "all seen");
+        assert_eq!(hw.admit(&mark(1, 1, &[3, 4, 5])), 1, "3 seen, 4 and 5 new");
+        assert_eq!(hw.admit(&mark(1, 1, &[6])), 0);
+        assert_eq!(hw.admit(&mark(2, 1, &[1])), 0, "a new stream starts over");
+    }
+
+    #[test]
+    fn older_owners_are_fenced_off() {
+        let guard = StreamGuard::default();
+        assert!(guard.check_owner(&mark(1, 5, &[1])).is_ok());
+        assert!(guard.check_owner(&mark(1, 5, &[2])).is_ok());
+        assert!(guard.check_owner(&mark(1, 7, &[3])).is_ok());
+        assert_eq!(guard.check_owner(&mark(1, 5, &[4])), Err(7));
+        // Other partitions and epochs are independent.
+        let other = StreamMark {
+            partition: 4,
+            ..mark(1, 1, &[1])
+        };
+        assert!(guard.check_owner(&other).is_ok());
+        assert!(guard.check_owner(&mark(2, 1, &[1])).is_ok());
+    }
+
+    #[test]
+    fn requests_without_a_position_are_not_checked() {
+        assert_eq!(StreamMark::from_fields(0, 1, 1, vec![1]), None);
+        assert_eq!(StreamMark::from_fields(1, 1, 1, vec![]), None);
+    }
+}
