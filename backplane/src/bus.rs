@@ -129,16 +129,43 @@ impl Delivery {
 /// A stream of deliveries.
 pub struct Subscription {
     rx: mpsc::Receiver<Delivery>,
+    /// The consuming side's task, stopped and awaited by [`Subscription::close`].
+    consumer: Option<(
+        tokio_util::sync::CancellationToken,
+        tokio::task::JoinHandle<()>,
+    )>,
 }
 
 impl Subscription {
     pub fn new(rx: mpsc::Receiver<Delivery>) -> Self {
-        Subscription { rx }
+        Subscription { rx, consumer: None }
+    }
+
+    /// A subscription whose consumer task is stopped by `stop` on close.
+    pub fn with_close(
+        rx: mpsc::Receiver<Delivery>,
+        stop: tokio_util::sync::CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    ) -> Self {
+        Subscription {
+            rx,
+            consumer: Some((stop, task)),
+        }
     }
 
     /// The next delivery; `None` once the bus is closed.
     pub async fn next(&mut self) -> Option<Delivery> {
         self.rx.recv().await
+    }
+
+    /// Stops consuming and gives up what this consumer held (for NATS: its
+    /// partition leases, so other jobs take over at once).
+    pub async fn close(mut self) {
+        self.rx.close();
+        if let Some((stop, task)) = self.consumer.take() {
+            stop.cancel();
+            let _ = task.await;
+        }
     }
 }
 

@@ -1,0 +1,509 @@
+//! The push stream on NATS JetStream.
+//!
+//! Logic publishes each goim `PushMsg` to `<subject_prefix>.<partition>`,
+//! where the partition is a stable hash of its ordering key (room, target
+//! comet, broadcast op) — so one room's messages share a subject and keep
+//! their order. An `Idempotency-Key` becomes the `Nats-Msg-Id` header, which
+//! JetStream deduplicates within the stream's duplicate window.
+//!
+//! Job replicas share the partitions through leases ([`super::lease`]): the
+//! owner of a partition consumes it through that partition's durable
+//! consumer. A new owner first resets the consumer to its ack floor
+//! (deleting and recreating it), so everything the previous owner left
+//! unacked is delivered again, in order, before anything newer. Each
+//! delivery carries its position (stream epoch, partition, the owner's lease
+//! generation, stream sequence) so comets drop what they already delivered
+//! and refuse a stale owner.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use prost::Message as _;
+use pushcluster_api::config::{NatsConfig, Retention};
+use pushcluster_api::pb::logic::PushMsg;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::lease::{self, LeaseEvent};
+use super::{Nats, NatsError, retry, stable_hash, storage_type};
+use crate::bus::{
+    Acker, Bus, BusError, BusMetrics, Delivery, Position, Published, Subscription, ordering_key,
+};
+
+/// How often consumer lag is read.
+const LAG_INTERVAL: Duration = Duration::from_secs(5);
+/// Deliveries buffered between the partition consumers and job.
+const MERGED_QUEUE: usize = 1024;
+
+struct Inner {
+    nats: Nats,
+    metrics: BusMetrics,
+    member_id: Option<String>,
+    stream_ready: AtomicBool,
+    /// The stream's creation time in nanoseconds: identifies it in positions.
+    epoch: AtomicU64,
+}
+
+/// [`Bus`] on JetStream. Cheap to clone.
+#[derive(Clone)]
+pub struct NatsBus {
+    inner: Arc<Inner>,
+}
+
+/// The partition of a message (stable across processes and versions).
+pub fn partition_of(msg: &PushMsg, partitions: u32) -> u32 {
+    (stable_hash(&[ordering_key(msg).as_bytes()]) % u64::from(partitions.max(1))) as u32
+}
+
+impl NatsBus {
+    /// A bus for publishing (logic). The stream is created or updated in the
+    /// background until it works; `stop` ends those attempts.
+    pub fn publisher(nats: Nats, metrics: BusMetrics, stop: CancellationToken) -> NatsBus {
+        Self::build(nats, metrics, None, stop)
+    }
+
+    /// A bus for consuming (job) as member `member_id` of the job group.
+    pub fn consumer(
+        nats: Nats,
+        metrics: BusMetrics,
+        member_id: String,
+        stop: CancellationToken,
+    ) -> NatsBus {
+        Self::build(nats, metrics, Some(member_id), stop)
+    }
+
+    fn build(
+        nats: Nats,
+        metrics: BusMetrics,
+        member_id: Option<String>,
+        stop: CancellationToken,
+    ) -> NatsBus {
+        let bus = NatsBus {
+            inner: Arc::new(Inner {
+                nats,
+                metrics,
+                member_id,
+                stream_ready: AtomicBool::new(false),
+                epoch: AtomicU64::new(0),
+            }),
+        };
+        let ensure = bus.clone();
+        tokio::spawn(async move {
+            let done = retry("create or update the push stream", &stop, || {
+                ensure.ensure_stream()
+            })
+            .await;
+            if done.is_some() {
+                ensure.inner.stream_ready.store(true, Ordering::SeqCst);
+            }
+        });
+        bus
+    }
+
+    fn config(&self) -> &NatsConfig {
+        self.inner.nats.config()
+    }
+
+    /// Connected to NATS and the stream exists.
+    pub fn is_ready(&self) -> bool {
+        self.inner.stream_ready.load(Ordering::SeqCst) && self.inner.nats.is_connected()
+    }
+
+    pub fn subject(&self, partition: u32) -> String {
+        format!("{}.{partition}", self.config().stream.subject_prefix)
+    }
+
+    fn stream_config(&self) -> stream::Config {
+        let config = &self.config().stream;
+        stream::Config {
+            name: config.name.clone(),
+            subjects: vec![format!("{}.*", config.subject_prefix)],
+            retention: match config.retention {
+                Retention::Workqueue => stream::RetentionPolicy::WorkQueue,
+                Retention::Limits => stream::RetentionPolicy::Limits,
+            },
+            storage: storage_type(config.storage),
+            num_replicas: config.replicas.max(1) as usize,
+            max_age: config.max_age,
+            max_bytes: config.max_bytes,
+            duplicate_window: config.duplicate_window,
+            ..Default::default()
+        }
+    }
+
+    async fn ensure_stream(&self) -> Result<(), NatsError> {
+        let info = self
+            .inner
+            .nats
+            .jetstream()
+            .create_or_update_stream(self.stream_config())
+            .await
+            .map_err(NatsError::request)?;
+        let epoch = info.created.unix_timestamp_nanos().max(1) as u64;
+        self.inner.epoch.store(epoch, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Bus for NatsBus {
+    async fn publish(&self, msg: PushMsg, msg_id: Option<String>) -> Result<Published, BusError> {
+        let subject = self.subject(partition_of(&msg, self.config().partitions));
+        let payload = msg.encode_to_vec();
+        let mut headers = async_nats::HeaderMap::new();
+        if let Some(id) = msg_id {
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+        }
+        let ack = self
+            .inner
+            .nats
+            .jetstream()
+            .publish_with_headers(subject, headers, payload.into())
+            .await
+            .map_err(|e| BusError::Unavailable(e.to_string()))?
+            .await
+            .map_err(|e| BusError::Unavailable(e.to_string()))?;
+        if !ack.duplicate {
+            self.inner.metrics.published.inc();
+        }
+        Ok(Published {
+            duplicate: ack.duplicate,
+        })
+    }
+
+    async fn subscribe(&self) -> Result<Subscription, BusError> {
+        let member = self
+            .inner
+            .member_id
+            .clone()
+            .ok_or_else(|| BusError::Other("this bus was built for publishing".into()))?;
+        let (tx, rx) = mpsc::channel(MERGED_QUEUE);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(self.clone().consume(member, tx, stop.clone()));
+        Ok(Subscription::with_close(rx, stop, task))
+    }
+}
+
+/// One partition being consumed.
+struct Worker {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl NatsBus {
+    /// Follows the leases: consumes the partitions this member owns.
+    async fn consume(self, member: String, tx: mpsc::Sender<Delivery>, stop: CancellationToken) {
+        let config = self.config().clone();
+        let Some(store) = retry("open the lease bucket", &stop, || {
+            self.inner.nats.bucket(
+                &config.buckets.leases,
+                config.lease_ttl,
+                pushcluster_api::config::Storage::Memory,
+            )
+        })
+        .await
+        else {
+            return;
+        };
+        // Positions need the stream's epoch.
+        if retry("read the push stream", &stop, || self.ensure_stream())
+            .await
+            .is_none()
+        {
+            return;
+        }
+        self.inner.stream_ready.store(true, Ordering::SeqCst);
+        let (mut events, leases) = lease::spawn(
+            store,
+            member,
+            config.partitions,
+            config.lease_ttl,
+            stop.clone(),
+        );
+        let lag: Arc<Mutex<HashMap<u32, u64>>> = Arc::default();
+        let mut workers: HashMap<u32, Worker> = HashMap::new();
+        let mut lag_ticks = tokio::time::interval(LAG_INTERVAL);
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(LeaseEvent::Acquired { partition, generation }) => {
+                        if let Some(old) = workers.remove(&partition) {
+                            old.stop.cancel();
+                        }
+                        let worker_stop = stop.child_token();
+                        let task = tokio::spawn(self.clone().run_partition(
+                            partition,
+                            generation,
+                            tx.clone(),
+                            worker_stop.clone(),
+                        ));
+                        workers.insert(partition, Worker { stop: worker_stop, task });
+                    }
+                    Some(LeaseEvent::Lost { partition }) => {
+                        if let Some(worker) = workers.remove(&partition) {
+                            worker.stop.cancel();
+                        }
+                        if let Ok(mut lag) = lag.lock() {
+                            lag.remove(&partition);
+                        }
+                    }
+                    // The lease manager ended: stop is cancelled.
+                    None => break,
+                },
+                _ = lag_ticks.tick() => {
+                    self.report_lag(&workers, &lag).await;
+                }
+            }
+        }
+        for (_, worker) in workers {
+            worker.stop.cancel();
+            let _ = worker.task.await;
+        }
+        let _ = leases.await;
+        self.inner.metrics.pending.set(0);
+    }
+
+    /// Messages not yet acked in the partitions this member owns.
+    async fn report_lag(&self, workers: &HashMap<u32, Worker>, lag: &Mutex<HashMap<u32, u64>>) {
+        let config = self.config();
+        let Ok(stream) = self
+            .inner
+            .nats
+            .jetstream()
+            .get_stream(&config.stream.name)
+            .await
+        else {
+            return;
+        };
+        for partition in workers.keys() {
+            let name = consumer_name(config, *partition);
+            if let Ok(info) = stream.consumer_info(&name).await
+                && let Ok(mut lag) = lag.lock()
+            {
+                lag.insert(*partition, info.num_pending + info.num_ack_pending as u64);
+            }
+        }
+        if let Ok(lag) = lag.lock() {
+            self.inner
+                .metrics
+                .pending
+                .set(i64::try_from(lag.values().sum::<u64>()).unwrap_or(i64::MAX));
+        }
+    }
+
+    async fn run_partition(
+        self,
+        partition: u32,
+        generation: u64,
+        tx: mpsc::Sender<Delivery>,
+        stop: CancellationToken,
+    ) {
+        tracing::info!(partition, generation, "consuming partition");
+        let mut delay = Duration::from_millis(100);
+        while !stop.is_cancelled() {
+            match self
+                .consume_partition(partition, generation, &tx, &stop)
+                .await
+            {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::warn!(partition, %error, "partition consumer failed; restarting");
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        tracing::info!(partition, "stopped consuming partition");
+    }
+
+    /// Resets the partition's consumer to its ack floor and forwards its
+    /// messages until `stop` (Ok) or an error.
+    async fn consume_partition(
+        &self,
+        partition: u32,
+        generation: u64,
+        tx: &mpsc::Sender<Delivery>,
+        stop: &CancellationToken,
+    ) -> Result<(), NatsError> {
+        let config = self.config();
+        let stream = self
+            .inner
+            .nats
+            .jetstream()
+            .get_stream(&config.stream.name)
+            .await
+            .map_err(NatsError::request)?;
+        let name = consumer_name(config, partition);
+        let start = match stream.consumer_info(&name).await {
+            Ok(info) => Some(info.ack_floor.stream_sequence + 1),
+            Err(error)
+                if error.kind()
+                    == async_nats::jetstream::context::ConsumerInfoErrorKind::NotFound =>
+            {
+                None
+            }
+            Err(error) => return Err(NatsError::request(error)),
+        };
+        if start.is_some() {
+            match stream.delete_consumer(&name).await {
+                Ok(_) => {}
+                Err(error) if is_not_found(&error) => {}
+                Err(error) => return Err(NatsError::request(error)),
+            }
+        }
+        let consumer = stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: self.subject(partition),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: config.ack_wait,
+                max_deliver: i64::from(config.max_deliver),
+                max_ack_pending: i64::from(config.max_ack_pending),
+                deliver_policy: match start {
+                    Some(start_sequence) => {
+                        consumer::DeliverPolicy::ByStartSequence { start_sequence }
+                    }
+                    None => consumer::DeliverPolicy::All,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(NatsError::request)?;
+        let mut messages = consumer.messages().await.map_err(NatsError::request)?;
+        let epoch = self.inner.epoch.load(Ordering::SeqCst);
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                next = messages.next() => next,
+            };
+            let message = match next {
+                Some(Ok(message)) => message,
+                Some(Err(error)) => return Err(NatsError::request(error)),
+                None => return Err(NatsError::Request("message stream ended".into())),
+            };
+            let Some(delivery) = self.delivery(message, epoch, partition, generation).await else {
+                continue;
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                sent = tx.send(delivery) => if sent.is_err() {
+                    // Nobody consumes any more.
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    async fn delivery(
+        &self,
+        message: jetstream::Message,
+        epoch: u64,
+        partition: u32,
+        generation: u64,
+    ) -> Option<Delivery> {
+        let (seq, attempt, published_at) = match message.info() {
+            Ok(info) => (
+                info.stream_sequence,
+                u32::try_from(info.delivered).unwrap_or(u32::MAX),
+                SystemTime::UNIX_EPOCH
+                    + Duration::from_nanos(info.published.unix_timestamp_nanos().max(0) as u64),
+            ),
+            Err(error) => {
+                tracing::warn!(%error, "JetStream message without delivery info");
+                return None;
+            }
+        };
+        let (message, acker) = message.split();
+        let msg = match PushMsg::decode(message.payload) {
+            Ok(msg) => msg,
+            Err(error) => {
+                tracing::warn!(seq, %error, "undecodable PushMsg dropped");
+                self.inner
+                    .metrics
+                    .dropped
+                    .with_label_values(&["undecodable"])
+                    .inc();
+                let _ = acker.ack_with(jetstream::AckKind::Term).await;
+                return None;
+            }
+        };
+        if attempt > 1 {
+            self.inner.metrics.redelivered.inc();
+        }
+        let position = Position {
+            epoch,
+            partition,
+            generation,
+            seq,
+        };
+        let acker = NatsAcker {
+            acker,
+            attempt,
+            max_deliver: self.config().max_deliver,
+            metrics: self.inner.metrics.clone(),
+        };
+        Some(Delivery::new(
+            msg,
+            published_at,
+            attempt,
+            position,
+            Box::new(acker),
+        ))
+    }
+}
+
+fn consumer_name(config: &NatsConfig, partition: u32) -> String {
+    format!("{}-{partition}", config.consumer_prefix)
+}
+
+fn is_not_found(error: &stream::ConsumerError) -> bool {
+    matches!(
+        error.kind(),
+        stream::ConsumerErrorKind::JetStream(js) if js.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND
+    )
+}
+
+struct NatsAcker {
+    acker: jetstream::message::Acker,
+    attempt: u32,
+    max_deliver: u32,
+    metrics: BusMetrics,
+}
+
+#[async_trait]
+impl Acker for NatsAcker {
+    async fn ack(self: Box<Self>) {
+        if let Err(error) = self.acker.ack().await {
+            // The message comes again; comets drop it as a duplicate.
+            tracing::debug!(%error, "ack failed");
+        }
+    }
+
+    async fn nack(self: Box<Self>, delay: Duration) {
+        let kind = if self.attempt >= self.max_deliver {
+            self.metrics
+                .dropped
+                .with_label_values(&["max_deliveries"])
+                .inc();
+            tracing::warn!(
+                attempts = self.attempt,
+                "message given up after its last delivery attempt"
+            );
+            jetstream::AckKind::Term
+        } else {
+            jetstream::AckKind::Nak(Some(delay))
+        };
+        if let Err(error) = self.acker.ack_with(kind).await {
+            tracing::debug!(%error, "nack failed");
+        }
+    }
+}
