@@ -117,10 +117,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .find(|(name, _)| *name == "comet.grpc")
         .map(|(_, addr)| addr.to_string())
         .unwrap_or_default();
-    let discovery = Arc::new(StaticDiscovery::new(vec![CometEndpoint {
-        id: id.clone(),
-        addr: comet_grpc,
-    }]));
+    let discovery = Arc::new(StaticDiscovery::new(
+        vec![CometEndpoint {
+            id: id.clone(),
+            addr: comet_grpc,
+        }],
+        Vec::new(),
+    ));
     let connector = InProcessConnector::new().with(id.clone(), comet.clone());
     let job = Arc::new(Job::new(
         config.job.clone(),
@@ -190,13 +193,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 .map_err(|e| e.to_string())
         })
     });
-    let comet_task = tokio::spawn(comet_server.run(shutdown.clone(), force.clone()));
-
-    readiness.set_ready(true);
-    tracing::info!(comet = %id, version = env!("CARGO_PKG_VERSION"), "pushcluster standalone ready");
+    let mut accepting = comet_server.accepting();
+    let comet_task =
+        tokio::spawn(comet_server.run(shutdown.clone(), force.clone(), readiness.clone()));
+    // Ready once the comet accepts clients (after logic took its first report).
+    tokio::select! {
+        _ = accepting.wait_for(|accepting| *accepting) => {
+            tracing::info!(comet = %id, version = env!("CARGO_PKG_VERSION"), "pushcluster standalone ready");
+        }
+        _ = shutdown.cancelled() => {}
+    }
 
     shutdown.cancelled().await;
-    readiness.set_ready(false);
     // No new pushes; what is queued still reaches the connections that stay
     // until the comet has drained them.
     stop_http.cancel();

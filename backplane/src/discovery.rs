@@ -1,5 +1,6 @@
-//! Where the comets are. Job watches this set to know which comets to
-//! deliver to: comet id (the server id stored in sessions) → gRPC address.
+//! Where the comets and logic are. Job watches the comet set to know which
+//! comets to deliver to: comet id (the server id stored in sessions) → gRPC
+//! address. Comets watch the logic set to balance their calls.
 
 use tokio::sync::watch;
 
@@ -15,31 +16,40 @@ pub struct CometEndpoint {
 pub trait Discovery: Send + Sync + 'static {
     /// The current comet set; the receiver sees every change.
     fn comets(&self) -> watch::Receiver<Vec<CometEndpoint>>;
+    /// The current logic gRPC addresses (host:port).
+    fn logics(&self) -> watch::Receiver<Vec<String>>;
 }
 
-/// A fixed list (configuration), changeable in-process with [`set`](Self::set).
+/// Fixed lists (configuration), changeable in-process with [`set`](Self::set).
 pub struct StaticDiscovery {
-    tx: watch::Sender<Vec<CometEndpoint>>,
+    comets: watch::Sender<Vec<CometEndpoint>>,
+    logics: watch::Sender<Vec<String>>,
 }
 
 impl StaticDiscovery {
-    pub fn new(mut comets: Vec<CometEndpoint>) -> Self {
+    pub fn new(mut comets: Vec<CometEndpoint>, mut logics: Vec<String>) -> Self {
         comets.sort();
+        logics.sort();
         StaticDiscovery {
-            tx: watch::Sender::new(comets),
+            comets: watch::Sender::new(comets),
+            logics: watch::Sender::new(logics),
         }
     }
 
-    /// Replaces the set.
+    /// Replaces the comet set.
     pub fn set(&self, mut comets: Vec<CometEndpoint>) {
         comets.sort();
-        self.tx.send_replace(comets);
+        self.comets.send_replace(comets);
     }
 }
 
 impl Discovery for StaticDiscovery {
     fn comets(&self) -> watch::Receiver<Vec<CometEndpoint>> {
-        self.tx.subscribe()
+        self.comets.subscribe()
+    }
+
+    fn logics(&self) -> watch::Receiver<Vec<String>> {
+        self.logics.subscribe()
     }
 }
 
@@ -53,7 +63,11 @@ mod tests {
             id: "c1".into(),
             addr: "127.0.0.1:1".into(),
         };
-        let discovery = StaticDiscovery::new(vec![one.clone()]);
+        let discovery = StaticDiscovery::new(vec![one.clone()], vec!["127.0.0.1:2".into()]);
+        assert_eq!(
+            *discovery.logics().borrow(),
+            vec!["127.0.0.1:2".to_string()]
+        );
         let mut rx = discovery.comets();
         assert_eq!(*rx.borrow_and_update(), vec![one]);
         discovery.set(Vec::new());

@@ -15,6 +15,7 @@ pub mod bucket;
 pub mod channel;
 mod conn;
 pub mod grpc;
+pub mod logic_client;
 pub mod metrics;
 mod ratelimit;
 mod report;

@@ -13,7 +13,15 @@ use crate::Comet;
 /// goim retries a failed report after a second.
 const RETRY: Duration = Duration::from_secs(1);
 
-pub(crate) async fn run(comet: Arc<Comet>, stop: CancellationToken) {
+/// Reports until `stop`. The first report is made before this returns
+/// `ready` (logic only sends pushes to comets it has heard from), retrying
+/// every second until logic answers.
+pub(crate) async fn run(
+    comet: Arc<Comet>,
+    stop: CancellationToken,
+    ready: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut ready = Some(ready);
     let mut ticks = tokio::time::interval(comet.config().online_report_interval);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut failing = false;
@@ -41,6 +49,9 @@ pub(crate) async fn run(comet: Arc<Comet>, stop: CancellationToken) {
                     if failing {
                         tracing::info!("online reports to logic work again");
                         failing = false;
+                    }
+                    if let Some(ready) = ready.take() {
+                        let _ = ready.send(());
                     }
                     break;
                 }

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use pushcluster_api::health::Readiness;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -33,6 +34,7 @@ pub struct CometServer {
     tcp: Vec<TcpListener>,
     websocket: Vec<TcpListener>,
     grpc: TcpListener,
+    accepting: tokio::sync::watch::Sender<bool>,
 }
 
 impl CometServer {
@@ -56,6 +58,7 @@ impl CometServer {
             tcp,
             websocket,
             grpc,
+            accepting: tokio::sync::watch::Sender::new(false),
         })
     }
 
@@ -82,14 +85,47 @@ impl CometServer {
         &self.comet
     }
 
+    /// Turns true once clients are accepted.
+    pub fn accepting(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.accepting.subscribe()
+    }
+
     /// Serves clients and job until `shutdown`; then stops accepting, drains
     /// the connections over `comet.drain` (at once if `force` is cancelled),
     /// and stops the gRPC service last so job can push during the drain.
-    pub async fn run(self, shutdown: CancellationToken, force: CancellationToken) {
+    ///
+    /// Clients are accepted once logic has taken this comet's first report;
+    /// `ready` is set then, and cleared when the drain starts.
+    pub async fn run(
+        self,
+        shutdown: CancellationToken,
+        force: CancellationToken,
+        ready: Readiness,
+    ) {
         let comet = self.comet;
         let stop_accepting = CancellationToken::new();
         let stop_grpc = CancellationToken::new();
         let mut tasks = tokio::task::JoinSet::new();
+        let grpc = tokio::spawn(crate::grpc::serve(
+            self.grpc,
+            comet.clone(),
+            stop_grpc.clone(),
+        ));
+        let (reported, first_report) = tokio::sync::oneshot::channel();
+        tasks.spawn(crate::report::run(
+            comet.clone(),
+            stop_grpc.clone(),
+            reported,
+        ));
+        let started = tokio::select! {
+            result = first_report => result.is_ok(),
+            _ = shutdown.cancelled() => false,
+        };
+        if started {
+            ready.set_ready(true);
+            self.accepting.send_replace(true);
+            tracing::info!(comet = %comet.id(), "accepting clients");
+        }
         for listener in self.tcp {
             tasks.spawn(crate::tcp::accept_loop(
                 listener,
@@ -106,14 +142,8 @@ impl CometServer {
                 stop_accepting.clone(),
             ));
         }
-        tasks.spawn(crate::report::run(comet.clone(), stop_grpc.clone()));
-        let grpc = tokio::spawn(crate::grpc::serve(
-            self.grpc,
-            comet.clone(),
-            stop_grpc.clone(),
-        ));
-
         shutdown.cancelled().await;
+        ready.set_ready(false);
         stop_accepting.cancel();
         comet.drain(comet.config().drain, &force).await;
         stop_grpc.cancel();

@@ -17,6 +17,7 @@
 //! traits, and comets only through [`CometLink`].
 #![forbid(unsafe_code)]
 
+pub mod grpc;
 pub mod metrics;
 
 use std::collections::{BTreeMap, HashMap};
@@ -148,6 +149,8 @@ impl StreamFields {
 struct Shared {
     config: JobConfig,
     comets: RwLock<BTreeMap<String, Arc<dyn CometLink>>>,
+    /// The address each linked comet was linked at.
+    addrs: Mutex<HashMap<String, String>>,
     metrics: JobMetrics,
 }
 
@@ -557,6 +560,7 @@ impl Job {
         let shared = Arc::new(Shared {
             config,
             comets: RwLock::new(BTreeMap::new()),
+            addrs: Mutex::new(HashMap::new()),
             metrics,
         });
         Job {
@@ -585,7 +589,16 @@ impl Job {
         let Ok(mut comets) = self.shared.comets.write() else {
             return;
         };
-        comets.retain(|id, _| endpoints.iter().any(|e| &e.id == id));
+        let Ok(mut addrs) = self.shared.addrs.lock() else {
+            return;
+        };
+        // Gone, or back at another address (a restarted pod): link anew.
+        comets.retain(|id, _| {
+            endpoints
+                .iter()
+                .any(|e| &e.id == id && addrs.get(id) == Some(&e.addr))
+        });
+        addrs.retain(|id, _| comets.contains_key(id));
         for endpoint in endpoints {
             if comets.contains_key(&endpoint.id) {
                 continue;
@@ -594,6 +607,7 @@ impl Job {
                 Ok(link) => {
                     tracing::info!(comet = %endpoint.id, addr = %endpoint.addr, "comet added");
                     comets.insert(endpoint.id.clone(), link);
+                    addrs.insert(endpoint.id.clone(), endpoint.addr.clone());
                 }
                 Err(error) => {
                     tracing::warn!(comet = %endpoint.id, %error, "cannot link to comet");

@@ -182,7 +182,7 @@ fn start(comets: Vec<(&str, Arc<RecordingComet>)>, config: JobConfig) -> Harness
     let metrics = JobMetrics::new(&prometheus::Registry::new()).expect("metrics");
     let job = Arc::new(Job::new(config, Arc::new(connector), metrics.clone()));
     let bus = MemoryBus::default();
-    let discovery = Arc::new(StaticDiscovery::new(endpoints));
+    let discovery = Arc::new(StaticDiscovery::new(endpoints, Vec::new()));
     let shutdown = CancellationToken::new();
     let running = tokio::spawn({
         let (job, bus, discovery, shutdown) = (

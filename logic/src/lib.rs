@@ -156,17 +156,32 @@ impl Logic {
         }
     }
 
-    /// Publishes one PUSH message per comet holding some of the keys.
+    /// Publishes one PUSH message per live comet holding some of the keys.
+    /// Sessions on a comet that stopped reporting count as offline: that
+    /// comet is gone and its clients reconnect elsewhere.
     async fn publish_to_servers(
         &self,
         op: i32,
+        target: &'static str,
         key_servers: HashMap<String, String>,
         msg: Bytes,
         idempotency_key: Option<&str>,
     ) -> Result<(), LogicError> {
+        let live = self.online().await?;
         let mut by_server: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut dead = 0u64;
         for (key, server) in key_servers {
-            by_server.entry(server).or_default().push(key);
+            if live.reports.iter().any(|report| report.server == server) {
+                by_server.entry(server).or_default().push(key);
+            } else {
+                dead += 1;
+            }
+        }
+        if dead > 0 {
+            self.metrics
+                .unknown_targets
+                .with_label_values(&[target])
+                .inc_by(dead);
         }
         for (server, mut keys) in by_server {
             keys.sort();
@@ -203,7 +218,7 @@ impl Logic {
                 .with_label_values(&["key"])
                 .inc_by(offline as u64);
         }
-        self.publish_to_servers(op, found, msg, idempotency_key)
+        self.publish_to_servers(op, "key", found, msg, idempotency_key)
             .await
     }
 
@@ -225,7 +240,7 @@ impl Logic {
                 .with_label_values(&["mid"])
                 .inc_by(mids.len() as u64);
         }
-        self.publish_to_servers(op, found, msg, idempotency_key)
+        self.publish_to_servers(op, "mid", found, msg, idempotency_key)
             .await
     }
 
@@ -661,11 +676,24 @@ mod tests {
         assert!(matches!(error, LinkError::Rejected(_)));
     }
 
+    async fn report(logic: &Logic, server: &str) {
+        logic
+            .renew_online(OnlineReq {
+                server: server.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("renew");
+    }
+
     #[tokio::test]
-    async fn key_push_is_split_per_comet() {
+    async fn key_push_is_split_per_live_comet() {
         let (logic, bus) = logic();
         let mut sub = bus.subscribe().await.expect("subscribe");
-        for (key, server) in [("a", "c1"), ("b", "c2"), ("c", "c1")] {
+        report(&logic, "c1").await;
+        report(&logic, "c2").await;
+        logic.invalidate_online();
+        for (key, server) in [("a", "c1"), ("b", "c2"), ("c", "c1"), ("d", "dead")] {
             logic
                 .connect(connect_req(server, &format!(r#"{{"key":"{key}"}}"#)))
                 .await
@@ -674,14 +702,30 @@ mod tests {
         logic
             .push_keys(
                 7,
-                vec!["a".into(), "b".into(), "c".into(), "gone".into()],
+                vec![
+                    "a".into(),
+                    "b".into(),
+                    "c".into(),
+                    "d".into(),
+                    "gone".into(),
+                ],
                 Bytes::from_static(b"hi"),
                 None,
             )
             .await
             .expect("push");
-        let first = sub.next().await.expect("first").msg;
-        let second = sub.next().await.expect("second").msg;
+        let wait = Duration::from_secs(5);
+        let mut next = async || {
+            let delivery = tokio::time::timeout(wait, sub.next())
+                .await
+                .expect("in time")
+                .expect("a delivery");
+            let msg = delivery.msg.clone();
+            delivery.ack().await;
+            msg
+        };
+        let first = next().await;
+        let second = next().await;
         assert_eq!(
             (first.server.as_str(), first.keys.clone()),
             ("c1", vec!["a".into(), "c".into()])
@@ -692,6 +736,21 @@ mod tests {
         );
         assert_eq!(first.operation, 7);
         assert_eq!(&first.msg[..], b"hi");
+        // "d" is on a comet that never reported, "gone" has no session.
+        assert_eq!(
+            logic
+                .metrics
+                .unknown_targets
+                .with_label_values(&["key"])
+                .get(),
+            2
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), sub.next())
+                .await
+                .is_err(),
+            "nothing for the dead comet"
+        );
     }
 
     #[tokio::test]
