@@ -3,6 +3,8 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod fleet;
+mod process;
 mod standalone;
 
 use std::io::IsTerminal;
@@ -46,6 +48,24 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Run a comet: client connections (TCP, WebSocket) and the
+    /// goim.comet.Comet service; asks logic through gRPC (distributed mode).
+    Comet {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Run logic: the HTTP push API and the goim.logic.Logic service, on
+    /// NATS JetStream and KV (distributed mode).
+    Logic {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Run a job: consumes the NATS push stream and delivers to comets over
+    /// gRPC (distributed mode).
+    Job {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Print the effective configuration (defaults plus the file) as YAML.
     Config {
         #[arg(long, short)]
@@ -81,20 +101,31 @@ fn init_logging(cli: &Cli, config: &Config) {
     }
 }
 
+/// Loads the config, sets up logging and runs `command` on a runtime.
+fn run<F, Fut>(cli: &Cli, path: Option<&Path>, command: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Config) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let config = load_config(path)?;
+    init_logging(cli, &config);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(command(config))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Config { config } => load_config(config.as_deref())
             .and_then(|config| Ok(config.to_yaml()?))
             .map(|yaml| print!("{yaml}")),
-        Command::Standalone { config } => load_config(config.as_deref()).and_then(|config| {
-            init_logging(&cli, &config);
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the async runtime")?
-                .block_on(standalone::run(config))
-        }),
+        Command::Standalone { config } => run(&cli, config.as_deref(), standalone::run),
+        Command::Comet { config } => run(&cli, config.as_deref(), fleet::run_comet),
+        Command::Logic { config } => run(&cli, config.as_deref(), fleet::run_logic),
+        Command::Job { config } => run(&cli, config.as_deref(), fleet::run_job),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,13 +3,9 @@
 //! in place of gRPC. The comet and logic gRPC services still listen, so
 //! goim's own processes and tools can talk to them.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::Context;
 use futures_util::TryFutureExt;
-use futures_util::future::BoxFuture;
 use pushcluster_api::config::Config;
 use pushcluster_api::health::Readiness;
 use pushcluster_backplane::bus::{BusMetrics, MemoryBus, MemoryBusConfig};
@@ -22,76 +18,12 @@ use pushcluster_job::metrics::JobMetrics;
 use pushcluster_job::{InProcessConnector, Job};
 use pushcluster_logic::Logic;
 use pushcluster_logic::metrics::LogicMetrics;
-use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
-/// The comet's server id: `comet.id`, else env `POD_NAME`, else the hostname.
-pub fn comet_id(config: &Config) -> String {
-    if let Some(id) = &config.comet.id {
-        return id.clone();
-    }
-    if let Ok(pod) = std::env::var("POD_NAME")
-        && !pod.trim().is_empty()
-    {
-        return pod;
-    }
-    let host = gethostname::gethostname().to_string_lossy().into_owned();
-    if host.is_empty() {
-        "comet".to_string()
-    } else {
-        host
-    }
-}
-
-fn log_listening(name: &str, addr: SocketAddr) {
-    tracing::info!(name, %addr, "listening");
-}
-
-/// First SIGTERM/SIGINT: graceful shutdown. Second: skip the rest of the drain.
-fn watch_signals(shutdown: CancellationToken, force: CancellationToken) -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    tokio::spawn(async move {
-        for round in 0.. {
-            let name = tokio::select! {
-                _ = term.recv() => "SIGTERM",
-                _ = int.recv() => "SIGINT",
-            };
-            if round == 0 {
-                tracing::info!(
-                    signal = name,
-                    "shutting down; send it again to stop at once"
-                );
-                shutdown.cancel();
-            } else {
-                tracing::warn!(signal = name, "stopping at once");
-                force.cancel();
-                return;
-            }
-        }
-    });
-    Ok(())
-}
-
-/// Marks the run failed and starts a shutdown when a server stops by itself.
-fn on_failure(
-    failed: &Arc<AtomicBool>,
-    shutdown: &CancellationToken,
-    what: &'static str,
-    error: impl std::fmt::Display,
-) {
-    tracing::error!(%error, "{what} failed");
-    failed.store(true, Ordering::SeqCst);
-    shutdown.cancel();
-}
+use crate::process::{Supervisor, comet_id, log_listening, metrics_registry};
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let registry = prometheus::Registry::new();
-    registry
-        .register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        ))
-        .context("cannot register process metrics")?;
+    let registry = metrics_registry()?;
     let readiness = Readiness::new();
 
     let bus = MemoryBus::with_metrics(MemoryBusConfig::default(), BusMetrics::new(&registry)?);
@@ -141,35 +73,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     log_listening("logic.grpc", logic_grpc.local_addr()?);
     log_listening("admin", admin.local_addr()?);
 
-    let shutdown = CancellationToken::new();
-    let force = CancellationToken::new();
-    watch_signals(shutdown.clone(), force.clone())?;
-    let failed = Arc::new(AtomicBool::new(false));
-
-    // Each server stops on its own token; one that fails stops the process.
-    let spawn = |what: &'static str, server: BoxFuture<'static, Result<(), String>>| {
-        let (failed, shutdown) = (failed.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            if let Err(error) = server.await {
-                on_failure(&failed, &shutdown, what, error);
-            }
-        })
-    };
+    let supervisor = Supervisor::new()?;
     let stop_admin = CancellationToken::new();
-    let admin_task = spawn(
-        "admin server",
-        Box::pin(
-            crate::admin::serve(
-                admin,
-                registry.clone(),
-                readiness.clone(),
-                stop_admin.clone(),
-            )
-            .map_err(|e| e.to_string()),
-        ),
+    let admin_task = supervisor.spawn_admin(
+        admin,
+        registry.clone(),
+        readiness.clone(),
+        stop_admin.clone(),
     );
     let stop_http = CancellationToken::new();
-    let http_task = spawn(
+    let http_task = supervisor.spawn(
         "logic HTTP server",
         Box::pin(
             pushcluster_logic::http::serve(http, logic.clone(), stop_http.clone())
@@ -177,7 +90,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ),
     );
     let stop_logic_grpc = CancellationToken::new();
-    let logic_grpc_task = spawn(
+    let logic_grpc_task = supervisor.spawn(
         "logic gRPC server",
         Box::pin(
             pushcluster_logic::grpc::serve(logic_grpc, logic.clone(), stop_logic_grpc.clone())
@@ -185,7 +98,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ),
     );
     let stop_job = CancellationToken::new();
-    let job_task = spawn("job", {
+    let job_task = supervisor.spawn("job", {
         let (job, stop) = (job.clone(), stop_job.clone());
         Box::pin(async move {
             job.run(Arc::new(bus), discovery, stop)
@@ -193,9 +106,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 .map_err(|e| e.to_string())
         })
     });
+    let shutdown = supervisor.shutdown.clone();
     let mut accepting = comet_server.accepting();
-    let comet_task =
-        tokio::spawn(comet_server.run(shutdown.clone(), force.clone(), readiness.clone()));
+    let comet_task = tokio::spawn(comet_server.run(
+        shutdown.clone(),
+        supervisor.force.clone(),
+        readiness.clone(),
+    ));
     // Ready once the comet accepts clients (after logic took its first report).
     tokio::select! {
         _ = accepting.wait_for(|accepting| *accepting) => {
@@ -213,20 +130,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     stop_job.cancel();
     stop_logic_grpc.cancel();
-    for (name, task) in [
+    let tasks = vec![
         ("logic HTTP", http_task),
         ("job", job_task),
         ("logic gRPC", logic_grpc_task),
-    ] {
-        if let Err(error) = task.await {
-            tracing::error!(%error, "{name} task failed");
-        }
-    }
+    ];
+    let finished = supervisor.finish(tasks).await;
     stop_admin.cancel();
     let _ = admin_task.await;
-    tracing::info!("stopped");
-    if failed.load(Ordering::SeqCst) {
-        anyhow::bail!("a server failed; see the log above");
-    }
-    Ok(())
+    finished
 }

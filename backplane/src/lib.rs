@@ -11,6 +11,7 @@
 
 pub mod bus;
 pub mod discovery;
+pub mod kubernetes;
 pub mod nats;
 pub mod registry;
 #[cfg(any(test, feature = "test-support"))]
