@@ -115,8 +115,9 @@ enum CallOutcome {
     CometGone,
     /// The comet refused the request as invalid; retrying cannot help.
     Rejected(LinkError),
-    /// Failed for `job.delivery.retry_for`.
-    GaveUp,
+    /// Failed for `job.delivery.retry_for`, or the comet is marked down
+    /// (it kept failing; its clients are reconnecting elsewhere).
+    Unavailable,
     /// A newer owner of the stream partition has delivered (fencing): this
     /// job must leave the message to it.
     Stale,
@@ -146,8 +147,23 @@ impl StreamFields {
     }
 }
 
+/// Consecutive failed calls after which a comet is marked down: calls to it
+/// then fail at once, so one dead comet does not hold up every room.
+const DOWN_AFTER: u32 = 3;
+const FIRST_DOWN_PERIOD: Duration = Duration::from_secs(1);
+const MAX_DOWN_PERIOD: Duration = Duration::from_secs(30);
+
+/// A comet's recent call history (a circuit breaker).
+#[derive(Default)]
+struct Health {
+    failures: u32,
+    down_until: Option<Instant>,
+    down_for: Duration,
+}
+
 struct Shared {
     config: JobConfig,
+    health: Mutex<HashMap<String, Health>>,
     comets: RwLock<BTreeMap<String, Arc<dyn CometLink>>>,
     /// The address each linked comet was linked at.
     addrs: Mutex<HashMap<String, String>>,
@@ -166,8 +182,54 @@ impl Shared {
             .unwrap_or_default()
     }
 
+    /// Whether calls to the comet should fail at once (it is marked down and
+    /// its probe time has not come).
+    fn is_down(&self, id: &str) -> bool {
+        self.health
+            .lock()
+            .ok()
+            .and_then(|h| h.get(id).and_then(|h| h.down_until))
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    fn record_success(&self, id: &str) {
+        if let Ok(mut health) = self.health.lock()
+            && let Some(entry) = health.remove(id)
+            && entry.down_until.is_some()
+        {
+            tracing::info!(comet = id, "comet answers again");
+            self.update_down_gauge(&health);
+        }
+    }
+
+    /// Counts a failure; returns true when the comet is (now) down.
+    fn record_failure(&self, id: &str) -> bool {
+        let Ok(mut health) = self.health.lock() else {
+            return false;
+        };
+        let entry = health.entry(id.to_string()).or_default();
+        entry.failures += 1;
+        if entry.failures < DOWN_AFTER {
+            return false;
+        }
+        entry.down_for = if entry.down_for.is_zero() {
+            FIRST_DOWN_PERIOD
+        } else {
+            (entry.down_for * 2).min(MAX_DOWN_PERIOD)
+        };
+        entry.down_until = Some(Instant::now() + entry.down_for);
+        tracing::warn!(comet = id, down_for = ?entry.down_for, "comet keeps failing; skipping it for a while");
+        self.update_down_gauge(&health);
+        true
+    }
+
+    fn update_down_gauge(&self, health: &HashMap<String, Health>) {
+        let down = health.values().filter(|h| h.down_until.is_some()).count();
+        self.metrics.comets_down.set(down as i64);
+    }
+
     /// Calls one comet, retrying failures with exponential backoff until
-    /// `job.delivery.retry_for` has passed.
+    /// `job.delivery.retry_for` has passed or the comet is marked down.
     async fn call_comet<F, Fut, T>(&self, id: &str, kind: &'static str, call: F) -> CallOutcome
     where
         F: Fn(Arc<dyn CometLink>) -> Fut,
@@ -180,12 +242,16 @@ impl Shared {
             let Some(link) = self.comet(id) else {
                 return CallOutcome::CometGone;
             };
+            if self.is_down(id) {
+                return CallOutcome::Unavailable;
+            }
             match timeout(delivery.timeout, call(link)).await {
                 Ok(Ok(_)) => {
                     self.metrics
                         .comet_calls
                         .with_label_values(&[kind, "ok"])
                         .inc();
+                    self.record_success(id);
                     return CallOutcome::Ok;
                 }
                 Ok(Err(LinkError::Stale(reason))) => {
@@ -218,9 +284,12 @@ impl Shared {
                     tracing::debug!(comet = id, kind, "comet call timed out");
                 }
             }
+            if self.record_failure(id) {
+                return CallOutcome::Unavailable;
+            }
             if Instant::now() + backoff > give_up_at {
                 tracing::warn!(comet = id, kind, "giving up on a comet after retries");
-                return CallOutcome::GaveUp;
+                return CallOutcome::Unavailable;
             }
             self.metrics.retries.with_label_values(&[kind]).inc();
             tokio::time::sleep(backoff).await;
@@ -244,7 +313,6 @@ impl Shared {
             drop(deliveries);
             return;
         }
-        let gave_up = outcomes.iter().any(|o| matches!(o, CallOutcome::GaveUp));
         for outcome in outcomes {
             if let CallOutcome::Rejected(error) = outcome {
                 self.metrics
@@ -254,7 +322,13 @@ impl Shared {
                 tracing::warn!(kind, %error, "a comet rejected a push");
             }
         }
-        if gave_up {
+        let unavailable = outcomes
+            .iter()
+            .filter(|o| matches!(o, CallOutcome::Unavailable))
+            .count();
+        if unavailable > 0 && unavailable == outcomes.len() {
+            // No target took it: maybe this job cannot reach the comets. Give
+            // it back to the bus (up to its delivery limit).
             self.metrics
                 .failures
                 .with_label_values(&[kind, "gave_up"])
@@ -263,6 +337,13 @@ impl Shared {
                 delivery.nack(self.config.delivery.backoff_max).await;
             }
             return;
+        }
+        if unavailable > 0 {
+            // Others took it; the unreachable comets' clients miss it.
+            self.metrics
+                .dropped
+                .with_label_values(&[kind, "comet_unavailable"])
+                .inc_by((deliveries.len() * unavailable) as u64);
         }
         let now = SystemTime::now();
         for delivery in deliveries {
@@ -560,6 +641,7 @@ impl Job {
         let shared = Arc::new(Shared {
             config,
             comets: RwLock::new(BTreeMap::new()),
+            health: Mutex::new(HashMap::new()),
             addrs: Mutex::new(HashMap::new()),
             metrics,
         });

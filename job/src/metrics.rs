@@ -14,6 +14,7 @@ pub struct JobMetrics {
     pub room_batch: Histogram,
     pub latency: HistogramVec,
     pub comets: IntGauge,
+    pub comets_down: IntGauge,
     pub lanes: IntGauge,
 }
 
@@ -40,7 +41,7 @@ impl JobMetrics {
             )?,
             dropped: counter(
                 "pushcluster_job_messages_dropped_total",
-                "PushMsg acked without delivery, by kind and reason (unknown_comet: the target comet is gone, its clients reconnect elsewhere; no_comets; invalid).",
+                "PushMsg acked without delivery to some comet, by kind and reason (unknown_comet: the target comet is gone, its clients reconnect elsewhere; no_comets; invalid; comet_unavailable: one count per message and unreachable comet while others took it).",
                 &["kind", "reason"],
             )?,
             comet_calls: counter(
@@ -77,6 +78,10 @@ impl JobMetrics {
                 &["kind"],
             )?,
             comets: IntGauge::new("pushcluster_job_comets", "Comets job delivers to.")?,
+            comets_down: IntGauge::new(
+                "pushcluster_job_comets_unavailable",
+                "Comets skipped for now because their calls kept failing.",
+            )?,
             lanes: IntGauge::new(
                 "pushcluster_job_lanes",
                 "Active ordered delivery lanes (one per room, per target comet, and for broadcasts).",
@@ -93,6 +98,7 @@ impl JobMetrics {
         registry.register(Box::new(metrics.room_batch.clone()))?;
         registry.register(Box::new(metrics.latency.clone()))?;
         registry.register(Box::new(metrics.comets.clone()))?;
+        registry.register(Box::new(metrics.comets_down.clone()))?;
         registry.register(Box::new(metrics.lanes.clone()))?;
         Ok(metrics)
     }
@@ -104,7 +110,7 @@ impl JobMetrics {
             self.redelivered.with_label_values(&[kind]);
             self.delivered.with_label_values(&[kind]);
             self.retries.with_label_values(&[kind]);
-            for reason in ["unknown_comet", "no_comets", "invalid"] {
+            for reason in ["unknown_comet", "no_comets", "invalid", "comet_unavailable"] {
                 self.dropped.with_label_values(&[kind, reason]);
             }
             for result in ["ok", "error", "timeout"] {

@@ -455,3 +455,49 @@ async fn idle_lanes_exit_without_losing_messages() {
     assert_eq!(flat, (0..200).map(|i| i.to_string()).collect::<Vec<_>>());
     harness.stop().await;
 }
+
+#[tokio::test]
+async fn a_dead_comet_is_skipped_and_does_not_hold_up_the_others() {
+    let dead = Arc::new(RecordingComet::failing(u32::MAX));
+    let live = Arc::new(RecordingComet::default());
+    let mut config = JobConfig::default();
+    config.delivery.backoff_base = Duration::from_millis(1);
+    config.delivery.backoff_max = Duration::from_millis(2);
+    let harness = start(vec![("dead", dead.clone()), ("live", live.clone())], config);
+    // Separate batches: each waits for the previous one on both comets, so
+    // without the breaker every batch would wait out retry_for (30 s).
+    for i in 0..10 {
+        harness.publish(room("live://1", &i.to_string())).await;
+        live.wait_for(|calls| calls.len() > i).await;
+    }
+    live.wait_for(|calls| {
+        calls
+            .iter()
+            .map(|c| match c {
+                Call::Room { frames, .. } => frames.len(),
+                _ => 0,
+            })
+            .sum::<usize>()
+            == 10
+    })
+    .await;
+    let flat: Vec<String> = live.room_bodies("live://1").into_iter().flatten().collect();
+    assert_eq!(flat, (0..10).map(|i| i.to_string()).collect::<Vec<_>>());
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while harness.metrics.delivered.with_label_values(&["room"]).get() < 10 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("acked although one comet is down");
+    assert_eq!(harness.metrics.comets_down.get(), 1);
+    assert!(
+        harness
+            .metrics
+            .dropped
+            .with_label_values(&["room", "comet_unavailable"])
+            .get()
+            >= 1
+    );
+    harness.stop().await;
+}
