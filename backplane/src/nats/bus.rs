@@ -154,6 +154,11 @@ impl NatsBus {
 #[async_trait]
 impl Bus for NatsBus {
     async fn publish(&self, msg: PushMsg, msg_id: Option<String>) -> Result<Published, BusError> {
+        // While disconnected the client would buffer the message and send it
+        // after reconnecting, although the caller was told it failed.
+        if !self.inner.nats.is_connected() {
+            return Err(BusError::Unavailable("not connected to NATS".into()));
+        }
         let subject = self.subject(partition_of(&msg, self.config().partitions));
         let payload = msg.encode_to_vec();
         let mut headers = async_nats::HeaderMap::new();
@@ -200,17 +205,6 @@ impl NatsBus {
     /// Follows the leases: consumes the partitions this member owns.
     async fn consume(self, member: String, tx: mpsc::Sender<Delivery>, stop: CancellationToken) {
         let config = self.config().clone();
-        let Some(store) = retry("open the lease bucket", &stop, || {
-            self.inner.nats.bucket(
-                &config.buckets.leases,
-                config.lease_ttl,
-                pushcluster_api::config::Storage::Memory,
-            )
-        })
-        .await
-        else {
-            return;
-        };
         // Positions need the stream's epoch.
         if retry("read the push stream", &stop, || self.ensure_stream())
             .await
@@ -220,7 +214,7 @@ impl NatsBus {
         }
         self.inner.stream_ready.store(true, Ordering::SeqCst);
         let (mut events, leases) = lease::spawn(
-            store,
+            self.inner.nats.clone(),
             member,
             config.partitions,
             config.lease_ttl,

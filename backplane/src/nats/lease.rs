@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::stable_hash;
+use super::{Nats, stable_hash};
 
 const MEMBER_PREFIX: &str = "member.";
 const PARTITION_PREFIX: &str = "partition.";
@@ -60,7 +60,7 @@ fn partition_key(partition: u32) -> String {
 
 /// Runs the lease manager until `stop`; then releases every lease.
 pub fn spawn(
-    store: kv::Store,
+    nats: Nats,
     member: String,
     partitions: u32,
     ttl: Duration,
@@ -68,7 +68,9 @@ pub fn spawn(
 ) -> (mpsc::Receiver<LeaseEvent>, JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(usize::try_from(partitions).unwrap_or(1024).max(1) * 2);
     let manager = Manager {
-        store,
+        nats,
+        store: None,
+        failed_ticks: 0,
         member,
         partitions,
         ttl,
@@ -80,7 +82,11 @@ pub fn spawn(
 }
 
 struct Manager {
-    store: kv::Store,
+    nats: Nats,
+    /// The lease bucket; opened again (and created if it vanished, as a
+    /// memory-backed bucket does when NATS restarts) after failed ticks.
+    store: Option<kv::Store>,
+    failed_ticks: u32,
     member: String,
     partitions: u32,
     ttl: Duration,
@@ -106,8 +112,8 @@ impl Manager {
         let _ = self.tx.send(event).await;
     }
 
-    async fn members(&self) -> Option<Vec<String>> {
-        let keys = self.store.keys().await.ok()?;
+    async fn members(&self, store: &kv::Store) -> Option<Vec<String>> {
+        let keys = store.keys().await.ok()?;
         let mut members: Vec<String> = keys
             .try_filter_map(
                 |key| async move { Ok(key.strip_prefix(MEMBER_PREFIX).map(str::to_string)) },
@@ -122,9 +128,34 @@ impl Manager {
         Some(members)
     }
 
+    async fn open_store(&mut self) -> Option<kv::Store> {
+        if self.store.is_none() || self.failed_ticks >= 2 {
+            let config = self.nats.config();
+            match self
+                .nats
+                .bucket(
+                    &config.buckets.leases,
+                    self.ttl,
+                    pushcluster_api::config::Storage::File,
+                )
+                .await
+            {
+                Ok(store) => {
+                    self.store = Some(store);
+                    self.failed_ticks = 0;
+                }
+                Err(error) => tracing::debug!(%error, "cannot open the lease bucket"),
+            }
+        }
+        self.store.clone()
+    }
+
     async fn tick(&mut self) {
+        let store = self.open_store().await;
         let member_key = format!("{MEMBER_PREFIX}{}", self.member);
-        if let Err(error) = self.store.put(&member_key, Bytes::new()).await {
+        if let Some(store) = &store
+            && let Err(error) = store.put(&member_key, Bytes::new()).await
+        {
             tracing::debug!(%error, "lease heartbeat failed");
         }
         // Give up what could not be renewed in time, before it can expire
@@ -144,9 +175,15 @@ impl Manager {
             self.owned.remove(&partition);
             self.emit(LeaseEvent::Lost { partition }).await;
         }
-        let Some(members) = self.members().await else {
+        let members = match &store {
+            Some(store) => self.members(store).await,
+            None => None,
+        };
+        let Some(members) = members else {
+            self.failed_ticks += 1;
             return;
         };
+        self.failed_ticks = 0;
         let live: HashSet<&str> = members.iter().map(String::as_str).collect();
         for partition in 0..self.partitions {
             let preferred = preferred(partition, &members);
@@ -165,12 +202,14 @@ impl Manager {
     }
 
     async fn renew(&mut self, partition: u32) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
         let Some(owned) = self.owned.get_mut(&partition) else {
             return;
         };
         let key = partition_key(partition);
-        match self
-            .store
+        match store
             .update(&key, Bytes::from(self.member.clone()), owned.revision)
             .await
         {
@@ -189,8 +228,11 @@ impl Manager {
     }
 
     async fn maybe_claim(&mut self, partition: u32, preferred: bool) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
         let key = partition_key(partition);
-        let free = match self.store.entry(&key).await {
+        let free = match store.entry(&key).await {
             Ok(None) => true,
             Ok(Some(entry)) => entry.operation != kv::Operation::Put,
             Err(_) => return,
@@ -204,11 +246,7 @@ impl Manager {
         if !preferred && *ticks <= FREE_TICKS {
             return;
         }
-        match self
-            .store
-            .create(&key, Bytes::from(self.member.clone()))
-            .await
-        {
+        match store.create(&key, Bytes::from(self.member.clone())).await {
             Ok(revision) => {
                 self.free_ticks.remove(&partition);
                 self.owned.insert(
@@ -237,8 +275,10 @@ impl Manager {
         self.emit(LeaseEvent::Lost { partition }).await;
         tracing::info!(partition, "handing partition over");
         let key = partition_key(partition);
-        if let Err(error) = self
-            .store
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        if let Err(error) = store
             .delete_expect_revision(&key, Some(owned.revision))
             .await
         {
@@ -252,7 +292,9 @@ impl Manager {
             self.release(partition).await;
         }
         let member_key = format!("{MEMBER_PREFIX}{}", self.member);
-        let _ = self.store.delete(&member_key).await;
+        if let Some(store) = &self.store {
+            let _ = store.delete(&member_key).await;
+        }
     }
 }
 

@@ -129,7 +129,8 @@ struct Inner {
     session_ttl: Duration,
     report_ttl: Duration,
     sessions: OnceCell<kv::Store>,
-    online: OnceCell<kv::Store>,
+    /// Reopened when watching fails: NATS may have lost the bucket.
+    online: tokio::sync::Mutex<Option<kv::Store>>,
     /// server → its last report, kept current by a KV watch.
     reports: Mutex<HashMap<String, CometReport>>,
     reports_loaded: watch::Sender<bool>,
@@ -156,7 +157,7 @@ impl NatsRegistry {
                 session_ttl,
                 report_ttl,
                 sessions: OnceCell::new(),
-                online: OnceCell::new(),
+                online: tokio::sync::Mutex::new(None),
                 reports: Mutex::new(HashMap::new()),
                 reports_loaded: watch::Sender::new(false),
             }),
@@ -180,18 +181,23 @@ impl NatsRegistry {
             .map_err(unavailable)
     }
 
-    async fn online(&self) -> Result<&kv::Store, NatsError> {
+    async fn online(&self) -> Result<kv::Store, NatsError> {
+        let mut online = self.inner.online.lock().await;
+        if let Some(store) = online.as_ref() {
+            return Ok(store.clone());
+        }
         let config = self.inner.nats.config();
-        self.inner
-            .online
-            .get_or_try_init(|| {
-                self.inner.nats.bucket(
-                    &config.buckets.online,
-                    self.inner.report_ttl,
-                    Storage::Memory,
-                )
-            })
-            .await
+        let store = self
+            .inner
+            .nats
+            .bucket(&config.buckets.online, self.inner.report_ttl, Storage::File)
+            .await?;
+        *online = Some(store.clone());
+        Ok(store)
+    }
+
+    async fn forget_online(&self) {
+        *self.inner.online.lock().await = None;
     }
 
     /// Keeps the local copy of every report current.
@@ -199,6 +205,7 @@ impl NatsRegistry {
         loop {
             if let Err(error) = self.follow_reports(&stop).await {
                 tracing::warn!(%error, "watching comet reports failed; retrying");
+                self.forget_online().await;
             }
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -437,10 +444,10 @@ impl Registry for NatsRegistry {
             updated_ms: now_ms(),
         };
         let bytes = serde_json::to_vec(&value).map_err(|e| RegistryError::Other(e.to_string()))?;
-        store
-            .put(report_entry(&report.server), bytes.into())
-            .await
-            .map_err(unavailable)?;
+        if let Err(error) = store.put(report_entry(&report.server), bytes.into()).await {
+            self.forget_online().await;
+            return Err(unavailable(error));
+        }
         // Visible at once here; other logic processes see it through the watch.
         if let Ok(mut reports) = self.inner.reports.lock() {
             reports.insert(value.server.clone(), value.into_report());

@@ -38,7 +38,7 @@ logic:
   grpc: { bind: "127.0.0.1:0" }
 "#;
 
-fn merge(base: &mut serde_yaml_ng::Value, extra: serde_yaml_ng::Value) {
+pub fn merge(base: &mut serde_yaml_ng::Value, extra: serde_yaml_ng::Value) {
     match (base, extra) {
         (serde_yaml_ng::Value::Mapping(base), serde_yaml_ng::Value::Mapping(extra)) => {
             for (key, value) in extra {
@@ -67,7 +67,7 @@ impl Server {
         Server::start_with("")
     }
 
-    /// Starts with `extra` YAML merged over the base config.
+    /// Starts standalone with `extra` YAML merged over the base config.
     pub fn start_with(extra: &str) -> Server {
         let mut config: serde_yaml_ng::Value =
             serde_yaml_ng::from_str(BASE_CONFIG).expect("base config");
@@ -77,6 +77,12 @@ impl Server {
                 serde_yaml_ng::from_str(extra).expect("extra config"),
             );
         }
+        Server::spawn("standalone", &config, "pushcluster standalone ready")
+    }
+
+    /// Runs `pushcluster <command> --config <config>` and waits for the log
+    /// line `ready` (listening addresses are logged before it).
+    pub fn spawn(command: &str, config: &serde_yaml_ng::Value, ready: &str) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("pushcluster.yaml");
         std::fs::write(&path, serde_yaml_ng::to_string(&config).expect("yaml")).expect("write");
@@ -88,7 +94,7 @@ impl Server {
                 "--log-level",
                 "info,pushcluster_comet=debug",
             ])
-            .arg("standalone")
+            .arg(command)
             .arg("--config")
             .arg(&path)
             .stdout(Stdio::piped())
@@ -99,6 +105,7 @@ impl Server {
         let logs = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let sink = logs.clone();
+        let ready = ready.to_string();
         std::thread::spawn(move || {
             let mut addrs = BTreeMap::new();
             let mut ready_tx = Some(ready_tx);
@@ -114,7 +121,7 @@ impl Server {
                                 addrs.insert(name, addr);
                             }
                         }
-                        Some("pushcluster standalone ready") => {
+                        Some(message) if message == ready => {
                             if let Some(tx) = ready_tx.take() {
                                 let _ = tx.send(addrs.clone());
                             }
@@ -130,7 +137,7 @@ impl Server {
             Err(_) => {
                 let _ = child.kill();
                 panic!(
-                    "pushcluster did not become ready; log:\n{}",
+                    "pushcluster {command} did not become ready; log:\n{}",
                     logs.lock().expect("logs").join("\n")
                 );
             }
@@ -245,11 +252,32 @@ impl Server {
     }
 
     pub fn sigterm(&self) {
+        self.signal("-TERM");
+    }
+
+    /// `kill -9`: no goodbye, nothing released.
+    pub fn kill9(&mut self) {
+        self.signal("-KILL");
+        let _ = self.child.wait();
+    }
+
+    fn signal(&self, signal: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
+            .args([signal, &self.pid().to_string()])
             .status()
             .expect("kill");
         assert!(status.success());
+    }
+
+    /// Waits until `/readyz` answers `status`.
+    pub async fn wait_readyz(&self, status: u16) {
+        let url = format!("http://{}/readyz", self.addr("admin"));
+        let http = self.http.clone();
+        wait_until(|| {
+            let (url, http) = (url.clone(), http.clone());
+            async move { matches!(http.get(url).send().await, Ok(r) if r.status().as_u16() == status) }
+        })
+        .await;
     }
 
     /// Waits for the process to exit (bounded).

@@ -4,6 +4,7 @@
 
 mod common;
 mod docs;
+mod fleet;
 mod grpc;
 mod lifecycle;
 mod push_api;

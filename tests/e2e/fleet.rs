@@ -1,0 +1,388 @@
+//! The distributed fleet: real `nats-server -js`, 2 logic, 2 comet and 2 job
+//! processes, clients on both comets.
+
+use std::time::{Duration, Instant};
+
+use pushcluster_backplane::testing::NatsServer;
+use serde_json::json;
+
+use crate::common::*;
+
+const COMETS: [&str; 2] = ["comet-a", "comet-b"];
+
+fn base_config(nats_url: &str) -> serde_yaml_ng::Value {
+    let text = format!(
+        r#"
+admin: {{ bind: "127.0.0.1:0" }}
+nats: {{ url: "{nats_url}", partitions: 8, lease_ttl: 2s, request_timeout: 2s }}
+logic:
+  http: {{ bind: "127.0.0.1:0" }}
+  grpc: {{ bind: "127.0.0.1:0" }}
+  online_expire: 3s
+comet:
+  tcp: {{ bind: ["127.0.0.1:0"] }}
+  websocket: {{ bind: ["127.0.0.1:0"] }}
+  grpc: {{ bind: "127.0.0.1:0" }}
+  online_report_interval: 500ms
+  logic_timeout: 2s
+  drain: 2s
+job:
+  delivery: {{ timeout: 2s, retry_for: 10s, backoff_base: 50ms, backoff_max: 500ms }}
+discovery: {{ kind: static }}
+"#
+    );
+    serde_yaml_ng::from_str(&text).expect("fleet config")
+}
+
+fn with(mut config: serde_yaml_ng::Value, extra: &str) -> serde_yaml_ng::Value {
+    merge(&mut config, serde_yaml_ng::from_str(extra).expect("extra"));
+    config
+}
+
+pub struct Fleet {
+    pub nats: NatsServer,
+    pub logics: Vec<Server>,
+    pub comets: Vec<Server>,
+    pub jobs: Vec<Server>,
+}
+
+impl Fleet {
+    pub fn start() -> Fleet {
+        let nats = NatsServer::start();
+        let base = base_config(&nats.url());
+        let logics: Vec<Server> = (0..2)
+            .map(|_| Server::spawn("logic", &base, "logic ready"))
+            .collect();
+        let logic_addrs: Vec<String> = logics
+            .iter()
+            .map(|l| l.addr("logic.grpc").to_string())
+            .collect();
+        let comets: Vec<Server> = COMETS
+            .iter()
+            .map(|id| {
+                let config = with(
+                    base.clone(),
+                    &format!("comet: {{ id: {id} }}\ndiscovery: {{ logics: {logic_addrs:?} }}"),
+                );
+                Server::spawn("comet", &config, "accepting clients")
+            })
+            .collect();
+        let comet_list: Vec<serde_json::Value> = COMETS
+            .iter()
+            .zip(&comets)
+            .map(|(id, c)| json!({"id": id, "addr": c.addr("comet.grpc").to_string()}))
+            .collect();
+        let job_config = with(
+            base,
+            &format!(
+                "discovery: {{ comets: {} }}",
+                serde_json::to_string(&comet_list).expect("json")
+            ),
+        );
+        let jobs = (0..2)
+            .map(|_| Server::spawn("job", &job_config, "job ready"))
+            .collect();
+        Fleet {
+            nats,
+            logics,
+            comets,
+            jobs,
+        }
+    }
+
+    /// A push through logic `i` that must succeed.
+    pub async fn push(&self, logic: usize, path: &str, body: &str) {
+        self.logics[logic % self.logics.len()]
+            .push(path, body)
+            .await;
+    }
+
+    /// Sum of a metric over a group of processes.
+    pub async fn sum(group: &[Server], name: &str, labels: &[(&str, &str)]) -> f64 {
+        let mut total = 0.0;
+        for process in group {
+            total += process.metric(name, labels).await;
+        }
+        total
+    }
+}
+
+async fn all_bodies(client: &mut TcpClient, count: usize) -> Vec<String> {
+    let mut bodies = Vec::new();
+    while bodies.len() < count {
+        bodies.push(body(&client.recv().await));
+    }
+    bodies
+}
+
+async fn all_ws_bodies(client: &mut WsClient, count: usize) -> Vec<String> {
+    let mut bodies = Vec::new();
+    while bodies.len() < count {
+        bodies.extend(inner_frames(&client.recv_frame().await).iter().map(body));
+    }
+    bodies
+}
+
+#[tokio::test]
+async fn pushes_of_every_kind_arrive_once_across_comets() {
+    let fleet = Fleet::start();
+    let (a, b) = (&fleet.comets[0], &fleet.comets[1]);
+    let mut a1 = TcpClient::auth(
+        a.tcp(),
+        json!({"mid": 1, "key": "a1", "room_id": "live://1", "accepts": [1000]}),
+    )
+    .await;
+    let mut b1 = WsClient::auth(
+        b.ws(),
+        json!({"mid": 2, "key": "b1", "room_id": "live://1", "accepts": [1000]}),
+    )
+    .await;
+    let mut b2 = TcpClient::auth(b.tcp(), json!({"mid": 1, "key": "b2", "accepts": [1000]})).await;
+
+    // The room count in heartbeats spans both comets (reports through NATS KV).
+    let mut online = 0;
+    for seq in 2..400 {
+        online = a1.heartbeat(seq).await;
+        if online == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(online, 2, "cluster-wide room count");
+
+    fleet
+        .push(0, "/goim/push/keys?operation=1000&keys=a1&keys=b1", "keys")
+        .await;
+    assert_eq!(body(&a1.recv().await), "keys");
+    assert_eq!(all_ws_bodies(&mut b1, 1).await, ["keys"]);
+
+    fleet
+        .push(1, "/goim/push/mids?operation=1000&mids=1", "mid 1")
+        .await;
+    assert_eq!(body(&a1.recv().await), "mid 1");
+    assert_eq!(body(&b2.recv().await), "mid 1");
+
+    for i in 0..50 {
+        fleet
+            .push(
+                i,
+                "/goim/push/room?operation=1000&type=live&room=1",
+                &format!("r{i}"),
+            )
+            .await;
+    }
+    let expected: Vec<String> = (0..50).map(|i| format!("r{i}")).collect();
+    assert_eq!(
+        all_bodies(&mut a1, 50).await,
+        expected,
+        "in order on comet-a"
+    );
+    assert_eq!(
+        all_ws_bodies(&mut b1, 50).await,
+        expected,
+        "in order on comet-b"
+    );
+
+    fleet.push(0, "/goim/push/all?operation=1000", "all").await;
+    assert_eq!(body(&a1.recv().await), "all");
+    assert_eq!(all_ws_bodies(&mut b1, 1).await, ["all"]);
+    assert_eq!(body(&b2.recv().await), "all");
+
+    // The same Idempotency-Key through either logic delivers once.
+    for logic in &fleet.logics {
+        let response = reqwest::Client::new()
+            .post(format!(
+                "http://{}/goim/push/room?operation=1000&type=live&room=1",
+                logic.addr("logic.http")
+            ))
+            .header("Idempotency-Key", "order-1")
+            .body("once")
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 200);
+    }
+    assert_eq!(body(&a1.recv().await), "once");
+    assert_eq!(all_ws_bodies(&mut b1, 1).await, ["once"]);
+
+    // Exactly once: nothing else is on its way.
+    a1.expect_silence().await;
+    b2.expect_silence().await;
+    assert!(b1.try_recv_frame(QUIET).await.is_none());
+}
+
+#[tokio::test]
+async fn a_killed_job_loses_nothing_and_keeps_room_order() {
+    let mut fleet = Fleet::start();
+    let mut a1 = TcpClient::auth(fleet.comets[0].tcp(), json!({"room_id": "live://k"})).await;
+    let mut b1 = TcpClient::auth(fleet.comets[1].tcp(), json!({"room_id": "live://k"})).await;
+    let total = 1000;
+    let mut killed = false;
+    for i in 0..total {
+        fleet
+            .push(
+                0,
+                "/goim/push/room?operation=1000&type=live&room=k",
+                &format!("{i}"),
+            )
+            .await;
+        if i == 300 {
+            // Kill the job that owns the room's partition.
+            let mut owner = None;
+            for (index, job) in fleet.jobs.iter().enumerate() {
+                if job
+                    .metric(
+                        "pushcluster_job_messages_consumed_total",
+                        &[("kind", "room")],
+                    )
+                    .await
+                    > 0.0
+                {
+                    owner = Some(index);
+                }
+            }
+            let owner = owner.expect("one job consumed the room");
+            fleet.jobs[owner].kill9();
+            killed = true;
+        }
+    }
+    assert!(killed);
+    let expected: Vec<String> = (0..total).map(|i| i.to_string()).collect();
+    assert_eq!(
+        all_bodies(&mut a1, total).await,
+        expected,
+        "comet-a: all, in order"
+    );
+    assert_eq!(
+        all_bodies(&mut b1, total).await,
+        expected,
+        "comet-b: all, in order"
+    );
+    a1.expect_silence().await;
+    b1.expect_silence().await;
+    let duplicates = Fleet::sum(
+        &fleet.comets,
+        "pushcluster_comet_duplicates_dropped_total",
+        &[("kind", "room")],
+    )
+    .await;
+    eprintln!("duplicates dropped at comets after the kill: {duplicates}");
+}
+
+#[tokio::test]
+async fn a_killed_comet_leaves_the_registry_and_does_not_delay_the_other() {
+    let mut fleet = Fleet::start();
+    let _gone = TcpClient::auth(fleet.comets[0].tcp(), json!({"key": "on-a"})).await;
+    let mut b1 = TcpClient::auth(fleet.comets[1].tcp(), json!({"room_id": "live://x"})).await;
+    fleet.comets[0].kill9();
+
+    // Room pushes keep reaching comet-b promptly: the dead comet is skipped.
+    for i in 0..5 {
+        let sent = Instant::now();
+        fleet
+            .push(
+                0,
+                "/goim/push/room?operation=1000&type=live&room=x",
+                &format!("{i}"),
+            )
+            .await;
+        assert_eq!(body(&b1.recv().await), i.to_string());
+        assert!(
+            sent.elapsed() < Duration::from_secs(5),
+            "delivery to the live comet waited {:?} (retry_for is 10 s)",
+            sent.elapsed()
+        );
+    }
+    // Once its reports stop counting (online_expire: 3 s), its sessions are
+    // offline for pushes.
+    let started = Instant::now();
+    loop {
+        fleet
+            .push(1, "/goim/push/keys?operation=1000&keys=on-a", "x")
+            .await;
+        if fleet.logics[1]
+            .metric(
+                "pushcluster_logic_push_targets_offline_total",
+                &[("target", "key")],
+            )
+            .await
+            >= 1.0
+        {
+            break;
+        }
+        assert!(started.elapsed() < WAIT, "the dead comet's session stayed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_fleet_recovers_from_a_nats_restart() {
+    let mut fleet = Fleet::start();
+    let mut a1 = TcpClient::auth(fleet.comets[0].tcp(), json!({"room_id": "live://n"})).await;
+    fleet
+        .push(
+            0,
+            "/goim/push/room?operation=1000&type=live&room=n",
+            "before",
+        )
+        .await;
+    assert_eq!(body(&a1.recv().await), "before");
+
+    fleet.nats.stop();
+    for logic in &fleet.logics {
+        logic.wait_readyz(503).await;
+    }
+    let (_, json) = fleet.logics[0]
+        .post("/goim/push/room?operation=1000&type=live&room=n", "lost?")
+        .await;
+    assert_eq!(
+        json["code"], -500,
+        "a push NATS cannot take is refused, not lost silently"
+    );
+    assert!(
+        json["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("NATS"),
+        "{json}"
+    );
+
+    fleet.nats.restart();
+    for process in fleet.logics.iter().chain(&fleet.jobs) {
+        process.wait_readyz(200).await;
+    }
+    fleet
+        .push(
+            1,
+            "/goim/push/room?operation=1000&type=live&room=n",
+            "after",
+        )
+        .await;
+    assert_eq!(body(&a1.recv().await), "after");
+    a1.expect_silence().await;
+}
+
+#[tokio::test]
+async fn a_draining_comet_closes_its_clients_over_the_drain_period() {
+    let mut fleet = Fleet::start();
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(TcpClient::auth(fleet.comets[0].tcp(), json!({})).await);
+    }
+    let started = Instant::now();
+    fleet.comets[0].sigterm();
+    fleet.comets[0].wait_readyz(503).await;
+    let closes = clients.iter_mut().map(|client| async move {
+        client.expect_closed().await;
+        started.elapsed()
+    });
+    let mut closed_after = futures_util::future::join_all(closes).await;
+    closed_after.sort();
+    assert!(
+        closed_after[3] - closed_after[0] >= Duration::from_millis(1000),
+        "closes were not spread over the 2 s drain: {closed_after:?}"
+    );
+    assert!(fleet.comets[0].wait_exit(Duration::from_secs(20)).success());
+    // The other comet still serves.
+    TcpClient::auth(fleet.comets[1].tcp(), json!({})).await;
+}
