@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use futures_util::TryFutureExt;
-use pushcluster_api::config::{Config, DiscoveryKind};
+use pushcluster_api::config::{Config, DiscoveryKind, Role};
 use pushcluster_api::health::Readiness;
 use pushcluster_backplane::bus::BusMetrics;
 use pushcluster_backplane::discovery::{CometEndpoint, Discovery, StaticDiscovery};
@@ -94,7 +94,7 @@ pub async fn run_comet(config: Config) -> anyhow::Result<()> {
         CometMetrics::new(&registry)?,
     );
     let server = CometServer::bind(comet).await?;
-    let admin = bind("admin.bind", &config.admin.bind).await?;
+    let admin = bind("admin.bind", &config.admin.bind_for(Role::Comet)).await?;
     for (name, addr) in server.local_addrs() {
         log_listening(name, addr);
     }
@@ -143,7 +143,7 @@ pub async fn run_logic(config: Config) -> anyhow::Result<()> {
     ));
     let http = bind("logic.http.bind", &config.logic.http.bind).await?;
     let grpc = bind("logic.grpc.bind", &config.logic.grpc.bind).await?;
-    let admin = bind("admin.bind", &config.admin.bind).await?;
+    let admin = bind("admin.bind", &config.admin.bind_for(Role::Logic)).await?;
     log_listening("logic.http", http.local_addr()?);
     log_listening("logic.grpc", grpc.local_addr()?);
     log_listening("admin", admin.local_addr()?);
@@ -206,7 +206,7 @@ pub async fn run_job(config: Config) -> anyhow::Result<()> {
         Arc::new(GrpcConnector::new(config.job.delivery.timeout)),
         JobMetrics::new(&registry)?,
     ));
-    let admin = bind("admin.bind", &config.admin.bind).await?;
+    let admin = bind("admin.bind", &config.admin.bind_for(Role::Job)).await?;
     log_listening("admin", admin.local_addr()?);
     tracing::info!(member = %member, version = env!("CARGO_PKG_VERSION"), "pushcluster job started");
 

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use futures_util::TryFutureExt;
-use pushcluster_api::config::Config;
+use pushcluster_api::config::{Config, Role};
 use pushcluster_api::health::Readiness;
 use pushcluster_backplane::bus::{BusMetrics, MemoryBus, MemoryBusConfig};
 use pushcluster_backplane::discovery::{CometEndpoint, StaticDiscovery};
@@ -65,7 +65,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let http = bind("logic.http.bind", &config.logic.http.bind).await?;
     let logic_grpc = bind("logic.grpc.bind", &config.logic.grpc.bind).await?;
-    let admin = bind("admin.bind", &config.admin.bind).await?;
+    let admin = bind("admin.bind", &config.admin.bind_for(Role::Standalone)).await?;
     for (name, addr) in comet_server.local_addrs() {
         log_listening(name, addr);
     }

@@ -181,18 +181,34 @@ impl Config {
 }
 
 /// `admin`: the port serving `/metrics`, `/healthz` and `/readyz`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
-    /// host:port of the admin HTTP server.
-    pub bind: String,
+    /// host:port of the admin HTTP server. Default: `0.0.0.0:3190` for
+    /// standalone and comet, `:3191` for logic, `:3192` for job, so the
+    /// three can share one host with one config file.
+    pub bind: Option<String>,
 }
 
-impl Default for AdminConfig {
-    fn default() -> Self {
-        AdminConfig {
-            bind: "0.0.0.0:3190".into(),
-        }
+/// Which process reads the config (for role-dependent defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Standalone,
+    Comet,
+    Logic,
+    Job,
+}
+
+impl AdminConfig {
+    pub fn bind_for(&self, role: Role) -> String {
+        self.bind.clone().unwrap_or_else(|| {
+            let port = match role {
+                Role::Standalone | Role::Comet => 3190,
+                Role::Logic => 3191,
+                Role::Job => 3192,
+            };
+            format!("0.0.0.0:{port}")
+        })
     }
 }
 
@@ -772,7 +788,8 @@ logic:
 "#,
         )
         .expect("valid");
-        assert_eq!(config.admin.bind, "127.0.0.1:1");
+        assert_eq!(config.admin.bind_for(Role::Logic), "127.0.0.1:1");
+        assert_eq!(Config::default().admin.bind_for(Role::Job), "0.0.0.0:3192");
         assert_eq!(config.comet.tcp.bind, vec!["127.0.0.1:2"]);
         assert_eq!(config.comet.websocket.bind, vec!["127.0.0.1:3"]);
         assert_eq!(config.comet.grpc.bind, "127.0.0.1:4");

@@ -209,6 +209,12 @@ async fn pushes_of_every_kind_arrive_once_across_comets() {
     a1.expect_silence().await;
     b2.expect_silence().await;
     assert!(b1.try_recv_frame(QUIET).await.is_none());
+
+    // Every process's metrics are documented.
+    for process in fleet.logics.iter().chain(&fleet.comets).chain(&fleet.jobs) {
+        let (_, text) = process.admin("/metrics").await;
+        crate::docs::assert_metrics_documented(&text);
+    }
 }
 
 #[tokio::test]
