@@ -255,7 +255,9 @@ struct MemoryBusInner {
     seen_ids: Mutex<Dedupe>,
     metrics: BusMetrics,
     epoch: u64,
-    next_seq: std::sync::atomic::AtomicU64,
+    /// The next sequence number, locked from numbering to enqueueing so
+    /// sequence order is queue order even with concurrent publishers.
+    next_seq: tokio::sync::Mutex<u64>,
 }
 
 #[derive(Default)]
@@ -307,7 +309,7 @@ impl MemoryBus {
                     .map(|d| d.as_nanos() as u64)
                     .unwrap_or(1)
                     | 1,
-                next_seq: std::sync::atomic::AtomicU64::new(1),
+                next_seq: tokio::sync::Mutex::new(1),
             }),
         }
     }
@@ -412,17 +414,17 @@ impl Bus for MemoryBus {
             }
         }
         let published_at = SystemTime::now();
-        // One queue: sequence order is publish order. A single consumer owns
-        // the only partition for good, so the generation never changes.
+        // One queue: sequence order must be queue order, or comets would take
+        // a message overtaken by a later one for a duplicate. A single
+        // consumer owns the only partition for good: the generation is fixed.
+        let mut next_seq = self.inner.next_seq.lock().await;
         let position = Position {
             epoch: self.inner.epoch,
             partition: 0,
             generation: 1,
-            seq: self
-                .inner
-                .next_seq
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            seq: *next_seq,
         };
+        *next_seq += 1;
         let acker = MemoryAcker {
             bus: self.inner.clone(),
             msg: Some(msg.clone()),
@@ -433,7 +435,9 @@ impl Bus for MemoryBus {
         let delivery = Delivery::new(msg, published_at, 1, position, Box::new(acker));
         // Counted before the send: the consumer may ack before it returns.
         self.inner.metrics.pending.inc();
-        if let Err(mpsc::error::SendError(delivery)) = self.inner.tx.send(delivery).await {
+        let sent = self.inner.tx.send(delivery).await;
+        drop(next_seq);
+        if let Err(mpsc::error::SendError(delivery)) = sent {
             // Nobody will consume it: settle it so it is not redelivered.
             delivery.acker.ack().await;
             return Err(BusError::Closed);
@@ -503,6 +507,32 @@ mod tests {
         let seq = a.position.seq;
         a.nack(Duration::ZERO).await;
         assert_eq!(sub.next().await.expect("again").position.seq, seq);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_publishers_get_sequences_in_queue_order() {
+        let bus = MemoryBus::default();
+        let mut sub = bus.subscribe().await.expect("subscribe");
+        let publishers: Vec<_> = (0..4)
+            .map(|_| {
+                let bus = bus.clone();
+                tokio::spawn(async move {
+                    for _ in 0..500 {
+                        bus.publish(room_msg("live://1", b"x"), None).await.expect("publish");
+                    }
+                })
+            })
+            .collect();
+        let mut last = 0;
+        for _ in 0..2000 {
+            let delivery = sub.next().await.expect("delivery");
+            assert!(delivery.position.seq > last, "sequence went backwards");
+            last = delivery.position.seq;
+            delivery.ack().await;
+        }
+        for publisher in publishers {
+            publisher.await.expect("publisher");
+        }
     }
 
     #[tokio::test]
