@@ -85,6 +85,9 @@ struct RoomArgs {
     /// How long to wait for stragglers after the last push.
     #[arg(long, default_value = "5", value_parser = parse_secs)]
     settle: Duration,
+    /// Stop after this many pushes (bounds the loss accounting's memory).
+    #[arg(long, default_value_t = 2_000_000)]
+    max_pushes: usize,
 }
 
 #[derive(Args)]
@@ -124,10 +127,14 @@ struct Receivers {
     out_of_order: AtomicU64,
     last_receive: AtomicU64,
     latency: Vec<Mutex<Histogram<u64>>>,
+    /// Copies received of each pushed sequence number (loss and duplicates).
+    copies: Vec<std::sync::atomic::AtomicU32>,
+    /// Whether each sequence number's push was accepted.
+    accepted: Vec<std::sync::atomic::AtomicBool>,
 }
 
 impl Receivers {
-    fn new() -> anyhow::Result<Arc<Self>> {
+    fn new(max_pushes: usize) -> anyhow::Result<Arc<Self>> {
         let latency = (0..HISTOGRAM_SHARDS)
             .map(|_| Histogram::new_with_bounds(1, 600_000_000, 3).map(Mutex::new))
             .collect::<Result<_, _>>()
@@ -137,7 +144,26 @@ impl Receivers {
             out_of_order: AtomicU64::new(0),
             last_receive: AtomicU64::new(0),
             latency,
+            copies: (0..max_pushes).map(|_| Default::default()).collect(),
+            accepted: (0..max_pushes).map(|_| Default::default()).collect(),
         }))
+    }
+
+    /// (lost, duplicated) copies over the accepted pushes, given who should
+    /// get each push.
+    fn loss_and_duplicates(&self, members_of: impl Fn(usize) -> u64) -> (u64, u64) {
+        let (mut lost, mut duplicated) = (0, 0);
+        for (seq, accepted) in self.accepted.iter().enumerate() {
+            let copies = u64::from(self.copies[seq].load(Ordering::Relaxed));
+            let expected = if accepted.load(Ordering::Relaxed) {
+                members_of(seq)
+            } else {
+                0
+            };
+            lost += expected.saturating_sub(copies);
+            duplicated += copies.saturating_sub(expected);
+        }
+        (lost, duplicated)
     }
 
     fn merged(&self) -> anyhow::Result<Histogram<u64>> {
@@ -236,6 +262,9 @@ async fn receive(mut stream: TcpStream, index: usize, receivers: Arc<Receivers>)
                     if let Some((sent, seq)) = stamp(&frame.body) {
                         if last_seq.is_some_and(|last| seq <= last) {
                             receivers.out_of_order.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if let Some(copies) = receivers.copies.get(seq as usize) {
+                            copies.fetch_add(1, Ordering::Relaxed);
                         }
                         last_seq = Some(seq);
                         let micros = now.saturating_sub(sent) / 1000;
@@ -389,7 +418,12 @@ impl Report {
 }
 
 async fn room(args: RoomArgs, json: bool) -> anyhow::Result<()> {
-    let receivers = Receivers::new()?;
+    let max_pushes = if args.rate > 0 {
+        ((args.rate as f64 * args.duration.as_secs_f64() * 1.2) as usize + 100).min(args.max_pushes)
+    } else {
+        args.max_pushes
+    };
+    let receivers = Receivers::new(max_pushes)?;
     let rooms = args.rooms.max(1);
     let (members, failed) = open_all(&args.target, args.connections, rooms, &receivers).await;
     let client = reqwest::Client::builder()
@@ -408,13 +442,14 @@ async fn room(args: RoomArgs, json: bool) -> anyhow::Result<()> {
     let workers = if args.rate == 0 { args.concurrency.max(1) } else { 1 };
     let mut tasks = Vec::new();
     for worker in 0..workers {
-        let (client, sent, refused, expected, members, seq) = (
+        let (client, sent, refused, expected, members, seq, receivers) = (
             client.clone(),
             sent.clone(),
             refused.clone(),
             expected.clone(),
             members.clone(),
             seq.clone(),
+            receivers.clone(),
         );
         let (https, rate, size) = (args.target.http.clone(), args.rate, args.size);
         tasks.push(tokio::spawn(async move {
@@ -428,9 +463,13 @@ async fn room(args: RoomArgs, json: bool) -> anyhow::Result<()> {
                     ticks.tick().await;
                 }
                 let n = seq.fetch_add(1, Ordering::Relaxed);
+                let Some(accepted) = receivers.accepted.get(n as usize) else {
+                    break;
+                };
                 let room = (n as usize) % members.len();
                 let http = https[(n as usize + worker) % https.len()];
                 if push(&client, http, room, body(n, size)).await {
+                    accepted.store(true, Ordering::Relaxed);
                     sent.fetch_add(1, Ordering::Relaxed);
                     expected.fetch_add(members[room], Ordering::Relaxed);
                 } else {
@@ -466,10 +505,16 @@ async fn room(args: RoomArgs, json: bool) -> anyhow::Result<()> {
     report.add("pushes_sent", sent.load(Ordering::Relaxed));
     report.add("pushes_refused", refused.load(Ordering::Relaxed));
     report.add("push_rate_per_s", sent.load(Ordering::Relaxed) as f64 / pushing.as_secs_f64());
+    let (lost, duplicated) =
+        receivers.loss_and_duplicates(|seq| members[seq % members.len()]);
     report.add("messages_expected", expected);
     report.add("messages_received", received);
-    report.add("messages_lost", expected.saturating_sub(received));
-    report.add("out_of_order_or_duplicate", receivers.out_of_order.load(Ordering::Relaxed));
+    report.add("messages_lost", lost);
+    report.add("messages_duplicated", duplicated);
+    if workers == 1 {
+        // One pusher: publish order is sequence order.
+        report.add("messages_out_of_order", receivers.out_of_order.load(Ordering::Relaxed));
+    }
     report.add("delivered_per_s", received as f64 / window.as_secs_f64());
     report.latency(&receivers.merged()?);
     let generator_cpu = match (cpu_self, cpu_seconds(None)) {
@@ -489,7 +534,7 @@ async fn room(args: RoomArgs, json: bool) -> anyhow::Result<()> {
 }
 
 async fn lone(args: LoneArgs, json: bool) -> anyhow::Result<()> {
-    let receivers = Receivers::new()?;
+    let receivers = Receivers::new(args.count)?;
     let (members, failed) = open_all(&args.target, args.connections.max(1), 1, &receivers).await;
     let client = reqwest::Client::new();
     let mut refused = 0u64;
@@ -500,6 +545,7 @@ async fn lone(args: LoneArgs, json: bool) -> anyhow::Result<()> {
             refused += 1;
             continue;
         }
+        receivers.accepted[n as usize].store(true, Ordering::Relaxed);
         // Wait until every member got it, so each push is alone.
         let wait_until = Instant::now() + Duration::from_secs(5);
         while receivers.received.load(Ordering::Relaxed) < before + members[0]
@@ -515,11 +561,9 @@ async fn lone(args: LoneArgs, json: bool) -> anyhow::Result<()> {
     report.add("connections_failed", failed as u64);
     report.add("pushes_sent", args.count as u64 - refused);
     report.add("messages_received", receivers.received.load(Ordering::Relaxed));
-    report.add(
-        "messages_lost",
-        ((args.count as u64 - refused) * members[0])
-            .saturating_sub(receivers.received.load(Ordering::Relaxed)),
-    );
+    let (lost, duplicated) = receivers.loss_and_duplicates(|_| members[0]);
+    report.add("messages_lost", lost);
+    report.add("messages_duplicated", duplicated);
     report.latency(&receivers.merged()?);
     report.print(json);
     Ok(())
