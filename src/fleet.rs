@@ -201,6 +201,11 @@ pub async fn run_job(config: Config) -> anyhow::Result<()> {
         stop_background.clone(),
     );
     let discovery = discovery(&config, &stop_background).await?;
+    if config.discovery.kind == DiscoveryKind::Static && config.discovery.comets.is_empty() {
+        tracing::warn!(
+            "discovery.comets lists no comet: pushes will be counted as dropped (no_comets)"
+        );
+    }
     let job = Arc::new(Job::new(
         config.job.clone(),
         Arc::new(GrpcConnector::new(config.job.delivery.timeout)),

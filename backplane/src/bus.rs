@@ -518,7 +518,9 @@ mod tests {
                 let bus = bus.clone();
                 tokio::spawn(async move {
                     for _ in 0..500 {
-                        bus.publish(room_msg("live://1", b"x"), None).await.expect("publish");
+                        bus.publish(room_msg("live://1", b"x"), None)
+                            .await
+                            .expect("publish");
                     }
                 })
             })

@@ -301,8 +301,12 @@ async fn open_all(
         tokio::time::sleep_until(next).await;
         let addr = target.comet[index % target.comet.len()];
         let room = index % rooms;
-        let (opened, failed, members, receivers) =
-            (opened.clone(), failed.clone(), members.clone(), receivers.clone());
+        let (opened, failed, members, receivers) = (
+            opened.clone(),
+            failed.clone(),
+            members.clone(),
+            receivers.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             match connect(addr, index, room).await {
                 Ok(stream) => {
@@ -318,7 +322,10 @@ async fn open_all(
             }
         }));
         if index > 0 && index % 5000 == 0 {
-            eprintln!("  {index} connections requested ({:.1}s)", started.elapsed().as_secs_f64());
+            eprintln!(
+                "  {index} connections requested ({:.1}s)",
+                started.elapsed().as_secs_f64()
+            );
         }
     }
     for task in tasks {
@@ -331,7 +338,10 @@ async fn open_all(
         failed,
         started.elapsed().as_secs_f64()
     );
-    (members.iter().map(|m| m.load(Ordering::Relaxed)).collect(), failed)
+    (
+        members.iter().map(|m| m.load(Ordering::Relaxed)).collect(),
+        failed,
+    )
 }
 
 /// One room push through the HTTP API; true if logic answered code 0.
@@ -339,8 +349,9 @@ async fn push(client: &reqwest::Client, http: SocketAddr, room: usize, body: Vec
     let url = format!("http://{http}/goim/push/room?operation={PUSH_OP}&type=bench&room={room}");
     match client.post(url).body(body).send().await {
         Ok(response) => match response.bytes().await {
-            Ok(bytes) => serde_json::from_slice::<serde_json::Value>(&bytes)
-                .is_ok_and(|v| v["code"] == 0),
+            Ok(bytes) => {
+                serde_json::from_slice::<serde_json::Value>(&bytes).is_ok_and(|v| v["code"] == 0)
+            }
             Err(_) => false,
         },
         Err(_) => false,
@@ -430,7 +441,12 @@ async fn room(args: RoomArgs, json: bool) -> anyhow::Result<()> {
         .pool_max_idle_per_host(args.concurrency.max(16))
         .build()?;
     let cpu_self = cpu_seconds(None);
-    let cpu_servers: Vec<Option<f64>> = args.target.pid.iter().map(|p| cpu_seconds(Some(*p))).collect();
+    let cpu_servers: Vec<Option<f64>> = args
+        .target
+        .pid
+        .iter()
+        .map(|p| cpu_seconds(Some(*p)))
+        .collect();
     let sent = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
     let expected = Arc::new(AtomicU64::new(0));
@@ -439,7 +455,11 @@ async fn room(args: RoomArgs, json: bool) -> anyhow::Result<()> {
     let started_ns = now_nanos();
     let deadline = started + args.duration;
     let seq = Arc::new(AtomicU64::new(0));
-    let workers = if args.rate == 0 { args.concurrency.max(1) } else { 1 };
+    let workers = if args.rate == 0 {
+        args.concurrency.max(1)
+    } else {
+        1
+    };
     let mut tasks = Vec::new();
     for worker in 0..workers {
         let (client, sent, refused, expected, members, seq, receivers) = (
@@ -504,16 +524,21 @@ async fn room(args: RoomArgs, json: bool) -> anyhow::Result<()> {
     report.add("rooms", rooms as u64);
     report.add("pushes_sent", sent.load(Ordering::Relaxed));
     report.add("pushes_refused", refused.load(Ordering::Relaxed));
-    report.add("push_rate_per_s", sent.load(Ordering::Relaxed) as f64 / pushing.as_secs_f64());
-    let (lost, duplicated) =
-        receivers.loss_and_duplicates(|seq| members[seq % members.len()]);
+    report.add(
+        "push_rate_per_s",
+        sent.load(Ordering::Relaxed) as f64 / pushing.as_secs_f64(),
+    );
+    let (lost, duplicated) = receivers.loss_and_duplicates(|seq| members[seq % members.len()]);
     report.add("messages_expected", expected);
     report.add("messages_received", received);
     report.add("messages_lost", lost);
     report.add("messages_duplicated", duplicated);
     if workers == 1 {
         // One pusher: publish order is sequence order.
-        report.add("messages_out_of_order", receivers.out_of_order.load(Ordering::Relaxed));
+        report.add(
+            "messages_out_of_order",
+            receivers.out_of_order.load(Ordering::Relaxed),
+        );
     }
     report.add("delivered_per_s", received as f64 / window.as_secs_f64());
     report.latency(&receivers.merged()?);
@@ -522,13 +547,17 @@ async fn room(args: RoomArgs, json: bool) -> anyhow::Result<()> {
         _ => 0.0,
     };
     report.add("generator_cpu_seconds", generator_cpu);
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as f64;
     let saturated = generator_cpu / window.as_secs_f64() > 0.9 * cores;
     report.add("generator_saturated", saturated);
     report.servers(&args.target.pid, &cpu_servers, connected);
     report.print(json);
     if saturated {
-        eprintln!("warning: the generator used most of the CPU; figures may measure it, not the server");
+        eprintln!(
+            "warning: the generator used most of the CPU; figures may measure it, not the server"
+        );
     }
     Ok(())
 }
@@ -560,7 +589,10 @@ async fn lone(args: LoneArgs, json: bool) -> anyhow::Result<()> {
     report.add("connections", members[0]);
     report.add("connections_failed", failed as u64);
     report.add("pushes_sent", args.count as u64 - refused);
-    report.add("messages_received", receivers.received.load(Ordering::Relaxed));
+    report.add(
+        "messages_received",
+        receivers.received.load(Ordering::Relaxed),
+    );
     let (lost, duplicated) = receivers.loss_and_duplicates(|_| members[0]);
     report.add("messages_lost", lost);
     report.add("messages_duplicated", duplicated);
