@@ -4,6 +4,7 @@
 
 mod admin;
 mod fleet;
+mod operator_cmd;
 mod process;
 mod standalone;
 
@@ -23,6 +24,14 @@ use tracing_subscriber::EnvFilter;
     about = "A goim v2-compatible push server"
 )]
 struct Cli {
+    #[command(flatten)]
+    logging: Logging,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct Logging {
     /// Log format (default: the config's `log.format`, else text).
     #[arg(long, global = true, value_enum)]
     log_format: Option<LogFormatArg>,
@@ -30,8 +39,6 @@ struct Cli {
     /// the RUST_LOG environment variable wins over both).
     #[arg(long, global = true)]
     log_level: Option<String>,
-    #[command(subcommand)]
-    command: Command,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -66,6 +73,10 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Run the Kubernetes operator: reconciles PushCluster objects into fleets.
+    Operator(operator_cmd::OperatorArgs),
+    /// Print the PushCluster CustomResourceDefinition as YAML.
+    Crd,
     /// Print the effective configuration (defaults plus the file) as YAML.
     Config {
         #[arg(long, short)]
@@ -82,12 +93,12 @@ fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
     Config::from_yaml(&text).with_context(|| format!("invalid config file {}", path.display()))
 }
 
-fn init_logging(cli: &Cli, config: &Config) {
+fn init_logging(logging: &Logging, config: &Config) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        let level = cli.log_level.as_deref().unwrap_or(&config.log.level);
+        let level = logging.log_level.as_deref().unwrap_or(&config.log.level);
         EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"))
     });
-    let format = match cli.log_format {
+    let format = match logging.log_format {
         Some(LogFormatArg::Json) => LogFormat::Json,
         Some(LogFormatArg::Text) => LogFormat::Text,
         None => config.log.format,
@@ -102,30 +113,43 @@ fn init_logging(cli: &Cli, config: &Config) {
 }
 
 /// Loads the config, sets up logging and runs `command` on a runtime.
-fn run<F, Fut>(cli: &Cli, path: Option<&Path>, command: F) -> anyhow::Result<()>
+fn run<F, Fut>(logging: &Logging, path: Option<&Path>, command: F) -> anyhow::Result<()>
 where
     F: FnOnce(Config) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     let config = load_config(path)?;
-    init_logging(cli, &config);
+    init_logging(logging, &config);
+    block_on(command(config))
+}
+
+fn block_on<Fut: std::future::Future<Output = anyhow::Result<()>>>(
+    future: Fut,
+) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
-        .block_on(command(config))
+        .block_on(future)
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match &cli.command {
+    let Cli { logging, command } = Cli::parse();
+    let result = match command {
         Command::Config { config } => load_config(config.as_deref())
             .and_then(|config| Ok(config.to_yaml()?))
             .map(|yaml| print!("{yaml}")),
-        Command::Standalone { config } => run(&cli, config.as_deref(), standalone::run),
-        Command::Comet { config } => run(&cli, config.as_deref(), fleet::run_comet),
-        Command::Logic { config } => run(&cli, config.as_deref(), fleet::run_logic),
-        Command::Job { config } => run(&cli, config.as_deref(), fleet::run_job),
+        Command::Standalone { config } => run(&logging, config.as_deref(), standalone::run),
+        Command::Comet { config } => run(&logging, config.as_deref(), fleet::run_comet),
+        Command::Logic { config } => run(&logging, config.as_deref(), fleet::run_logic),
+        Command::Job { config } => run(&logging, config.as_deref(), fleet::run_job),
+        Command::Operator(args) => {
+            init_logging(&logging, &Config::default());
+            block_on(operator_cmd::run(args))
+        }
+        Command::Crd => pushcluster_operator::crd_yaml()
+            .map(|yaml| print!("{yaml}"))
+            .map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -325,14 +325,34 @@ impl Default for TcpConfig {
 pub struct WebSocketConfig {
     /// host:port list (goim: `:3102`).
     pub bind: Vec<String>,
+    /// WebSocket over TLS (goim: `tlsOpen`, `:3103`); off when absent.
+    pub tls: Option<WssConfig>,
 }
 
 impl Default for WebSocketConfig {
     fn default() -> Self {
         WebSocketConfig {
             bind: vec!["0.0.0.0:3102".into()],
+            tls: None,
         }
     }
+}
+
+/// `comet.websocket.tls`: the WSS listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WssConfig {
+    /// host:port list (goim: `:3103`).
+    #[serde(default = "default_wss_bind")]
+    pub bind: Vec<String>,
+    /// PEM certificate chain.
+    pub cert_file: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
+}
+
+fn default_wss_bind() -> Vec<String> {
+    vec!["0.0.0.0:3103".into()]
 }
 
 /// A gRPC server's listen address.

@@ -1,0 +1,3 @@
+fn main() {
+    print!("{}", pushcluster_operator::crd_yaml().expect("yaml"));
+}
