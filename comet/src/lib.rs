@@ -23,6 +23,7 @@ pub mod room;
 pub mod server;
 pub mod stream_guard;
 mod tcp;
+pub mod tls;
 mod ws;
 
 use std::collections::HashMap;

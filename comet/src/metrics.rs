@@ -192,6 +192,8 @@ impl CometMetrics {
         }
         self.handshake_failures
             .with_label_values(&["websocket", "upgrade_failed"]);
+        self.handshake_failures
+            .with_label_values(&["websocket", "tls_failed"]);
         for kind in KINDS {
             self.pushes.with_label_values(&[kind]);
             self.delivered.with_label_values(&[kind]);

@@ -8,24 +8,30 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::Comet;
-use crate::channel::TransportKind;
+use crate::tcp::Serve;
 
-/// A listen address that could not be bound.
+/// Why a comet could not set up its listeners.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {key} = {addr}: {source}")]
-pub struct BindError {
-    pub key: &'static str,
-    pub addr: String,
-    #[source]
-    pub source: std::io::Error,
+pub enum BindError {
+    #[error("cannot listen on {key} = {addr}: {source}")]
+    Listen {
+        key: &'static str,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("comet.websocket.tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 pub async fn bind(key: &'static str, addr: &str) -> Result<TcpListener, BindError> {
-    TcpListener::bind(addr).await.map_err(|source| BindError {
-        key,
-        addr: addr.to_string(),
-        source,
-    })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| BindError::Listen {
+            key,
+            addr: addr.to_string(),
+            source,
+        })
 }
 
 /// A comet with its sockets bound.
@@ -33,6 +39,7 @@ pub struct CometServer {
     comet: Arc<Comet>,
     tcp: Vec<TcpListener>,
     websocket: Vec<TcpListener>,
+    wss: Vec<(TcpListener, tokio_rustls::TlsAcceptor)>,
     grpc: TcpListener,
     accepting: tokio::sync::watch::Sender<bool>,
 }
@@ -49,6 +56,16 @@ impl CometServer {
         for addr in &config.websocket.bind {
             websocket.push(bind("comet.websocket.bind", addr).await?);
         }
+        let mut wss = Vec::new();
+        if let Some(tls) = &config.websocket.tls {
+            let acceptor = crate::tls::acceptor(tls)?;
+            for addr in &tls.bind {
+                wss.push((
+                    bind("comet.websocket.tls.bind", addr).await?,
+                    acceptor.clone(),
+                ));
+            }
+        }
         let grpc = bind("comet.grpc.bind", &config.grpc.bind).await?;
         if let Ok(local) = grpc.local_addr() {
             let _ = comet.grpc_addr.set(advertised(local));
@@ -57,6 +74,7 @@ impl CometServer {
             comet,
             tcp,
             websocket,
+            wss,
             grpc,
             accepting: tokio::sync::watch::Sender::new(false),
         })
@@ -73,6 +91,11 @@ impl CometServer {
         for listener in &self.websocket {
             if let Ok(addr) = listener.local_addr() {
                 addrs.push(("comet.websocket", addr));
+            }
+        }
+        for (listener, _) in &self.wss {
+            if let Ok(addr) = listener.local_addr() {
+                addrs.push(("comet.wss", addr));
             }
         }
         if let Ok(addr) = self.grpc.local_addr() {
@@ -126,19 +149,21 @@ impl CometServer {
             self.accepting.send_replace(true);
             tracing::info!(comet = %comet.id(), "accepting clients");
         }
-        for listener in self.tcp {
+        let listeners = self
+            .tcp
+            .into_iter()
+            .map(|l| (l, Serve::Tcp))
+            .chain(self.websocket.into_iter().map(|l| (l, Serve::WebSocket)))
+            .chain(
+                self.wss
+                    .into_iter()
+                    .map(|(l, acceptor)| (l, Serve::WebSocketTls(acceptor))),
+            );
+        for (listener, serve) in listeners {
             tasks.spawn(crate::tcp::accept_loop(
                 listener,
                 comet.clone(),
-                TransportKind::Tcp,
-                stop_accepting.clone(),
-            ));
-        }
-        for listener in self.websocket {
-            tasks.spawn(crate::tcp::accept_loop(
-                listener,
-                comet.clone(),
-                TransportKind::WebSocket,
+                serve,
                 stop_accepting.clone(),
             ));
         }

@@ -148,13 +148,31 @@ fn configure(stream: &TcpStream, config: &TcpConfig) {
     let _ = socket.set_keepalive(config.keepalive);
 }
 
+/// What a listener serves.
+#[derive(Clone)]
+pub(crate) enum Serve {
+    Tcp,
+    WebSocket,
+    WebSocketTls(tokio_rustls::TlsAcceptor),
+}
+
+impl Serve {
+    fn kind(&self) -> TransportKind {
+        match self {
+            Serve::Tcp => TransportKind::Tcp,
+            Serve::WebSocket | Serve::WebSocketTls(_) => TransportKind::WebSocket,
+        }
+    }
+}
+
 /// Accepts client sockets until `stop`; each gets its own task.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
     comet: Arc<Comet>,
-    kind: TransportKind,
+    serve: Serve,
     stop: CancellationToken,
 ) {
+    let kind = serve.kind();
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
@@ -179,8 +197,8 @@ pub(crate) async fn accept_loop(
         let started = Instant::now();
         configure(&stream, &comet.config().tcp);
         let task_comet = comet.clone();
-        match kind {
-            TransportKind::Tcp => {
+        match &serve {
+            Serve::Tcp => {
                 comet.tasks.spawn(conn::run(
                     task_comet,
                     TcpTransport::new(stream),
@@ -189,9 +207,18 @@ pub(crate) async fn accept_loop(
                     started,
                 ));
             }
-            TransportKind::WebSocket => {
+            Serve::WebSocket => {
                 comet.tasks.spawn(crate::ws::upgrade_and_run(
                     task_comet,
+                    stream,
+                    peer.ip(),
+                    started,
+                ));
+            }
+            Serve::WebSocketTls(acceptor) => {
+                comet.tasks.spawn(crate::ws::tls_upgrade_and_run(
+                    task_comet,
+                    acceptor.clone(),
                     stream,
                     peer.ip(),
                     started,

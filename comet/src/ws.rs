@@ -9,8 +9,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use pushcluster_api::protocol::{self, Frame, MAX_CLIENT_FRAME};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout_at};
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -35,11 +37,14 @@ fn websocket_config() -> WebSocketConfig {
     config
 }
 
-pub(crate) struct WsTransport {
-    ws: WebSocketStream<TcpStream>,
+pub(crate) struct WsTransport<S> {
+    ws: WebSocketStream<S>,
 }
 
-impl Transport for WsTransport {
+impl<S> Transport for WsTransport<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     fn kind(&self) -> TransportKind {
         TransportKind::WebSocket
     }
@@ -111,14 +116,46 @@ fn refuse(status: http::StatusCode, message: &str) -> ErrorResponse {
     response
 }
 
-/// Upgrades the socket (within the handshake timeout), then runs the
-/// connection. The upgrade request's Cookie header goes to logic Connect.
-pub(crate) async fn upgrade_and_run(
+/// WSS: the TLS handshake (within the handshake timeout), then as WS.
+pub(crate) async fn tls_upgrade_and_run(
     comet: Arc<Comet>,
+    acceptor: TlsAcceptor,
     stream: TcpStream,
     ip: IpAddr,
     started: Instant,
 ) {
+    let deadline = started + comet.config().protocol.handshake_timeout;
+    match timeout_at(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => upgrade_and_run(comet, tls, ip, started).await,
+        Ok(Err(error)) => {
+            comet
+                .metrics
+                .handshake_failures
+                .with_label_values(&["websocket", "tls_failed"])
+                .inc();
+            conn::log_refused(
+                TransportKind::WebSocket,
+                ip,
+                "tls_failed",
+                &error.to_string(),
+            );
+        }
+        Err(_) => {
+            comet
+                .metrics
+                .handshake_failures
+                .with_label_values(&["websocket", "timeout"])
+                .inc();
+        }
+    }
+}
+
+/// Upgrades the socket (within the handshake timeout), then runs the
+/// connection. The upgrade request's Cookie header goes to logic Connect.
+pub(crate) async fn upgrade_and_run<S>(comet: Arc<Comet>, stream: S, ip: IpAddr, started: Instant)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let mut cookie = String::new();
     // The callback's signature is tungstenite's, large error type included.
     #[allow(clippy::result_large_err)]

@@ -161,3 +161,80 @@ async fn tcp_and_websocket_members_of_one_room_both_receive() {
     assert_eq!(online, 2, "the room counts members of both transports");
     assert!(ws.try_recv_frame(QUIET).await.is_none());
 }
+
+#[tokio::test]
+async fn websocket_over_tls_serves_goim_clients() {
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
+    let cert_file = dir.path().join("tls.crt");
+    let key_file = dir.path().join("tls.key");
+    std::fs::write(&cert_file, cert.cert.pem()).expect("write cert");
+    std::fs::write(&key_file, cert.signing_key.serialize_pem()).expect("write key");
+    let server = Server::start_with(&format!(
+        "comet: {{ websocket: {{ tls: {{ bind: [\"127.0.0.1:0\"], cert_file: {:?}, key_file: {:?} }} }} }}",
+        cert_file.display().to_string(),
+        key_file.display().to_string()
+    ));
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(cert.cert.der().clone())
+        .expect("trust the test cert");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocols")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(server.addr("comet.wss"))
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    let (mut ws, _) = tokio_tungstenite::client_async("wss://localhost/sub", tls)
+        .await
+        .expect("upgrade over TLS");
+    use futures_util::{SinkExt, StreamExt};
+    ws.send(Message::Binary(
+        auth_frame(&json!({"room_id": "live://tls"})).encode(),
+    ))
+    .await
+    .expect("auth");
+    let reply = ws
+        .next()
+        .await
+        .expect("reply")
+        .expect("message")
+        .into_data();
+    assert_eq!(&reply[8..12], &op::AUTH_REPLY.to_be_bytes());
+    server
+        .push(
+            "/goim/push/room?operation=1000&type=live&room=tls",
+            "secret",
+        )
+        .await;
+    let push = ws.next().await.expect("push").expect("message").into_data();
+    let mut buf = bytes::BytesMut::from(&push[..]);
+    let batch = pushcluster_api::protocol::decode_server_stream(&mut buf)
+        .expect("frame")
+        .expect("whole");
+    assert_eq!(body(&inner_frames(&batch)[0]), "secret");
+
+    // A plain-text client on the TLS port is refused and counted.
+    let mut plain = TcpClient::connect(server.addr("comet.wss")).await;
+    plain.send(&frame(op::AUTH, 1, "{}")).await;
+    plain.expect_closed().await;
+    server
+        .wait_metric(
+            "pushcluster_comet_handshake_failures_total",
+            &[("transport", "websocket"), ("reason", "tls_failed")],
+            1.0,
+        )
+        .await;
+}
