@@ -279,6 +279,7 @@ impl ServiceType {
     validation = Rule::new("self.tcpPort != self.wsPort && self.tcpPort != self.wssPort && self.wsPort != self.wssPort").message("tcpPort, wsPort and wssPort must differ")
 )]
 pub struct CometServiceSpec {
+    /// Service type: ClusterIP, NodePort or LoadBalancer.
     #[serde(default, rename = "type")]
     pub service_type: ServiceType,
     /// goim TCP port (goim: 3101).
@@ -342,8 +343,10 @@ pub struct CometSpec {
     #[serde(default = "default_drain_seconds")]
     #[schemars(range(min = 0, max = 3600))]
     pub drain_seconds: u32,
+    /// Nodes comets may run on.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
+    /// Taints comets tolerate.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<Toleration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -382,8 +385,10 @@ fn default_drain_seconds() -> u32 {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct LogicServiceSpec {
+    /// Service type: ClusterIP, NodePort or LoadBalancer.
     #[serde(default, rename = "type")]
     pub service_type: ServiceType,
+    /// Annotations for the Service.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
 }
@@ -391,6 +396,7 @@ pub struct LogicServiceSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LogicSpec {
+    /// Logic pods; comets and HTTP clients balance over them.
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: i32,

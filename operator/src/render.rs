@@ -507,10 +507,11 @@ impl PodTemplate<'_> {
                 {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
             ],
             "ports": ports,
+            // Leaves the Services within seconds of a drain starting.
             "readinessProbe": {
                 "httpGet": {"path": "/readyz", "port": "metrics"},
                 "periodSeconds": 2,
-                "failureThreshold": 1,
+                "failureThreshold": 2,
                 "timeoutSeconds": 1
             },
             "livenessProbe": {
