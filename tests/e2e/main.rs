@@ -6,6 +6,7 @@ mod common;
 mod docs;
 mod fleet;
 mod grpc;
+mod kubernetes;
 mod lifecycle;
 mod push_api;
 mod websocket;

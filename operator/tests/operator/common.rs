@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use pushcluster_operator::crd::PushCluster;
 
 pub fn repo(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
 }
 
 pub fn read(path: &str) -> String {

@@ -42,7 +42,10 @@ fn status_error(code: u16, reason: &str) -> Value {
 }
 
 fn answer(request: &Recorded, scenario: &Scenario, pc: &PushCluster) -> (StatusCode, Value) {
-    let is = |resource: &str| request.path.contains(&format!("/{resource}/")) || request.path.ends_with(&format!("/{resource}"));
+    let is = |resource: &str| {
+        request.path.contains(&format!("/{resource}/"))
+            || request.path.ends_with(&format!("/{resource}"))
+    };
     match request.method.as_str() {
         "POST" if is("events") => (StatusCode::CREATED, request.body.clone()),
         "DELETE" if is("servicemonitors") => (StatusCode::NOT_FOUND, status_error(404, "NotFound")),
@@ -54,9 +57,10 @@ fn answer(request: &Recorded, scenario: &Scenario, pc: &PushCluster) -> (StatusC
         "PATCH" if is("servicemonitors") && scenario.no_service_monitor_crd => {
             (StatusCode::NOT_FOUND, status_error(404, "NotFound"))
         }
-        "PATCH" if is("deployments") && scenario.fail_deployments => {
-            (StatusCode::INTERNAL_SERVER_ERROR, status_error(500, "InternalError"))
-        }
+        "PATCH" if is("deployments") && scenario.fail_deployments => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            status_error(500, "InternalError"),
+        ),
         "PATCH" => {
             let mut object = request.body.clone();
             object["metadata"]["uid"] = json!("child-uid");
@@ -120,7 +124,11 @@ async fn run(
             instance: Some("test".into()),
         },
     );
-    let context = Arc::new(Context::new(client, recorder, OperatorMetrics::unregistered()));
+    let context = Arc::new(Context::new(
+        client,
+        recorder,
+        OperatorMetrics::unregistered(),
+    ));
     let result = tokio::time::timeout(
         std::time::Duration::from_secs(10),
         reconcile(Arc::new(pc), context.clone()),
@@ -182,7 +190,11 @@ async fn applies_every_child_then_the_status() {
     );
     for request in &applied {
         // Server-side apply, one field manager, taking ownership.
-        assert!(request.query.contains("fieldManager=pushcluster-operator"), "{}", request.query);
+        assert!(
+            request.query.contains("fieldManager=pushcluster-operator"),
+            "{}",
+            request.query
+        );
         assert!(request.query.contains("force=true"), "{}", request.query);
     }
     // The exact rendered objects.
@@ -193,7 +205,12 @@ async fn applies_every_child_then_the_status() {
         serde_json::to_value(&fleet.job),
     ];
     for (index, want) in [0usize, 3, 10, 12].into_iter().zip(expected) {
-        assert_eq!(applied[index].body, want.expect("json"), "{}", applied[index].path);
+        assert_eq!(
+            applied[index].body,
+            want.expect("json"),
+            "{}",
+            applied[index].path
+        );
     }
 
     let status = status_patch(&log);
@@ -215,21 +232,37 @@ async fn applies_every_child_then_the_status() {
         .filter(|r| r.method == "POST" && r.path.ends_with("/events"))
         .map(|r| &r.body)
         .collect();
-    assert!(events.iter().any(|e| e["reason"] == "Available"), "{events:?}");
+    assert!(
+        events.iter().any(|e| e["reason"] == "Available"),
+        "{events:?}"
+    );
 }
 
 #[tokio::test]
 async fn pods_not_ready_yet_are_progressing() {
     let pc = stored("examples/pushcluster-minimal.yaml");
-    let (result, log, _) = run(pc, Scenario { ready: Some(0), ..Default::default() }).await;
+    let (result, log, _) = run(
+        pc,
+        Scenario {
+            ready: Some(0),
+            ..Default::default()
+        },
+    )
+    .await;
     assert_eq!(result, Ok(()));
     let status = status_patch(&log);
     assert_eq!(condition(status, "Available")["status"], "False");
     assert_eq!(condition(status, "Progressing")["status"], "True");
     assert_eq!(status["comet"]["ready"], "0/2");
     // Monitoring is off: an old ServiceMonitor is deleted, none applied.
-    assert!(log.iter().any(|r| r.method == "DELETE" && r.path.contains("servicemonitors/push-metrics")));
-    assert_eq!(condition(status, "ServiceMonitorReady")["reason"], "Disabled");
+    assert!(
+        log.iter()
+            .any(|r| r.method == "DELETE" && r.path.contains("servicemonitors/push-metrics"))
+    );
+    assert_eq!(
+        condition(status, "ServiceMonitorReady")["reason"],
+        "Disabled"
+    );
 }
 
 #[tokio::test]
@@ -239,7 +272,12 @@ async fn paused_clusters_only_get_their_status() {
     let (result, log, _) = run(pc, Scenario::default()).await;
     assert_eq!(result, Ok(()));
     let applied = patches(&log);
-    assert_eq!(applied.len(), 1, "only the status: {:?}", applied.iter().map(|r| &r.path).collect::<Vec<_>>());
+    assert_eq!(
+        applied.len(),
+        1,
+        "only the status: {:?}",
+        applied.iter().map(|r| &r.path).collect::<Vec<_>>()
+    );
     let status = status_patch(&log);
     assert_eq!(condition(status, "ReconciliationPaused")["status"], "True");
 }
@@ -257,7 +295,10 @@ async fn a_missing_service_monitor_crd_is_a_condition_not_a_failure() {
     .await;
     assert_eq!(result, Ok(()));
     let monitor = condition(status_patch(&log), "ServiceMonitorReady");
-    assert_eq!((monitor["status"].as_str(), monitor["reason"].as_str()), (Some("False"), Some("CRDNotInstalled")));
+    assert_eq!(
+        (monitor["status"].as_str(), monitor["reason"].as_str()),
+        (Some("False"), Some("CRDNotInstalled"))
+    );
 }
 
 #[tokio::test]
@@ -269,7 +310,12 @@ async fn an_invalid_config_is_reported_and_nothing_applied() {
     assert_eq!(patches(&log).len(), 1, "only the status");
     let degraded = condition(status_patch(&log), "Degraded");
     assert_eq!(degraded["reason"], "InvalidConfig");
-    assert!(degraded["message"].as_str().unwrap_or_default().contains("job.room.batch"));
+    assert!(
+        degraded["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("job.room.batch")
+    );
 }
 
 #[tokio::test]
@@ -285,7 +331,10 @@ async fn api_errors_fail_the_reconcile_and_back_off() {
     .await;
     let error = result.expect_err("failed");
     assert!(error.contains("Kubernetes API"), "{error}");
-    assert!(!log.iter().any(|r| r.path.ends_with("/status")), "no status after a failure");
+    assert!(
+        !log.iter().any(|r| r.path.ends_with("/status")),
+        "no status after a failure"
+    );
     // The error policy counts and backs off exponentially.
     let fake = pushcluster_operator::reconcile::Error::Render(
         pushcluster_operator::render::RenderError::Missing("test"),
@@ -294,5 +343,12 @@ async fn api_errors_fail_the_reconcile_and_back_off() {
     let first = error_policy(pc.clone(), &fake, context.clone());
     let second = error_policy(pc.clone(), &fake, context.clone());
     assert_ne!(first, second, "the delay grows");
-    assert_eq!(context.metrics.failures.with_label_values(&["render"]).get(), 2);
+    assert_eq!(
+        context
+            .metrics
+            .failures
+            .with_label_values(&["render"])
+            .get(),
+        2
+    );
 }

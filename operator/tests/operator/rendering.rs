@@ -49,12 +49,18 @@ fn check_golden(example: &str, golden: &str) {
 
 #[test]
 fn minimal_fleet_matches_golden() {
-    check_golden("examples/pushcluster-minimal.yaml", "operator/tests/golden/minimal.yaml");
+    check_golden(
+        "examples/pushcluster-minimal.yaml",
+        "operator/tests/golden/minimal.yaml",
+    );
 }
 
 #[test]
 fn full_fleet_matches_golden() {
-    check_golden("examples/pushcluster.yaml", "operator/tests/golden/full.yaml");
+    check_golden(
+        "examples/pushcluster.yaml",
+        "operator/tests/golden/full.yaml",
+    );
 }
 
 #[test]
@@ -66,7 +72,10 @@ fn rendered_config_is_what_the_binary_reads() {
     assert_eq!(config.comet.protocol.handshake_timeout.as_secs(), 8);
     assert_eq!(config.logic.node.heartbeat.as_secs(), 30);
     assert_eq!(config.nats.partitions, 32);
-    assert_eq!(config.nats.credentials_file.as_deref(), Some("/etc/pushcluster/nats/user.creds"));
+    assert_eq!(
+        config.nats.credentials_file.as_deref(),
+        Some("/etc/pushcluster/nats/user.creds")
+    );
     assert_eq!(config.discovery.comet_service, "push-comet-headless");
     assert_eq!(config.discovery.logic_service, "push-logic");
     assert_eq!(config.discovery.namespace.as_deref(), Some("push"));
@@ -79,7 +88,13 @@ fn a_config_change_rolls_the_pods_and_nothing_else_does() {
     let pc = stored("examples/pushcluster-minimal.yaml");
     let hash = |pc: &PushCluster| {
         let fleet = render(pc).expect("renders");
-        let template = fleet.comet.spec.expect("spec").template.metadata.expect("metadata");
+        let template = fleet
+            .comet
+            .spec
+            .expect("spec")
+            .template
+            .metadata
+            .expect("metadata");
         template.annotations.expect("annotations")[CONFIG_HASH].clone()
     };
     let before = hash(&pc);
@@ -112,7 +127,10 @@ fn every_child_is_owned_by_the_pushcluster() {
         fleet.logic.metadata.owner_references.clone(),
         fleet.job.metadata.owner_references.clone(),
         fleet.comet_pdb.metadata.owner_references.clone(),
-        fleet.service_monitor.as_ref().and_then(|m| m.metadata.owner_references.clone()),
+        fleet
+            .service_monitor
+            .as_ref()
+            .and_then(|m| m.metadata.owner_references.clone()),
     ];
     for references in owners {
         let references = references.expect("owner references");
@@ -120,5 +138,55 @@ fn every_child_is_owned_by_the_pushcluster() {
         assert_eq!(references[0].kind, "PushCluster");
         assert_eq!(references[0].controller, Some(true));
         assert_eq!(references[0].uid, "0b5e6c7a-1111-4222-8333-944455556666");
+    }
+}
+
+#[test]
+fn the_operator_rbac_covers_what_it_does() {
+    let manifests = read("deploy/operator.yaml");
+    let role = manifests
+        .split("\n---\n")
+        .filter_map(|doc| serde_yaml_ng::from_str::<serde_json::Value>(doc).ok())
+        .find(|doc| doc["kind"] == "ClusterRole")
+        .expect("a ClusterRole");
+    let allows = |group: &str, resource: &str, verb: &str| {
+        role["rules"].as_array().expect("rules").iter().any(|rule| {
+            let has = |key: &str, value: &str| {
+                rule[key]
+                    .as_array()
+                    .is_some_and(|values| values.iter().any(|v| v == value))
+            };
+            has("apiGroups", group) && has("resources", resource) && has("verbs", verb)
+        })
+    };
+    for (group, resource, verbs) in [
+        ("pushcluster.io", "pushclusters", &["get", "list", "watch"][..]),
+        ("pushcluster.io", "pushclusters/status", &["patch"][..]),
+        ("", "configmaps", &["list", "watch", "patch"][..]),
+        ("", "services", &["list", "watch", "patch"][..]),
+        ("", "serviceaccounts", &["list", "watch", "patch"][..]),
+        ("apps", "deployments", &["list", "watch", "patch"][..]),
+        ("policy", "poddisruptionbudgets", &["list", "watch", "patch"][..]),
+        ("rbac.authorization.k8s.io", "roles", &["list", "watch", "patch"][..]),
+        ("rbac.authorization.k8s.io", "rolebindings", &["list", "watch", "patch"][..]),
+        ("discovery.k8s.io", "endpointslices", &["get", "list", "watch"][..]),
+        ("monitoring.coreos.com", "servicemonitors", &["patch", "delete"][..]),
+        ("events.k8s.io", "events", &["create", "patch"][..]),
+        ("coordination.k8s.io", "leases", &["get", "create", "update"][..]),
+    ] {
+        for verb in verbs {
+            assert!(allows(group, resource, verb), "{verb} {group}/{resource} missing");
+        }
+    }
+    // What the fleet's Role grants, the operator must hold.
+    let fleet = render(&stored("examples/pushcluster.yaml")).expect("renders");
+    for rule in fleet.role.rules.unwrap_or_default() {
+        for group in rule.api_groups.unwrap_or_default() {
+            for resource in rule.resources.clone().unwrap_or_default() {
+                for verb in &rule.verbs {
+                    assert!(allows(&group, &resource, verb), "cannot grant {verb} {group}/{resource}");
+                }
+            }
+        }
     }
 }

@@ -30,7 +30,10 @@ fn errors(object: &Value) -> Vec<String> {
 
 #[test]
 fn examples_are_valid() {
-    for example in ["examples/pushcluster-minimal.yaml", "examples/pushcluster.yaml"] {
+    for example in [
+        "examples/pushcluster-minimal.yaml",
+        "examples/pushcluster.yaml",
+    ] {
         let object = yaml(example);
         assert_eq!(errors(&object), Vec::<String>::new(), "{example}");
         // And they deserialize into the Rust types the operator uses.
@@ -60,18 +63,48 @@ fn invalid_specs_are_refused() {
     let mut missing_url = minimal();
     missing_url["spec"]["nats"] = json!({});
     for (case, object) in [
-        ("negative comet replicas", with(&["spec", "comet", "replicas"], json!(-1))),
-        ("negative job replicas", with(&["spec", "job", "replicas"], json!(-3))),
-        ("too many partitions", with(&["spec", "nats", "partitions"], json!(5000))),
-        ("zero partitions", with(&["spec", "nats", "partitions"], json!(0))),
-        ("bad pull policy", with(&["spec", "image", "pullPolicy"], json!("Sometimes"))),
-        ("bad service type", with(&["spec", "comet", "service", "type"], json!("Ingress"))),
-        ("port out of range", with(&["spec", "comet", "service", "tcpPort"], json!(70000))),
-        ("drain too long", with(&["spec", "comet", "drainSeconds"], json!(86400))),
-        ("nats url not a nats url", with(&["spec", "nats", "url"], json!("http://nats:4222"))),
+        (
+            "negative comet replicas",
+            with(&["spec", "comet", "replicas"], json!(-1)),
+        ),
+        (
+            "negative job replicas",
+            with(&["spec", "job", "replicas"], json!(-3)),
+        ),
+        (
+            "too many partitions",
+            with(&["spec", "nats", "partitions"], json!(5000)),
+        ),
+        (
+            "zero partitions",
+            with(&["spec", "nats", "partitions"], json!(0)),
+        ),
+        (
+            "bad pull policy",
+            with(&["spec", "image", "pullPolicy"], json!("Sometimes")),
+        ),
+        (
+            "bad service type",
+            with(&["spec", "comet", "service", "type"], json!("Ingress")),
+        ),
+        (
+            "port out of range",
+            with(&["spec", "comet", "service", "tcpPort"], json!(70000)),
+        ),
+        (
+            "drain too long",
+            with(&["spec", "comet", "drainSeconds"], json!(86400)),
+        ),
+        (
+            "nats url not a nats url",
+            with(&["spec", "nats", "url"], json!("http://nats:4222")),
+        ),
         ("empty nats url", with(&["spec", "nats", "url"], json!(""))),
         ("missing nats url", missing_url),
-        ("config not an object", with(&["spec", "config"], json!("comet: {}"))),
+        (
+            "config not an object",
+            with(&["spec", "config"], json!("comet: {}")),
+        ),
     ] {
         assert!(!errors(&object).is_empty(), "{case} was accepted");
     }
@@ -86,8 +119,14 @@ fn cel_rules_refuse_clashing_ports_and_changed_partitions() {
 
     let nats = |partitions: u32| json!({"url": "nats://n:4222", "stream": "S", "partitions": partitions, "buckets": {}});
     assert!(NatsSpec::validate_cel(&nats(16), Some(&nats(16))).is_ok());
-    assert!(NatsSpec::validate_cel(&nats(32), Some(&nats(16))).is_err(), "partitions are immutable");
-    assert!(NatsSpec::validate_cel(&nats(32), None).is_ok(), "any value on create");
+    assert!(
+        NatsSpec::validate_cel(&nats(32), Some(&nats(16))).is_err(),
+        "partitions are immutable"
+    );
+    assert!(
+        NatsSpec::validate_cel(&nats(32), None).is_ok(),
+        "any value on create"
+    );
 }
 
 #[test]
@@ -127,8 +166,14 @@ fn every_field_is_documented() {
                     missing.push(here.clone());
                 }
                 // Kubernetes' own types are documented upstream.
-                if !["resources", "affinity", "tolerations", "topologySpreadConstraints", "imagePullSecrets"]
-                    .contains(&name.as_str())
+                if ![
+                    "resources",
+                    "affinity",
+                    "tolerations",
+                    "topologySpreadConstraints",
+                    "imagePullSecrets",
+                ]
+                .contains(&name.as_str())
                 {
                     walk(&here, property, missing);
                     walk(&here, &property["items"], missing);
@@ -138,5 +183,8 @@ fn every_field_is_documented() {
     }
     let mut missing = Vec::new();
     walk("", &schema(), &mut missing);
-    assert!(missing.is_empty(), "fields without a description: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "fields without a description: {missing:?}"
+    );
 }
