@@ -160,22 +160,53 @@ fn the_operator_rbac_covers_what_it_does() {
         })
     };
     for (group, resource, verbs) in [
-        ("pushcluster.io", "pushclusters", &["get", "list", "watch"][..]),
+        (
+            "pushcluster.io",
+            "pushclusters",
+            &["get", "list", "watch"][..],
+        ),
         ("pushcluster.io", "pushclusters/status", &["patch"][..]),
         ("", "configmaps", &["list", "watch", "patch"][..]),
         ("", "services", &["list", "watch", "patch"][..]),
         ("", "serviceaccounts", &["list", "watch", "patch"][..]),
         ("apps", "deployments", &["list", "watch", "patch"][..]),
-        ("policy", "poddisruptionbudgets", &["list", "watch", "patch"][..]),
-        ("rbac.authorization.k8s.io", "roles", &["list", "watch", "patch"][..]),
-        ("rbac.authorization.k8s.io", "rolebindings", &["list", "watch", "patch"][..]),
-        ("discovery.k8s.io", "endpointslices", &["get", "list", "watch"][..]),
-        ("monitoring.coreos.com", "servicemonitors", &["patch", "delete"][..]),
+        (
+            "policy",
+            "poddisruptionbudgets",
+            &["list", "watch", "patch"][..],
+        ),
+        (
+            "rbac.authorization.k8s.io",
+            "roles",
+            &["list", "watch", "patch"][..],
+        ),
+        (
+            "rbac.authorization.k8s.io",
+            "rolebindings",
+            &["list", "watch", "patch"][..],
+        ),
+        (
+            "discovery.k8s.io",
+            "endpointslices",
+            &["get", "list", "watch"][..],
+        ),
+        (
+            "monitoring.coreos.com",
+            "servicemonitors",
+            &["patch", "delete"][..],
+        ),
         ("events.k8s.io", "events", &["create", "patch"][..]),
-        ("coordination.k8s.io", "leases", &["get", "create", "update"][..]),
+        (
+            "coordination.k8s.io",
+            "leases",
+            &["get", "create", "update"][..],
+        ),
     ] {
         for verb in verbs {
-            assert!(allows(group, resource, verb), "{verb} {group}/{resource} missing");
+            assert!(
+                allows(group, resource, verb),
+                "{verb} {group}/{resource} missing"
+            );
         }
     }
     // What the fleet's Role grants, the operator must hold.
@@ -184,7 +215,10 @@ fn the_operator_rbac_covers_what_it_does() {
         for group in rule.api_groups.unwrap_or_default() {
             for resource in rule.resources.clone().unwrap_or_default() {
                 for verb in &rule.verbs {
-                    assert!(allows(&group, &resource, verb), "cannot grant {verb} {group}/{resource}");
+                    assert!(
+                        allows(&group, &resource, verb),
+                        "cannot grant {verb} {group}/{resource}"
+                    );
                 }
             }
         }
