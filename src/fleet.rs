@@ -74,8 +74,8 @@ async fn connect_nats(
 }
 
 pub async fn run_comet(config: Config) -> anyhow::Result<()> {
-    let registry = metrics_registry()?;
     let readiness = Readiness::new();
+    let registry = metrics_registry("comet", &readiness)?;
     let supervisor = Supervisor::new()?;
     let stop_background = CancellationToken::new();
     let discovery = discovery(&config, &stop_background).await?;
@@ -119,8 +119,8 @@ pub async fn run_comet(config: Config) -> anyhow::Result<()> {
 }
 
 pub async fn run_logic(config: Config) -> anyhow::Result<()> {
-    let registry = metrics_registry()?;
     let readiness = Readiness::new();
+    let registry = metrics_registry("logic", &readiness)?;
     let supervisor = Supervisor::new()?;
     let nats = connect_nats(&config, "pushcluster-logic", &registry).await?;
     let stop_background = CancellationToken::new();
@@ -188,8 +188,8 @@ pub async fn run_logic(config: Config) -> anyhow::Result<()> {
 }
 
 pub async fn run_job(config: Config) -> anyhow::Result<()> {
-    let registry = metrics_registry()?;
     let readiness = Readiness::new();
+    let registry = metrics_registry("job", &readiness)?;
     let supervisor = Supervisor::new()?;
     let nats = connect_nats(&config, "pushcluster-job", &registry).await?;
     let stop_background = CancellationToken::new();

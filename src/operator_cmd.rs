@@ -43,9 +43,9 @@ fn identity() -> String {
 }
 
 pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
-    let registry = metrics_registry()?;
-    let metrics = OperatorMetrics::new(&registry)?;
     let readiness = Readiness::new();
+    let registry = metrics_registry("operator", &readiness)?;
+    let metrics = OperatorMetrics::new(&registry)?;
     let supervisor = Supervisor::new()?;
     let client = kube::Client::try_default()
         .await

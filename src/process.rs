@@ -49,14 +49,62 @@ pub fn log_listening(name: &str, addr: SocketAddr) {
 }
 
 /// A metrics registry with the standard process metrics.
-pub fn metrics_registry() -> anyhow::Result<prometheus::Registry> {
+/// A process's metrics registry, with what every process reports: the
+/// `process_*` metrics, `pushcluster_build_info{version, role}` and
+/// `pushcluster_ready{role}` (read from `readiness` at each scrape, so alerts
+/// see the same answer as `/readyz`).
+pub fn metrics_registry(
+    role: &'static str,
+    readiness: &Readiness,
+) -> anyhow::Result<prometheus::Registry> {
     let registry = prometheus::Registry::new();
     registry
         .register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))
         .context("cannot register process metrics")?;
+    let build_info = prometheus::IntGauge::with_opts(
+        prometheus::Opts::new(
+            "pushcluster_build_info",
+            "Always 1; labels carry the version and the role of this process.",
+        )
+        .const_label("version", env!("CARGO_PKG_VERSION"))
+        .const_label("role", role),
+    )?;
+    build_info.set(1);
+    registry.register(Box::new(build_info))?;
+    registry.register(Box::new(ReadyCollector::new(role, readiness.clone())?))?;
     Ok(registry)
+}
+
+/// `pushcluster_ready{role}`: 1 while `/readyz` answers 200.
+struct ReadyCollector {
+    gauge: prometheus::IntGauge,
+    readiness: Readiness,
+}
+
+impl ReadyCollector {
+    fn new(role: &'static str, readiness: Readiness) -> prometheus::Result<Self> {
+        let gauge = prometheus::IntGauge::with_opts(
+            prometheus::Opts::new(
+                "pushcluster_ready",
+                "1 while this process wants traffic (/readyz answers 200), else 0.",
+            )
+            .const_label("role", role),
+        )?;
+        Ok(ReadyCollector { gauge, readiness })
+    }
+}
+
+impl prometheus::core::Collector for ReadyCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.gauge.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.gauge.set(i64::from(self.readiness.is_ready()));
+        self.gauge.collect()
+    }
 }
 
 /// Tracks a process's servers: the first SIGTERM/SIGINT cancels `shutdown`,

@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 use crate::process::{Supervisor, comet_id, log_listening, metrics_registry};
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let registry = metrics_registry()?;
     let readiness = Readiness::new();
+    let registry = metrics_registry("standalone", &readiness)?;
 
     let bus = MemoryBus::with_metrics(MemoryBusConfig::default(), BusMetrics::new(&registry)?);
     let sessions = MemoryRegistry::new(config.logic.session_expire, config.logic.online_expire);

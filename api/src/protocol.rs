@@ -288,6 +288,9 @@ pub struct EncodedPush {
     pub websocket: Bytes,
     /// TCP bytes: for op 9 only the inner frames, else the whole frame.
     pub tcp: Bytes,
+    /// When the (earliest) message in it was published, in µs since the
+    /// epoch; 0 when unknown.
+    pub published_us: u64,
 }
 
 impl EncodedPush {
@@ -298,7 +301,16 @@ impl EncodedPush {
         } else {
             websocket.clone()
         };
-        EncodedPush { websocket, tcp }
+        EncodedPush {
+            websocket,
+            tcp,
+            published_us: 0,
+        }
+    }
+
+    pub fn published_at(mut self, unix_micros: i64) -> Self {
+        self.published_us = u64::try_from(unix_micros).unwrap_or(0);
+        self
     }
 }
 

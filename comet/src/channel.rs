@@ -84,12 +84,15 @@ pub enum Queued {
 
 struct QueueState {
     frames: VecDeque<Bytes>,
+    /// Publish time (µs since the epoch) of each frame; 0 for replies.
+    published_us: VecDeque<u64>,
     closing: Option<CloseReason>,
 }
 
 /// What the connection task takes from its queue.
 pub struct Drained {
     pub frames: VecDeque<Bytes>,
+    pub published_us: VecDeque<u64>,
     pub closing: Option<CloseReason>,
 }
 
@@ -127,6 +130,7 @@ impl Channel {
             room: Mutex::new(None),
             queue: Mutex::new(QueueState {
                 frames: VecDeque::new(),
+                published_us: VecDeque::new(),
                 closing: None,
             }),
             wake: Notify::new(),
@@ -181,11 +185,15 @@ impl Channel {
             TransportKind::Tcp => push.tcp.clone(),
             TransportKind::WebSocket => push.websocket.clone(),
         };
-        self.push_bytes(bytes)
+        self.enqueue(bytes, push.published_us)
     }
 
     /// Queues bytes to write as they are (one WebSocket message, or raw TCP bytes).
     pub fn push_bytes(&self, bytes: Bytes) -> Queued {
+        self.enqueue(bytes, 0)
+    }
+
+    fn enqueue(&self, bytes: Bytes, published_us: u64) -> Queued {
         let Ok(mut queue) = self.queue.lock() else {
             return Queued::Closed;
         };
@@ -195,6 +203,7 @@ impl Channel {
         if queue.frames.len() >= self.capacity {
             let dropped = queue.frames.len() + 1;
             queue.frames = VecDeque::new();
+            queue.published_us = VecDeque::new();
             queue.closing = Some(CloseReason::SlowConsumer);
             drop(queue);
             self.wake.notify_one();
@@ -202,6 +211,7 @@ impl Channel {
         }
         let was_empty = queue.frames.is_empty();
         queue.frames.push_back(bytes);
+        queue.published_us.push_back(published_us);
         drop(queue);
         if was_empty {
             self.wake.notify_one();
@@ -229,10 +239,12 @@ impl Channel {
         match self.queue.lock() {
             Ok(mut queue) => Drained {
                 frames: std::mem::take(&mut queue.frames),
+                published_us: std::mem::take(&mut queue.published_us),
                 closing: queue.closing,
             },
             Err(_) => Drained {
                 frames: VecDeque::new(),
+                published_us: VecDeque::new(),
                 closing: Some(CloseReason::IoError),
             },
         }

@@ -285,6 +285,13 @@ pub(crate) async fn run<T: Transport>(
     }
 }
 
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 fn renew_interval() -> Duration {
     let secs = rand::random_range(RENEW_MIN.as_secs()..RENEW_MAX.as_secs());
     Duration::from_secs(secs)
@@ -299,6 +306,19 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
+    /// Publish → socket latency of each pushed frame just written (replies
+    /// carry no publish time and are skipped).
+    fn observe_delivery(&self, published_us: &VecDeque<u64>) {
+        if published_us.iter().all(|&us| us == 0) {
+            return;
+        }
+        let now = unix_micros();
+        for &us in published_us.iter().filter(|&&us| us != 0) {
+            let seconds = now.saturating_sub(us) as f64 / 1_000_000.0;
+            self.comet.metrics.delivery_latency.observe(seconds);
+        }
+    }
+
     async fn serve<T: Transport>(&mut self, transport: &mut T) -> CloseReason {
         let kind = transport.kind();
         let heartbeat_due = tokio::time::sleep(self.heartbeat);
@@ -312,6 +332,7 @@ impl Session<'_> {
             }
             if !drained.frames.is_empty() {
                 let frames = drained.frames.len();
+                let published_us = drained.published_us;
                 let write_due = Instant::now() + self.comet.config().protocol.write_timeout;
                 let write = transport.write(drained.frames);
                 tokio::pin!(write);
@@ -335,6 +356,7 @@ impl Session<'_> {
                             .with_label_values(&[kind.label()])
                             .inc_by(bytes);
                         self.comet.metrics.write_batch_frames.observe(frames as f64);
+                        self.observe_delivery(&published_us);
                     }
                     Err(_) => return CloseReason::IoError,
                 }

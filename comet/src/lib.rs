@@ -210,12 +210,13 @@ impl Comet {
         op: i32,
         frame: &Frame,
         mark: Option<&StreamMark>,
+        publish_unix_micros: i64,
     ) -> Result<Fanout, LinkError> {
         self.metrics.pushes.with_label_values(&["keys"]).inc();
         if self.admit("keys", mark, |m| self.guard.admit_key_push(m))? > 0 {
             return Ok(Fanout::default());
         }
-        let push = EncodedPush::new(frame);
+        let push = EncodedPush::new(frame).published_at(publish_unix_micros);
         let mut fanout = Fanout::default();
         for key in keys {
             match self.buckets.get(key) {
@@ -234,13 +235,18 @@ impl Comet {
         room: &str,
         frame: &Frame,
         mark: Option<&StreamMark>,
+        publish_unix_micros: i64,
     ) -> Result<Fanout, LinkError> {
         self.metrics.pushes.with_label_values(&["room"]).inc();
         self.admit("room", mark, |_| 0)?;
         let Some(room) = self.rooms.get(room) else {
             return Ok(Fanout::default());
         };
-        let (fanout, seen) = room.push(&EncodedPush::new(frame), frame, mark);
+        let (fanout, seen) = room.push(
+            &EncodedPush::new(frame).published_at(publish_unix_micros),
+            frame,
+            mark,
+        );
         if seen > 0 {
             self.metrics
                 .duplicates
@@ -259,12 +265,13 @@ impl Comet {
         frame: &Frame,
         speed: i32,
         mark: Option<&StreamMark>,
+        publish_unix_micros: i64,
     ) -> Result<(), LinkError> {
         self.metrics.pushes.with_label_values(&["broadcast"]).inc();
         if self.admit("broadcast", mark, |m| self.guard.admit_broadcast(op, m))? > 0 {
             return Ok(());
         }
-        let push = EncodedPush::new(frame);
+        let push = EncodedPush::new(frame).published_at(publish_unix_micros);
         let comet = self.clone();
         tokio::spawn(async move {
             let started = Instant::now();
@@ -374,7 +381,13 @@ impl CometLink for Comet {
             req.owner_generation,
             req.seqs,
         );
-        self.push_keys(&req.keys, req.proto_op, &frame, mark.as_ref())?;
+        self.push_keys(
+            &req.keys,
+            req.proto_op,
+            &frame,
+            mark.as_ref(),
+            req.publish_unix_micros,
+        )?;
         Ok(PushMsgReply {})
     }
 
@@ -390,7 +403,13 @@ impl CometLink for Comet {
             req.owner_generation,
             req.seqs,
         );
-        me.start_broadcast(req.proto_op, &frame, req.speed, mark.as_ref())?;
+        me.start_broadcast(
+            req.proto_op,
+            &frame,
+            req.speed,
+            mark.as_ref(),
+            req.publish_unix_micros,
+        )?;
         Ok(BroadcastReply {})
     }
 
@@ -413,7 +432,7 @@ impl CometLink for Comet {
                 "seqs must have one entry per frame".into(),
             ));
         }
-        self.push_room(&req.room_id, &frame, mark.as_ref())?;
+        self.push_room(&req.room_id, &frame, mark.as_ref(), req.publish_unix_micros)?;
         Ok(BroadcastRoomReply {})
     }
 

@@ -22,6 +22,7 @@ pub struct CometMetrics {
     pub stale_owners: IntCounter,
     pub sent_bytes: IntCounterVec,
     pub write_batch_frames: Histogram,
+    pub delivery_latency: Histogram,
     pub rooms: IntGauge,
     pub online_reports: IntCounterVec,
     pub accept_errors: IntCounterVec,
@@ -109,6 +110,16 @@ impl CometMetrics {
                 )
                 .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
             )?,
+            delivery_latency: Histogram::with_opts(
+                HistogramOpts::new(
+                    "pushcluster_comet_delivery_latency_seconds",
+                    "End to end: from publish (logic) to written to the client socket, per pushed message and connection.",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0,
+                ]),
+            )?,
             rooms: IntGauge::new(
                 "pushcluster_comet_rooms",
                 "Rooms with at least one member on this comet.",
@@ -140,6 +151,7 @@ impl CometMetrics {
         registry.register(Box::new(metrics.stale_owners.clone()))?;
         registry.register(Box::new(metrics.sent_bytes.clone()))?;
         registry.register(Box::new(metrics.write_batch_frames.clone()))?;
+        registry.register(Box::new(metrics.delivery_latency.clone()))?;
         registry.register(Box::new(metrics.rooms.clone()))?;
         registry.register(Box::new(metrics.online_reports.clone()))?;
         registry.register(Box::new(metrics.accept_errors.clone()))?;

@@ -99,7 +99,10 @@ impl Room {
                 .flatten()
             {
                 Some(rest) => {
-                    partial = EncodedPush::new(&Frame::server(op::RAW, rest));
+                    partial = EncodedPush {
+                        published_us: push.published_us,
+                        ..EncodedPush::new(&Frame::server(op::RAW, rest))
+                    };
                     &partial
                 }
                 None => return (fanout, total),

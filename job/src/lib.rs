@@ -25,7 +25,7 @@ use std::future::Future;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::join_all;
 use pushcluster_api::config::JobConfig;
@@ -129,6 +129,8 @@ struct StreamFields {
     partition: u32,
     generation: u64,
     seqs: Vec<u64>,
+    /// The earliest publish time, in µs since the epoch (0 if unknown).
+    publish_unix_micros: i64,
 }
 
 impl StreamFields {
@@ -143,6 +145,12 @@ impl StreamFields {
                 .max()
                 .unwrap_or(0),
             seqs: deliveries.iter().map(|d| d.position.seq).collect(),
+            publish_unix_micros: deliveries
+                .iter()
+                .filter_map(|d| d.published_at.duration_since(UNIX_EPOCH).ok())
+                .min()
+                .and_then(|since| i64::try_from(since.as_micros()).ok())
+                .unwrap_or(0),
         }
     }
 }
@@ -405,6 +413,7 @@ impl Shared {
             partition: stream.partition,
             owner_generation: stream.generation,
             seqs: stream.seqs,
+            publish_unix_micros: stream.publish_unix_micros,
         };
         let calls = comets.iter().map(|(id, _)| {
             let request = request.clone();
@@ -430,6 +439,7 @@ impl Shared {
             partition: stream.partition,
             owner_generation: stream.generation,
             seqs: stream.seqs,
+            publish_unix_micros: stream.publish_unix_micros,
         };
         let outcome = self
             .call_comet(server, "push", |link| {
@@ -470,6 +480,7 @@ impl Shared {
             partition: stream.partition,
             owner_generation: stream.generation,
             seqs: stream.seqs,
+            publish_unix_micros: stream.publish_unix_micros,
         };
         let calls = comets.iter().map(|(id, _)| {
             let request = request.clone();

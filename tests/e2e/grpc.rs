@@ -163,6 +163,7 @@ async fn comet_service_drops_redelivered_messages_and_fences_old_owners() {
             partition: 3,
             owner_generation: generation,
             seqs: seqs.to_vec(),
+            ..Default::default()
         }
     };
     comet

@@ -22,7 +22,17 @@ async fn admin_port_serves_health_readiness_and_metrics() {
             1.0,
         )
         .await;
+    assert_eq!(
+        server
+            .metric("pushcluster_ready", &[("role", "standalone")])
+            .await,
+        1.0
+    );
     let (_, text) = server.admin("/metrics").await;
+    assert!(text.contains(&format!(
+        "pushcluster_build_info{{role=\"standalone\",version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    )));
     for name in [
         "pushcluster_comet_connects_total",
         "pushcluster_comet_pushes_total",
@@ -43,6 +53,45 @@ async fn admin_port_serves_health_readiness_and_metrics() {
             "unprefixed metric: {line}"
         );
     }
+}
+
+#[tokio::test]
+async fn delivery_latency_is_measured_from_publish_to_the_client_socket() {
+    let server = Server::start();
+    let mut client = TcpClient::auth(
+        server.tcp(),
+        json!({"mid": 7, "key": "k-latency", "room_id": "live://lat", "accepts": [1000]}),
+    )
+    .await;
+    let latency = "pushcluster_comet_delivery_latency_seconds_count";
+    assert_eq!(server.metric(latency, &[]).await, 0.0);
+    // A heartbeat reply is no pushed message: it is not measured.
+    client.heartbeat(1).await;
+    server
+        .push("/goim/push/keys?operation=1000&keys=k-latency", "a")
+        .await;
+    server
+        .push("/goim/push/room?operation=1000&type=live&room=lat", "b")
+        .await;
+    server.push("/goim/push/all?operation=1000", "c").await;
+    let mut bodies = Vec::new();
+    while bodies.len() < 3 {
+        let frame = client.recv().await;
+        if frame.op == 9 {
+            bodies.extend(inner_frames(&frame).iter().map(body));
+        } else {
+            bodies.push(body(&frame));
+        }
+    }
+    bodies.sort();
+    assert_eq!(bodies, ["a", "b", "c"]);
+    server.wait_metric(latency, &[], 3.0).await;
+    assert_eq!(server.metric(latency, &[]).await, 3.0);
+    // In seconds, from a real publish time: not 0 (unset), not epoch-sized.
+    let sum = server
+        .metric("pushcluster_comet_delivery_latency_seconds_sum", &[])
+        .await;
+    assert!(sum > 0.0 && sum < 60.0, "latency sum {sum}s");
 }
 
 #[tokio::test]
@@ -147,6 +196,13 @@ async fn sigterm_stops_accepting_flushes_closes_and_exits_0() {
         matches!(reqwest::get(url).await, Ok(r) if r.status() == 503)
     })
     .await;
+    assert_eq!(
+        server
+            .metric("pushcluster_ready", &[("role", "standalone")])
+            .await,
+        0.0,
+        "alerts see the drain too"
+    );
     wait_until(|| async { tokio::net::TcpStream::connect(server.tcp()).await.is_err() }).await;
 
     // Everything queued before the drain still arrives, then the close.
