@@ -10,5 +10,6 @@
 pub mod config;
 pub mod health;
 pub mod link;
+pub mod log_budget;
 pub mod pb;
 pub mod protocol;

@@ -19,8 +19,8 @@ use pushcluster_api::protocol::{self, Frame, FrameError, op};
 use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 
 use crate::channel::{Channel, CloseReason, Queued, TransportKind};
-use crate::ratelimit::LogBudget;
 use crate::{Comet, count_reply};
+use pushcluster_api::log_budget::LogBudget;
 
 /// goim renews a session with logic every 10 to 30 minutes of heartbeats.
 const RENEW_MIN: Duration = Duration::from_secs(10 * 60);

@@ -17,7 +17,6 @@ mod conn;
 pub mod grpc;
 pub mod logic_client;
 pub mod metrics;
-mod ratelimit;
 mod report;
 pub mod room;
 pub mod server;

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Comet;
 use crate::channel::TransportKind;
 use crate::conn::{self, ReadError, Transport};
-use crate::ratelimit::LogBudget;
+use pushcluster_api::log_budget::LogBudget;
 
 /// Slices handed to one `writev` call.
 const MAX_IOV: usize = 64;

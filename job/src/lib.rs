@@ -30,6 +30,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures_util::future::join_all;
 use pushcluster_api::config::JobConfig;
 use pushcluster_api::link::{CometLink, LinkError};
+use pushcluster_api::log_budget::LogBudget;
 use pushcluster_api::pb::comet::{BroadcastReq, BroadcastRoomReq, PushMsgReq};
 use pushcluster_api::pb::logic::push_msg::Type as PushType;
 use pushcluster_api::protocol::RawBatch;
@@ -121,6 +122,16 @@ enum CallOutcome {
     /// A newer owner of the stream partition has delivered (fencing): this
     /// job must leave the message to it.
     Stale,
+}
+
+/// Drops are rare and each one is a message someone did not get: log them,
+/// a few lines a second at most.
+static DROP_LOG: LogBudget = LogBudget::new(5);
+
+fn log_drop(kind: &str, reason: &str, count: usize) {
+    if let Some(suppressed) = DROP_LOG.allow() {
+        tracing::warn!(kind, reason, count, suppressed, "messages dropped");
+    }
 }
 
 /// The stream position fields of goim.comet requests for these deliveries.
@@ -352,6 +363,7 @@ impl Shared {
                 .dropped
                 .with_label_values(&[kind, "comet_unavailable"])
                 .inc_by((deliveries.len() * unavailable) as u64);
+            log_drop(kind, "comet_unavailable", deliveries.len() * unavailable);
         }
         let now = SystemTime::now();
         for delivery in deliveries {
@@ -371,6 +383,16 @@ impl Shared {
             .dropped
             .with_label_values(&[kind, reason])
             .inc_by(deliveries.len() as u64);
+        if reason == "unknown_comet" {
+            // The key's comet left: its client is gone too.
+            tracing::debug!(
+                kind,
+                count = deliveries.len(),
+                "push for a comet that left dropped"
+            );
+        } else {
+            log_drop(kind, reason, deliveries.len());
+        }
         for delivery in deliveries {
             delivery.ack().await;
         }
@@ -717,10 +739,13 @@ impl Job {
                 .dropped
                 .with_label_values(&["unknown", "invalid"])
                 .inc();
-            tracing::warn!(
-                r#type = delivery.msg.r#type,
-                "PushMsg of unknown type dropped"
-            );
+            if let Some(suppressed) = DROP_LOG.allow() {
+                tracing::warn!(
+                    r#type = delivery.msg.r#type,
+                    suppressed,
+                    "PushMsg of unknown type dropped"
+                );
+            }
             delivery.ack().await;
             return;
         };
@@ -738,7 +763,7 @@ impl Job {
             PushType::Broadcast => LaneKey::Broadcast,
             _ => {
                 metrics.dropped.with_label_values(&[label, "invalid"]).inc();
-                tracing::warn!(kind = label, "PushMsg without a target dropped");
+                log_drop(label, "invalid", 1);
                 delivery.ack().await;
                 return;
             }

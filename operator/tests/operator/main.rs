@@ -1,6 +1,7 @@
-//! Operator tests: the generated CRD, its schema, rendering (golden YAML)
-//! and the reconciler against a mocked API server.
+//! Operator tests: the generated CRD, its schema, rendering (golden YAML),
+//! the reconciler against a mocked API server, and the Helm chart.
 
+mod chart;
 mod common;
 mod reconcile;
 mod rendering;

@@ -352,3 +352,57 @@ async fn api_errors_fail_the_reconcile_and_back_off() {
         2
     );
 }
+
+/// Every request a reconcile makes is one the operator's RBAC grants
+/// (operator/src/rbac.rs, which the chart and deploy/operator.yaml grant
+/// exactly).
+#[tokio::test]
+async fn every_request_is_within_the_operators_rbac() {
+    let allowed = pushcluster_operator::rbac::permissions(pushcluster_operator::rbac::FLEET_RULES);
+    let mut paused = stored("examples/pushcluster.yaml");
+    paused.spec.paused = true;
+    let mut seen = std::collections::BTreeSet::new();
+    for (pc, scenario) in [
+        (stored("examples/pushcluster.yaml"), Scenario::default()),
+        (
+            stored("examples/pushcluster-minimal.yaml"),
+            Scenario::default(),
+        ),
+        (
+            stored("examples/pushcluster.yaml"),
+            Scenario {
+                ready: Some(0),
+                ..Default::default()
+            },
+        ),
+        (paused, Scenario::default()),
+    ] {
+        let (_, log, _) = run(pc, scenario).await;
+        for request in log {
+            let needed = pushcluster_operator::rbac::required(
+                &request.method,
+                &request.path,
+                &request.query,
+            )
+            .unwrap_or_else(|| panic!("not a resource request: {request:?}"));
+            assert!(
+                allowed.contains(&needed),
+                "{needed:?} not granted: {request:?}"
+            );
+            seen.insert(needed);
+        }
+    }
+    // The scenarios did apply, delete a ServiceMonitor, patch the status
+    // and record events.
+    for (group, resource, verb) in [
+        ("apps", "deployments", "patch"),
+        ("monitoring.coreos.com", "servicemonitors", "delete"),
+        ("pushcluster.io", "pushclusters/status", "patch"),
+        ("events.k8s.io", "events", "create"),
+    ] {
+        assert!(
+            seen.contains(&(group.to_string(), resource.to_string(), verb.to_string())),
+            "no {verb} {group}/{resource} in {seen:?}"
+        );
+    }
+}
