@@ -86,7 +86,19 @@ impl Server {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("pushcluster.yaml");
         std::fs::write(&path, serde_yaml_ng::to_string(&config).expect("yaml")).expect("write");
+        let path = path.to_string_lossy().into_owned();
+        Server::spawn_args(&[command, "--config", &path], &[], dir, ready)
+    }
 
+    /// Runs `pushcluster <args>` with extra environment variables, keeps
+    /// `dir` until the process is gone, and waits for the log line `ready`.
+    pub fn spawn_args(
+        args: &[&str],
+        envs: &[(&str, &str)],
+        dir: tempfile::TempDir,
+        ready: &str,
+    ) -> Server {
+        let command = args.first().copied().unwrap_or_default().to_string();
         let mut child = Command::new(env!("CARGO_BIN_EXE_pushcluster"))
             .args([
                 "--log-format",
@@ -94,9 +106,8 @@ impl Server {
                 "--log-level",
                 "info,pushcluster_comet=debug",
             ])
-            .arg(command)
-            .arg("--config")
-            .arg(&path)
+            .args(args)
+            .envs(envs.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -434,6 +445,11 @@ impl TcpClient {
             .flatten()
     }
 
+    /// Reads and discards frames until the server closes the connection.
+    pub async fn read_until_closed(mut self) {
+        while self.read_frame().await.is_some() {}
+    }
+
     /// Asserts nothing arrives for a moment.
     pub async fn expect_silence(&mut self) {
         if let Some(frame) = self.try_recv(QUIET).await {
@@ -523,6 +539,11 @@ impl WsClient {
             .ok()??;
         let mut buf = BytesMut::from(&payload[..]);
         decode_server_stream(&mut buf).expect("valid frame")
+    }
+
+    /// Reads and discards messages until the server closes the connection.
+    pub async fn read_until_closed(mut self) {
+        while self.next_payload().await.is_some() {}
     }
 
     /// Asserts the server closes the connection.

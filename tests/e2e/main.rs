@@ -4,10 +4,13 @@
 
 mod common;
 mod docs;
+mod fake_kube;
 mod fleet;
 mod grpc;
 mod kubernetes;
 mod lifecycle;
+mod observability;
+mod operator;
 mod push_api;
 mod websocket;
 mod wire;
