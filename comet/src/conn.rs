@@ -306,17 +306,15 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    /// Publish → socket latency of each pushed frame just written (replies
-    /// carry no publish time and are skipped).
+    /// Publish → socket latency of a write that carried pushed frames,
+    /// measured from the oldest of them: one observation per write keeps
+    /// the cost off the fan-out path (replies carry no publish time).
     fn observe_delivery(&self, published_us: &VecDeque<u64>) {
-        if published_us.iter().all(|&us| us == 0) {
+        let Some(oldest) = published_us.iter().copied().filter(|&us| us != 0).min() else {
             return;
-        }
-        let now = unix_micros();
-        for &us in published_us.iter().filter(|&&us| us != 0) {
-            let seconds = now.saturating_sub(us) as f64 / 1_000_000.0;
-            self.comet.metrics.delivery_latency.observe(seconds);
-        }
+        };
+        let seconds = unix_micros().saturating_sub(oldest) as f64 / 1_000_000.0;
+        self.comet.metrics.delivery_latency.observe(seconds);
     }
 
     async fn serve<T: Transport>(&mut self, transport: &mut T) -> CloseReason {

@@ -113,7 +113,7 @@ impl CometMetrics {
             delivery_latency: Histogram::with_opts(
                 HistogramOpts::new(
                     "pushcluster_comet_delivery_latency_seconds",
-                    "End to end: from publish (logic) to written to the client socket, per pushed message and connection.",
+                    "End to end: from publish (logic) to written to the client socket; one observation per write, from its oldest pushed message.",
                 )
                 .buckets(vec![
                     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,

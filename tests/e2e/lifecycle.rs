@@ -85,8 +85,11 @@ async fn delivery_latency_is_measured_from_publish_to_the_client_socket() {
     }
     bodies.sort();
     assert_eq!(bodies, ["a", "b", "c"]);
-    server.wait_metric(latency, &[], 3.0).await;
-    assert_eq!(server.metric(latency, &[]).await, 3.0);
+    // One observation per socket write that carried pushes (the three may
+    // share a write).
+    server.wait_metric(latency, &[], 1.0).await;
+    let writes = server.metric(latency, &[]).await;
+    assert!((1.0..=3.0).contains(&writes), "{writes} observations");
     // In seconds, from a real publish time: not 0 (unset), not epoch-sized.
     let sum = server
         .metric("pushcluster_comet_delivery_latency_seconds_sum", &[])
