@@ -1,0 +1,367 @@
+//! Client connections as a goim client (TCP or WebSocket) or a Pusher
+//! client (WebSocket) would open them: connect, authenticate or subscribe,
+//! then read pushes and keep the connection alive.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::{Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use pushcluster_api::protocol::{Frame, decode_server_stream, op};
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::spec::{ClientSpec, PUSH_OP, PUSHER_EVENT, ServerKind, Transport, mid_of};
+
+/// Connections opened from one loopback source address: one address has
+/// about 28,000 ephemeral ports, and closed ones linger in TIME_WAIT.
+pub const PER_SOURCE: usize = 5000;
+/// goim heartbeats every 30 s by default (the server allows minutes).
+const GOIM_HEARTBEAT: Duration = Duration::from_secs(30);
+/// Pusher clients ping when idle for the activity timeout (120 s default).
+const PUSHER_PING: Duration = Duration::from_secs(60);
+/// Longest a connect plus handshake may take.
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(30);
+
+/// The loopback source address of connection `index` (None off loopback).
+pub fn source_for(target: SocketAddr, index: usize) -> Option<Ipv4Addr> {
+    if !target.ip().is_loopback() {
+        return None;
+    }
+    let block = index / PER_SOURCE;
+    // 127.0.0.1 .. 127.0.0.254, then 127.0.1.1 ...
+    Some(Ipv4Addr::new(
+        127,
+        0,
+        (block / 254) as u8,
+        1 + (block % 254) as u8,
+    ))
+}
+
+/// Who a connection claims to be.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub index: usize,
+    pub room: usize,
+    /// goim only: its own key (PUSH by key) and mid.
+    pub key: String,
+    pub mid: u64,
+}
+
+impl Identity {
+    pub fn new(index: usize, room: usize) -> Identity {
+        Identity {
+            index,
+            room,
+            key: format!("bench-{index}"),
+            mid: mid_of(index),
+        }
+    }
+}
+
+pub enum Connection {
+    GoimTcp { stream: TcpStream, buf: BytesMut },
+    GoimWs(Box<WebSocketStream<TcpStream>>),
+    Pusher(Box<WebSocketStream<TcpStream>>),
+}
+
+async fn tcp(addr: SocketAddr, source: Option<Ipv4Addr>) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    if let Some(source) = source {
+        socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
+    }
+    let stream = socket.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+fn auth_frame(identity: &Identity) -> Bytes {
+    let body = format!(
+        r#"{{"mid":{},"key":"{}","room_id":"bench://{}","platform":"bench","accepts":[{PUSH_OP}]}}"#,
+        identity.mid, identity.key, identity.room
+    );
+    Frame {
+        ver: 1,
+        op: op::AUTH,
+        seq: 1,
+        body: body.into(),
+    }
+    .encode()
+}
+
+fn heartbeat_frame() -> Bytes {
+    Frame {
+        ver: 1,
+        op: op::HEARTBEAT,
+        seq: 2,
+        body: Bytes::new(),
+    }
+    .encode()
+}
+
+/// A Pusher protocol message (data is a string for events we publish).
+#[derive(Deserialize)]
+struct PusherMessage {
+    event: String,
+    #[serde(default)]
+    data: Option<serde_json::Value>,
+}
+
+/// The pushed bodies inside one goim frame (op 9 batches carry several).
+fn goim_bodies(frame: Frame, on_body: &mut impl FnMut(&[u8])) {
+    if frame.op == op::RAW {
+        let mut inner = BytesMut::from(&frame.body[..]);
+        while let Ok(Some(frame)) = decode_server_stream(&mut inner) {
+            goim_bodies(frame, on_body);
+        }
+    } else if frame.op == PUSH_OP {
+        on_body(&frame.body);
+    }
+}
+
+impl Connection {
+    /// Connects and authenticates (goim) or subscribes to the room's
+    /// channel (Pusher); bounded by a timeout.
+    pub async fn open(
+        spec: &ClientSpec,
+        identity: &Identity,
+        source: Option<Ipv4Addr>,
+    ) -> anyhow::Result<Connection> {
+        let addr = spec.addrs[identity.index % spec.addrs.len()];
+        tokio::time::timeout(
+            HANDSHAKE_LIMIT,
+            Connection::handshake(spec, addr, identity, source),
+        )
+        .await
+        .context("handshake timed out")?
+    }
+
+    async fn handshake(
+        spec: &ClientSpec,
+        addr: SocketAddr,
+        identity: &Identity,
+        source: Option<Ipv4Addr>,
+    ) -> anyhow::Result<Connection> {
+        let stream = tcp(addr, source)
+            .await
+            .with_context(|| format!("connect {addr}"))?;
+        match (spec.server, spec.transport) {
+            (ServerKind::Goim, Transport::Tcp) => {
+                let mut stream = stream;
+                stream.write_all(&auth_frame(identity)).await?;
+                let mut buf = BytesMut::with_capacity(256);
+                loop {
+                    if stream.read_buf(&mut buf).await? == 0 {
+                        bail!("closed during auth");
+                    }
+                    if let Some(reply) = decode_server_stream(&mut buf)?
+                        && reply.op == op::AUTH_REPLY
+                    {
+                        return Ok(Connection::GoimTcp { stream, buf });
+                    }
+                }
+            }
+            (ServerKind::Goim, Transport::Ws) => {
+                let (mut ws, _) =
+                    tokio_tungstenite::client_async(format!("ws://{addr}/sub"), stream).await?;
+                ws.send(Message::Binary(auth_frame(identity))).await?;
+                while let Some(message) = ws.next().await {
+                    if let Message::Binary(data) = message? {
+                        let mut buf = BytesMut::from(&data[..]);
+                        if let Some(reply) = decode_server_stream(&mut buf)?
+                            && reply.op == op::AUTH_REPLY
+                        {
+                            return Ok(Connection::GoimWs(Box::new(ws)));
+                        }
+                    }
+                }
+                bail!("closed during auth")
+            }
+            (ServerKind::Pusher, _) => {
+                let url = format!(
+                    "ws://{addr}/app/{}?protocol=7&client=pushcluster-bench&version=1.0",
+                    spec.pusher_key
+                );
+                let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await?;
+                let mut subscribed = false;
+                while let Some(message) = ws.next().await {
+                    let Message::Text(text) = message? else {
+                        continue;
+                    };
+                    let message: PusherMessage =
+                        serde_json::from_str(&text).context("a Pusher message")?;
+                    match message.event.as_str() {
+                        "pusher:connection_established" if !subscribed => {
+                            let subscribe = serde_json::json!({
+                                "event": "pusher:subscribe",
+                                "data": {"channel": format!("bench-{}", identity.room)}
+                            });
+                            ws.send(Message::Text(subscribe.to_string().into())).await?;
+                            subscribed = true;
+                        }
+                        "pusher_internal:subscription_succeeded" => {
+                            return Ok(Connection::Pusher(Box::new(ws)));
+                        }
+                        "pusher:error" => bail!("pusher error: {text}"),
+                        _ => {}
+                    }
+                }
+                bail!("closed before the subscription succeeded")
+            }
+        }
+    }
+
+    /// Reads until the server closes the connection, calling `on_body` with
+    /// every pushed message body, and keeps the connection alive.
+    pub async fn receive(self, mut on_body: impl FnMut(&[u8])) {
+        match self {
+            Connection::GoimTcp {
+                mut stream,
+                mut buf,
+            } => {
+                let beat = heartbeat_frame();
+                let mut heartbeat = tokio::time::interval(GOIM_HEARTBEAT);
+                heartbeat.tick().await;
+                loop {
+                    tokio::select! {
+                        _ = heartbeat.tick() => {
+                            if stream.write_all(&beat).await.is_err() {
+                                return;
+                            }
+                        }
+                        read = stream.read_buf(&mut buf) => {
+                            if !matches!(read, Ok(n) if n > 0) {
+                                return;
+                            }
+                            while let Ok(Some(frame)) = decode_server_stream(&mut buf) {
+                                goim_bodies(frame, &mut on_body);
+                            }
+                            // Do not keep a burst's buffer while idle.
+                            if buf.is_empty() && buf.capacity() > 64 * 1024 {
+                                buf = BytesMut::with_capacity(4096);
+                            }
+                        }
+                    }
+                }
+            }
+            Connection::GoimWs(mut ws) => {
+                let mut heartbeat = tokio::time::interval(GOIM_HEARTBEAT);
+                heartbeat.tick().await;
+                loop {
+                    tokio::select! {
+                        _ = heartbeat.tick() => {
+                            if ws.send(Message::Binary(heartbeat_frame())).await.is_err() {
+                                return;
+                            }
+                        }
+                        message = ws.next() => match message {
+                            Some(Ok(Message::Binary(data))) => {
+                                let mut buf = BytesMut::from(&data[..]);
+                                while let Ok(Some(frame)) = decode_server_stream(&mut buf) {
+                                    goim_bodies(frame, &mut on_body);
+                                }
+                            }
+                            Some(Ok(_)) => {}
+                            _ => return,
+                        }
+                    }
+                }
+            }
+            Connection::Pusher(mut ws) => {
+                let mut ping = tokio::time::interval(PUSHER_PING);
+                ping.tick().await;
+                let ping_text = r#"{"event":"pusher:ping","data":{}}"#;
+                let pong_text = r#"{"event":"pusher:pong","data":{}}"#;
+                loop {
+                    tokio::select! {
+                        _ = ping.tick() => {
+                            if ws.send(Message::Text(ping_text.into())).await.is_err() {
+                                return;
+                            }
+                        }
+                        message = ws.next() => match message {
+                            Some(Ok(Message::Text(text))) => {
+                                let Ok(message) = serde_json::from_str::<PusherMessage>(&text) else {
+                                    continue;
+                                };
+                                match (message.event.as_str(), message.data) {
+                                    (PUSHER_EVENT, Some(serde_json::Value::String(data))) => {
+                                        on_body(data.as_bytes());
+                                    }
+                                    ("pusher:ping", _)
+                                        if ws.send(Message::Text(pong_text.into())).await.is_err() =>
+                                    {
+                                        return;
+                                    }
+                                    _ => {}
+                                }
+                            }
+                            Some(Ok(_)) => {}
+                            _ => return,
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Closes politely (a WebSocket close frame; TCP FIN).
+    pub async fn close(self) {
+        match self {
+            Connection::GoimTcp { mut stream, .. } => {
+                let _ = stream.shutdown().await;
+            }
+            Connection::GoimWs(mut ws) | Connection::Pusher(mut ws) => {
+                let _ = SinkExt::close(&mut ws).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_spread_over_loopback_addresses() {
+        let local: SocketAddr = "127.0.0.1:3101".parse().expect("addr");
+        assert_eq!(source_for(local, 0), Some(Ipv4Addr::new(127, 0, 0, 1)));
+        assert_eq!(
+            source_for(local, PER_SOURCE),
+            Some(Ipv4Addr::new(127, 0, 0, 2))
+        );
+        assert_eq!(
+            source_for(local, PER_SOURCE * 254),
+            Some(Ipv4Addr::new(127, 0, 1, 1))
+        );
+        let remote: SocketAddr = "10.0.0.1:3101".parse().expect("addr");
+        assert_eq!(source_for(remote, 7), None);
+    }
+
+    #[test]
+    fn op_9_batches_are_unpacked() {
+        let mut batch = BytesMut::new();
+        for body in ["a", "b"] {
+            Frame {
+                ver: 1,
+                op: PUSH_OP,
+                seq: 0,
+                body: Bytes::from(body),
+            }
+            .encode_into(&mut batch);
+        }
+        let outer = Frame {
+            ver: 1,
+            op: op::RAW,
+            seq: 0,
+            body: batch.freeze(),
+        };
+        let mut seen = Vec::new();
+        goim_bodies(outer, &mut |b: &[u8]| seen.push(b.to_vec()));
+        assert_eq!(seen, [b"a".to_vec(), b"b".to_vec()]);
+    }
+}
