@@ -45,6 +45,7 @@ pub struct Worker {
     copies: Vec<AtomicU32>,
     /// Which of this worker's connections opened (by offset from `first`).
     connected: Mutex<Vec<bool>>,
+    failures_logged: AtomicU64,
     churn_stop: AtomicBool,
     churn_ok: AtomicU64,
     churn_failed: AtomicU64,
@@ -66,6 +67,7 @@ impl Worker {
             last_receive: AtomicU64::new(0),
             closed: AtomicU64::new(0),
             latency,
+            failures_logged: AtomicU64::new(0),
             churn_stop: AtomicBool::new(false),
             churn_ok: AtomicU64::new(0),
             churn_failed: AtomicU64::new(0),
@@ -98,7 +100,10 @@ impl Worker {
                         None
                     }
                     Err(error) => {
-                        eprintln!("connection {index} to {addr} failed: {error:#}");
+                        // The first few say why; the count is in the report.
+                        if worker.failures_logged.fetch_add(1, Ordering::Relaxed) < 3 {
+                            eprintln!("connection {index} to {addr} failed: {error:#}");
+                        }
                         Some(index)
                     }
                 }
@@ -183,8 +188,10 @@ impl Worker {
                             tokio::time::sleep(hold).await;
                             connection.close().await;
                         }
-                        Err(_) => {
-                            worker.churn_failed.fetch_add(1, Ordering::Relaxed);
+                        Err(error) => {
+                            if worker.churn_failed.fetch_add(1, Ordering::Relaxed) < 3 {
+                                eprintln!("churned connection failed: {error:#}");
+                            }
                         }
                     }
                 });

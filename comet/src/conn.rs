@@ -18,7 +18,7 @@ use pushcluster_api::pb::logic::{
 use pushcluster_api::protocol::{self, Frame, FrameError, op};
 use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 
-use crate::channel::{Channel, CloseReason, Queued, TransportKind};
+use crate::channel::{Channel, CloseReason, Drained, Queued, TransportKind};
 use crate::{Comet, count_reply};
 use pushcluster_api::log_budget::LogBudget;
 
@@ -65,10 +65,11 @@ pub(crate) trait Transport: Send + 'static {
     /// The next client frame; `None` when the client closed. Cancel-safe:
     /// a partly read frame is kept for the next call.
     fn read_frame(&mut self) -> impl Future<Output = Result<Option<Frame>, ReadError>> + Send;
-    /// Writes queued bytes; returns the number of bytes written.
+    /// Writes queued bytes, emptying `frames`; returns the number of bytes
+    /// written.
     fn write(
         &mut self,
-        frames: VecDeque<Bytes>,
+        frames: &mut VecDeque<Bytes>,
     ) -> impl Future<Output = std::io::Result<u64>> + Send;
     /// Closes the connection politely.
     fn shutdown(&mut self) -> impl Future<Output = ()> + Send;
@@ -321,8 +322,9 @@ impl Session<'_> {
         let kind = transport.kind();
         let heartbeat_due = tokio::time::sleep(self.heartbeat);
         tokio::pin!(heartbeat_due);
+        let mut drained = Drained::default();
         loop {
-            let drained = self.channel.drain();
+            self.channel.drain_into(&mut drained);
             if let Some(reason) = drained.closing
                 && !reason.flushes()
             {
@@ -330,9 +332,8 @@ impl Session<'_> {
             }
             if !drained.frames.is_empty() {
                 let frames = drained.frames.len();
-                let published_us = drained.published_us;
                 let write_due = Instant::now() + self.comet.config().protocol.write_timeout;
-                let write = transport.write(drained.frames);
+                let write = transport.write(&mut drained.frames);
                 tokio::pin!(write);
                 let written = loop {
                     tokio::select! {
@@ -354,7 +355,7 @@ impl Session<'_> {
                             .with_label_values(&[kind.label()])
                             .inc_by(bytes);
                         self.comet.metrics.write_batch_frames.observe(frames as f64);
-                        self.observe_delivery(&published_us);
+                        self.observe_delivery(&drained.published_us);
                     }
                     Err(_) => return CloseReason::IoError,
                 }
@@ -372,6 +373,11 @@ impl Session<'_> {
                     Ok(Some(frame)) => {
                         if frame.op == op::HEARTBEAT {
                             heartbeat_due.as_mut().reset(Instant::now() + self.heartbeat);
+                            // Between bursts a connection keeps its write
+                            // buffers; each heartbeat gives them back, so
+                            // idle connections hold none.
+                            drained.release();
+                            self.channel.release_spare();
                         }
                         if let Err(reason) = self.handle(frame).await {
                             return reason;

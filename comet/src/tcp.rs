@@ -97,7 +97,7 @@ impl Transport for TcpTransport {
         }
     }
 
-    async fn write(&mut self, mut frames: VecDeque<Bytes>) -> std::io::Result<u64> {
+    async fn write(&mut self, frames: &mut VecDeque<Bytes>) -> std::io::Result<u64> {
         let mut written = 0u64;
         while !frames.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_IOV];

@@ -70,9 +70,9 @@ where
         }
     }
 
-    async fn write(&mut self, frames: VecDeque<Bytes>) -> std::io::Result<u64> {
+    async fn write(&mut self, frames: &mut VecDeque<Bytes>) -> std::io::Result<u64> {
         let mut written = 0u64;
-        for frame in frames {
+        while let Some(frame) = frames.pop_front() {
             written += frame.len() as u64;
             self.ws
                 .feed(Message::Binary(frame))
