@@ -166,8 +166,12 @@ impl Connection {
                 }
             }
             (ServerKind::Goim, Transport::Ws) => {
-                let (mut ws, _) =
-                    tokio_tungstenite::client_async(format!("ws://{addr}/sub"), stream).await?;
+                let (mut ws, _) = tokio_tungstenite::client_async_with_config(
+                    format!("ws://{addr}/sub"),
+                    stream,
+                    Some(small_buffers()),
+                )
+                .await?;
                 ws.send(Message::Binary(auth_frame(identity))).await?;
                 while let Some(message) = ws.next().await {
                     if let Message::Binary(data) = message? {
@@ -186,7 +190,9 @@ impl Connection {
                     "ws://{addr}/app/{}?protocol=7&client=pushcluster-bench&version=1.0",
                     spec.pusher_key
                 );
-                let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await?;
+                let (mut ws, _) =
+                    tokio_tungstenite::client_async_with_config(url, stream, Some(small_buffers()))
+                        .await?;
                 let mut subscribed = false;
                 while let Some(message) = ws.next().await {
                     let Message::Text(text) = message? else {
@@ -364,4 +370,13 @@ mod tests {
         goim_bodies(outer, &mut |b: &[u8]| seen.push(b.to_vec()));
         assert_eq!(seen, [b"a".to_vec(), b"b".to_vec()]);
     }
+}
+
+/// tungstenite's default 128 KiB read buffer per connection would make the
+/// generator, not the server, the memory hog at 15,000 connections a worker.
+fn small_buffers() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    let mut config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
+    config.read_buffer_size = 4 * 1024;
+    config.write_buffer_size = 0;
+    config
 }

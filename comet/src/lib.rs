@@ -338,13 +338,40 @@ impl Comet {
         let channels = self.buckets.all_channels();
         let count = channels.len();
         tracing::info!(connections = count, ?period, "draining connections");
-        let started = Instant::now();
-        for (index, channel) in channels.iter().enumerate() {
-            let due = started + period.mul_f64(index as f64 / count as f64);
-            tokio::select! {
-                _ = tokio::time::sleep_until(due) => {}
-                _ = force.cancelled() => {}
+        let deadline = Instant::now() + period;
+        let still_here = |c: &Arc<Channel>| {
+            self.buckets
+                .get(&c.key)
+                .is_some_and(|current| current.id == c.id)
+        };
+        let mut first = true;
+        for channel in &channels {
+            if !still_here(channel) {
+                continue;
             }
+            if !first {
+                // Clients that leave by themselves shorten the drain: what is
+                // left of the period is spread over the connections still here.
+                // Looked at again every quarter second, as clients leave.
+                let slot_started = Instant::now();
+                loop {
+                    let open = self.buckets.len().max(1) as u32;
+                    let due =
+                        slot_started + deadline.saturating_duration_since(slot_started) / open;
+                    let now = Instant::now();
+                    if now >= due || force.is_cancelled() || !still_here(channel) {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(due.min(now + Duration::from_millis(250))) => {}
+                        _ = force.cancelled() => {}
+                    }
+                }
+                if !still_here(channel) {
+                    continue;
+                }
+            }
+            first = false;
             channel.close(CloseReason::Drain);
         }
         self.tasks.close();

@@ -258,3 +258,30 @@ async fn sigterm_spreads_closes_over_the_drain_period() {
     );
     assert!(server.wait_exit(Duration::from_secs(20)).success());
 }
+
+#[tokio::test]
+async fn a_drain_ends_when_the_clients_have_left_by_themselves() {
+    let mut server = Server::start_with("comet: { drain: 60s }");
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(TcpClient::auth(server.tcp(), json!({})).await);
+    }
+    server
+        .wait_metric(
+            "pushcluster_comet_connections",
+            &[("transport", "tcp")],
+            4.0,
+        )
+        .await;
+    server.sigterm();
+    // One is closed by the drain; the others leave on their own (as
+    // clients of a pod being replaced do). The drain must not wait out its
+    // 60 s for connections that are gone.
+    let closes = clients
+        .iter_mut()
+        .map(|client| Box::pin(client.expect_closed()));
+    futures_util::future::select_all(closes).await;
+    drop(clients);
+    assert!(server.wait_exit(Duration::from_secs(15)).success());
+    assert!(server.log_contains("drain finished"));
+}
