@@ -12,7 +12,7 @@
 #   TARGETS="pushcluster-tcp sockudo" SCENARIOS="idle lone" RUNS=1 bench/compare.sh
 #
 # Needs: ulimit -n 20000 (the generator's workers and the servers each hold
-# up to ~19,000 sockets), ports 3101-3119, 3190-3192, 6001, 9601 free.
+# up to ~19,000 sockets), ports 3101-3119, 3190-3192, 4333, 6001-6100 free.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -25,6 +25,7 @@ scenarios="${SCENARIOS:-idle lone room-40 room-closed-1k room-closed-10k room-cl
 mkdir -p "$out"
 
 server_pids=()
+sockudo_port=6000
 workdir="$(mktemp -d)"
 stop_servers() {
     for pid in "${server_pids[@]}"; do
@@ -46,7 +47,7 @@ stop_servers() {
 trap 'stop_servers; rm -rf "$workdir"' EXIT
 
 wait_http() {
-    for _ in $(seq 200); do
+    for _ in $(seq 600); do
         curl -sf -o /dev/null "$1" && return 0
         sleep 0.05
     done
@@ -61,14 +62,18 @@ start_target() {
     pushcluster-tcp | pushcluster-ws)
         "$bin/pushcluster" standalone >"$workdir/server.log" 2>&1 &
         server_pids+=("$!")
-        wait_http http://127.0.0.1:3190/readyz
+        wait_http http://127.0.0.1:3190/readyz || return 1
         bench_args=(--transport "${1#pushcluster-}" --pid "${server_pids[0]}")
         ;;
     sockudo)
-        setsid bench/run-sockudo.sh 6001 >"$workdir/server.log" 2>&1 &
+        # A fresh port each start: Sockudo does not set SO_REUSEADDR, so its
+        # port stays taken while the last run's sockets are in TIME_WAIT.
+        sockudo_port=$((sockudo_port + 1))
+        bench/run-sockudo.sh "$sockudo_port" >"$workdir/server.log" 2>&1 &
         server_pids+=("$!")
-        wait_http http://127.0.0.1:6001/up/bench
-        bench_args=(--server pusher --pid "${server_pids[0]}")
+        wait_http "http://127.0.0.1:$sockudo_port/up/bench" || return 1
+        bench_args=(--server pusher --connect "127.0.0.1:$sockudo_port"
+            --http "127.0.0.1:$sockudo_port" --pid "${server_pids[0]}")
         ;;
     distributed-tcp)
         if [[ -z "${NATS_SERVER_BIN:-}" ]]; then
@@ -81,6 +86,7 @@ start_target() {
         cat >"$workdir/fleet.yaml" <<EOF
 nats: { url: "nats://127.0.0.1:$nats_port" }
 comet: { id: comet-0 }
+logic: { auth: { mode: none }, api: { allow_unauthenticated: true } }
 discovery:
   kind: static
   logics: ["127.0.0.1:3119"]
@@ -95,9 +101,9 @@ EOF
                 >"$workdir/$role.log" 2>&1 &
             server_pids+=("$!")
         done
-        wait_http http://127.0.0.1:3191/readyz
-        wait_http http://127.0.0.1:3190/readyz
-        wait_http http://127.0.0.1:3192/readyz
+        wait_http http://127.0.0.1:3191/readyz || return 1
+        wait_http http://127.0.0.1:3190/readyz || return 1
+        wait_http http://127.0.0.1:3192/readyz || return 1
         # --pid: the comet, which holds the connections.
         bench_args=(--transport tcp --pid "${server_pids[2]}")
         ;;
@@ -128,10 +134,15 @@ for run in $(seq "$runs"); do
             if [[ "$target" == distributed-* && "$scenario" != lone && "$scenario" != room-* ]]; then
                 continue
             fi
-            if ! start_target "$target"; then
-                echo "skipping $target (set NATS_SERVER_BIN for the distributed fleet)" >&2
-                stop_servers
+            if [[ "$target" == distributed-* && -z "${NATS_SERVER_BIN:-}" ]]; then
+                echo "skipping $target: set NATS_SERVER_BIN for the distributed fleet" >&2
                 continue 2
+            fi
+            if ! start_target "$target"; then
+                echo "  $target did not start; $scenario skipped" >&2
+                tail -5 "$workdir"/*.log >&2 || true
+                stop_servers
+                continue
             fi
             result="$out/$target.$scenario.$run.json"
             echo "run $run: $target $scenario" >&2

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use futures_util::TryFutureExt;
 use pushcluster_api::config::{Config, DiscoveryKind, Role};
+use pushcluster_api::grpc_tls::GrpcTls;
 use pushcluster_api::health::Readiness;
 use pushcluster_backplane::bus::BusMetrics;
 use pushcluster_backplane::discovery::{CometEndpoint, Discovery, StaticDiscovery};
@@ -82,9 +83,11 @@ pub async fn run_comet(config: Config) -> anyhow::Result<()> {
     if config.discovery.kind == DiscoveryKind::Static && config.discovery.logics.is_empty() {
         anyhow::bail!("discovery.logics lists no logic gRPC address; comets need one");
     }
+    let tls = GrpcTls::from_config(config.grpc_tls.as_ref())?;
     let logic = Arc::new(GrpcLogic::new(
         discovery.logics(),
         config.comet.logic_timeout,
+        tls.as_ref().map(GrpcTls::client),
     ));
     let id = comet_id(&config);
     let comet = Comet::new(
@@ -93,7 +96,9 @@ pub async fn run_comet(config: Config) -> anyhow::Result<()> {
         logic,
         CometMetrics::new(&registry)?,
     );
-    let server = CometServer::bind(comet).await?;
+    let server = CometServer::bind(comet)
+        .await?
+        .with_grpc_tls(tls.as_ref().map(GrpcTls::server));
     let admin = bind("admin.bind", &config.admin.bind_for(Role::Comet)).await?;
     for (name, addr) in server.local_addrs() {
         log_listening(name, addr);
@@ -140,7 +145,8 @@ pub async fn run_logic(config: Config) -> anyhow::Result<()> {
         Arc::new(sessions),
         Arc::new(bus.clone()),
         LogicMetrics::new(&registry)?,
-    ));
+    )?);
+    let grpc_tls = GrpcTls::from_config(config.grpc_tls.as_ref())?.map(|tls| tls.server());
     let http = bind("logic.http.bind", &config.logic.http.bind).await?;
     let grpc = bind("logic.grpc.bind", &config.logic.grpc.bind).await?;
     let admin = bind("admin.bind", &config.admin.bind_for(Role::Logic)).await?;
@@ -172,7 +178,7 @@ pub async fn run_logic(config: Config) -> anyhow::Result<()> {
     let grpc_task = supervisor.spawn(
         "logic gRPC server",
         Box::pin(
-            pushcluster_logic::grpc::serve(grpc, logic, stop_servers.clone())
+            pushcluster_logic::grpc::serve(grpc, logic, stop_servers.clone(), grpc_tls)
                 .map_err(|e| e.to_string()),
         ),
     );
@@ -208,7 +214,12 @@ pub async fn run_job(config: Config) -> anyhow::Result<()> {
     }
     let job = Arc::new(Job::new(
         config.job.clone(),
-        Arc::new(GrpcConnector::new(config.job.delivery.timeout)),
+        Arc::new(GrpcConnector::new(
+            config.job.delivery.timeout,
+            GrpcTls::from_config(config.grpc_tls.as_ref())?
+                .as_ref()
+                .map(GrpcTls::client),
+        )),
         JobMetrics::new(&registry)?,
     ));
     let admin = bind("admin.bind", &config.admin.bind_for(Role::Job)).await?;

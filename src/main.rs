@@ -14,7 +14,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use pushcluster_api::config::{Config, LogFormat};
+use pushcluster_api::config::{Config, LogFormat, Role};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -112,14 +112,22 @@ fn init_logging(logging: &Logging, config: &Config) {
     }
 }
 
-/// Loads the config, sets up logging and runs `command` on a runtime.
-fn run<F, Fut>(logging: &Logging, path: Option<&Path>, command: F) -> anyhow::Result<()>
+/// Loads the config, sets up logging, refuses an exposure the role may not
+/// run with, and runs `command` on a runtime.
+fn run<F, Fut>(logging: &Logging, role: Role, path: Option<&Path>, command: F) -> anyhow::Result<()>
 where
     F: FnOnce(Config) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     let config = load_config(path)?;
     init_logging(logging, &config);
+    let warnings = config.check_exposure(role).with_context(|| match path {
+        Some(path) => format!("config file {}", path.display()),
+        None => "no config file (see docs/security.md)".to_string(),
+    })?;
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
     block_on(command(config))
 }
 
@@ -139,10 +147,19 @@ fn main() -> ExitCode {
         Command::Config { config } => load_config(config.as_deref())
             .and_then(|config| Ok(config.to_yaml()?))
             .map(|yaml| print!("{yaml}")),
-        Command::Standalone { config } => run(&logging, config.as_deref(), standalone::run),
-        Command::Comet { config } => run(&logging, config.as_deref(), fleet::run_comet),
-        Command::Logic { config } => run(&logging, config.as_deref(), fleet::run_logic),
-        Command::Job { config } => run(&logging, config.as_deref(), fleet::run_job),
+        Command::Standalone { config } => run(
+            &logging,
+            Role::Standalone,
+            config.as_deref(),
+            standalone::run,
+        ),
+        Command::Comet { config } => {
+            run(&logging, Role::Comet, config.as_deref(), fleet::run_comet)
+        }
+        Command::Logic { config } => {
+            run(&logging, Role::Logic, config.as_deref(), fleet::run_logic)
+        }
+        Command::Job { config } => run(&logging, Role::Job, config.as_deref(), fleet::run_job),
         Command::Operator(args) => {
             init_logging(&logging, &Config::default());
             block_on(operator_cmd::run(args))

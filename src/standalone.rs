@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use futures_util::TryFutureExt;
 use pushcluster_api::config::{Config, Role};
+use pushcluster_api::grpc_tls::GrpcTls;
 use pushcluster_api::health::Readiness;
 use pushcluster_backplane::bus::{BusMetrics, MemoryBus, MemoryBusConfig};
 use pushcluster_backplane::discovery::{CometEndpoint, StaticDiscovery};
@@ -33,7 +34,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Arc::new(sessions),
         Arc::new(bus.clone()),
         LogicMetrics::new(&registry)?,
-    ));
+    )?);
 
     let id = comet_id(&config);
     let comet = Comet::new(
@@ -42,7 +43,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         logic.clone(),
         CometMetrics::new(&registry)?,
     );
-    let comet_server = CometServer::bind(comet.clone()).await?;
+    // Standalone's links are in process; its gRPC ports (for goim tools)
+    // take grpc_tls like a fleet's.
+    let tls = GrpcTls::from_config(config.grpc_tls.as_ref())?;
+    let comet_server = CometServer::bind(comet.clone())
+        .await?
+        .with_grpc_tls(tls.as_ref().map(GrpcTls::server));
     let comet_grpc = comet_server
         .local_addrs()
         .into_iter()
@@ -93,8 +99,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let logic_grpc_task = supervisor.spawn(
         "logic gRPC server",
         Box::pin(
-            pushcluster_logic::grpc::serve(logic_grpc, logic.clone(), stop_logic_grpc.clone())
-                .map_err(|e| e.to_string()),
+            pushcluster_logic::grpc::serve(
+                logic_grpc,
+                logic.clone(),
+                stop_logic_grpc.clone(),
+                tls.as_ref().map(GrpcTls::server),
+            )
+            .map_err(|e| e.to_string()),
         ),
     );
     let stop_job = CancellationToken::new();

@@ -38,6 +38,9 @@ pub struct Config {
     pub job: JobConfig,
     pub nats: NatsConfig,
     pub discovery: DiscoveryConfig,
+    /// Mutual TLS on the gRPC links between comet, logic and job; off when
+    /// absent.
+    pub grpc_tls: Option<GrpcTlsConfig>,
 }
 
 impl Config {
@@ -176,7 +179,122 @@ impl Config {
                 "need 0 < backoff_base <= backoff_max",
             ));
         }
+        self.validate_auth()?;
+        if let Some(tls) = &self.grpc_tls
+            && [
+                &tls.cert_file,
+                &tls.key_file,
+                &tls.ca_file,
+                &tls.server_name,
+            ]
+            .iter()
+            .any(|v| v.trim().is_empty())
+        {
+            return Err(invalid(
+                "grpc_tls",
+                "cert_file, key_file, ca_file and server_name must be set",
+            ));
+        }
         Ok(())
+    }
+
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let auth = &self.logic.auth;
+        match auth.mode {
+            Some(AuthMode::Jwt) => {
+                let jwt = &auth.jwt;
+                if jwt.hs256_secret.is_some() && jwt.hs256_secret_file.is_some() {
+                    return Err(invalid(
+                        "logic.auth.jwt.hs256_secret",
+                        "set hs256_secret or hs256_secret_file, not both",
+                    ));
+                }
+                if jwt.hs256_secret.as_ref().is_some_and(|s| s.len() < 32) {
+                    return Err(invalid(
+                        "logic.auth.jwt.hs256_secret",
+                        "must be at least 32 bytes (a short HS256 secret can be guessed offline)",
+                    ));
+                }
+                if jwt.hs256_secret.is_none()
+                    && jwt.hs256_secret_file.is_none()
+                    && jwt.public_key_files.is_empty()
+                {
+                    return Err(invalid(
+                        "logic.auth.jwt",
+                        "mode jwt needs hs256_secret, hs256_secret_file or public_key_files",
+                    ));
+                }
+                if jwt.reload_interval.is_zero() {
+                    return Err(invalid("logic.auth.jwt.reload_interval", "must be > 0"));
+                }
+            }
+            Some(AuthMode::Webhook) => {
+                let url = &auth.webhook.url;
+                if url.starts_with("https://") {
+                    return Err(invalid(
+                        "logic.auth.webhook.url",
+                        "https is not supported yet; call an in-cluster http:// URL \
+                         (a service mesh or sidecar can add TLS)",
+                    ));
+                }
+                if !url.starts_with("http://") {
+                    return Err(invalid(
+                        "logic.auth.webhook.url",
+                        "mode webhook needs an http:// URL",
+                    ));
+                }
+                if auth.webhook.timeout.is_zero() {
+                    return Err(invalid("logic.auth.webhook.timeout", "must be > 0"));
+                }
+            }
+            Some(AuthMode::None) | None => {}
+        }
+        if self.logic.api.tokens.iter().any(|t| t.trim().len() < 16) {
+            return Err(invalid(
+                "logic.api.tokens",
+                "each token must be at least 16 characters",
+            ));
+        }
+        Ok(())
+    }
+
+    /// What a process in `role` must have chosen explicitly before it
+    /// serves anyone. Returns the warnings to log about an open setup;
+    /// standalone (the try-it-out mode) may run open, the separate
+    /// processes may not without saying so.
+    pub fn check_exposure(&self, role: Role) -> Result<Vec<String>, ConfigError> {
+        let mut warnings = Vec::new();
+        let separate = role != Role::Standalone;
+        match self.logic.auth.mode {
+            None if separate => {
+                return Err(invalid(
+                    "logic.auth.mode",
+                    "must be set (jwt, webhook, or none to believe any client like goim)",
+                ));
+            }
+            None | Some(AuthMode::None) => warnings.push(
+                "logic.auth.mode is none: any client can claim any mid and room (goim's behaviour); \
+                 set jwt or webhook before exposing this server"
+                    .to_string(),
+            ),
+            Some(_) => {}
+        }
+        let api = &self.logic.api;
+        if !api.has_tokens() {
+            if separate && !api.allow_unauthenticated {
+                return Err(invalid(
+                    "logic.api.tokens",
+                    "the push API needs tokens (logic.api.tokens or token_files), \
+                     or logic.api.allow_unauthenticated: true",
+                ));
+            }
+            warnings.push(
+                "the push API is open: anyone who reaches it can push and read online counts; \
+                 set logic.api.tokens"
+                    .to_string(),
+            );
+        }
+        Ok(warnings)
     }
 }
 
@@ -251,6 +369,7 @@ pub struct CometConfig {
     pub grpc: GrpcConfig,
     pub protocol: ProtocolConfig,
     pub bucket: BucketConfig,
+    pub limits: LimitsConfig,
     /// How often room counts are reported to logic (goim: 10 s).
     #[serde(with = "humantime_serde")]
     pub online_report_interval: Duration,
@@ -282,6 +401,7 @@ impl Default for CometConfig {
             },
             protocol: ProtocolConfig::default(),
             bucket: BucketConfig::default(),
+            limits: LimitsConfig::default(),
             online_report_interval: Duration::from_secs(10),
             drain: Duration::from_secs(30),
             logic_timeout: Duration::from_secs(5),
@@ -349,6 +469,14 @@ pub struct WssConfig {
     pub cert_file: String,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub key_file: String,
+    /// How often the files are checked for a renewed certificate (on the
+    /// next handshake); a changed pair is served without a restart.
+    #[serde(default = "default_tls_reload", with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+fn default_tls_reload() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_wss_bind() -> Vec<String> {
@@ -389,6 +517,35 @@ impl Default for ProtocolConfig {
     }
 }
 
+/// `comet.limits`: what one client or address may take of a comet. 0 turns
+/// a limit off. Each refusal is counted in
+/// `pushcluster_comet_limited_total{limit}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Open client connections on this comet; more are refused at accept.
+    pub max_connections: usize,
+    /// Open client connections from one IP address.
+    pub max_connections_per_ip: usize,
+    /// New connections per second from one IP address (a burst of this
+    /// many is allowed, refilled at this rate).
+    pub new_connections_per_second_per_ip: u32,
+    /// Frames a client may send per second on one connection (burst of
+    /// twice this); a connection over it is closed.
+    pub frames_per_second_per_connection: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 0,
+            max_connections_per_ip: 0,
+            new_connections_per_second_per_ip: 0,
+            frames_per_second_per_connection: 50,
+        }
+    }
+}
+
 /// `comet.bucket`: how connections are sharded (goim: 32 buckets).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -408,6 +565,8 @@ impl Default for BucketConfig {
 pub struct LogicConfig {
     pub http: HttpConfig,
     pub grpc: GrpcConfig,
+    pub auth: AuthConfig,
+    pub api: ApiConfig,
     pub node: NodeConfig,
     pub backoff: BackoffConfig,
     /// Region name → client networks (CIDR). A client whose address is in a
@@ -430,6 +589,8 @@ impl Default for LogicConfig {
             grpc: GrpcConfig {
                 bind: "0.0.0.0:3119".into(),
             },
+            auth: AuthConfig::default(),
+            api: ApiConfig::default(),
             node: NodeConfig::default(),
             backoff: BackoffConfig::default(),
             regions: BTreeMap::new(),
@@ -437,6 +598,128 @@ impl Default for LogicConfig {
             online_expire: Duration::from_secs(30),
         }
     }
+}
+
+/// `logic.auth`: how clients prove who they are (the op-7 auth body).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `none` (goim: the body is believed), `jwt` or `webhook`. Standalone
+    /// runs with `none` when unset (and warns); the separate processes
+    /// refuse to start until it is set.
+    pub mode: Option<AuthMode>,
+    pub jwt: JwtConfig,
+    pub webhook: WebhookConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    None,
+    Jwt,
+    Webhook,
+}
+
+/// `logic.auth.jwt`: the auth body's `token` is a JWT.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Shared secret for HS256 tokens.
+    pub hs256_secret: Option<String>,
+    /// File holding the HS256 secret (reloaded when it changes).
+    pub hs256_secret_file: Option<String>,
+    /// PEM public keys (RSA for RS256, P-256 EC for ES256), reloaded when
+    /// the files change.
+    pub public_key_files: Vec<String>,
+    /// Required `iss` claim, if set.
+    pub issuer: Option<String>,
+    /// Required `aud` claim, if set.
+    pub audience: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+    /// How often the key files are checked for changes.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        JwtConfig {
+            hs256_secret: None,
+            hs256_secret_file: None,
+            public_key_files: Vec::new(),
+            issuer: None,
+            audience: None,
+            leeway: Duration::from_secs(30),
+            reload_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `logic.auth.webhook`: logic asks the business backend.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// `http://` URL that gets a POST per connecting client (in-cluster;
+    /// https is not supported yet: use a mesh or sidecar for TLS).
+    pub url: String,
+    /// An answer slower than this denies the client.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Sent as `Authorization: Bearer ...` so the webhook knows it is logic.
+    pub bearer_token: Option<String>,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            url: String::new(),
+            timeout: Duration::from_secs(2),
+            bearer_token: None,
+        }
+    }
+}
+
+/// `logic.api`: who may call the push and online API.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Bearer tokens accepted on every route but `/goim/nodes/*`.
+    pub tokens: Vec<String>,
+    /// Files holding one token per line (re-read when they change).
+    pub token_files: Vec<String>,
+    /// Serve the API without tokens. Standalone does when no token is set
+    /// (and warns); the separate processes need tokens or this opt-out.
+    pub allow_unauthenticated: bool,
+}
+
+impl ApiConfig {
+    pub fn has_tokens(&self) -> bool {
+        !self.tokens.is_empty() || !self.token_files.is_empty()
+    }
+}
+
+/// `grpc_tls`: mutual TLS on the fleet's gRPC links. Every process serves
+/// and dials with a certificate signed by `ca_file`; a peer without one is
+/// refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcTlsConfig {
+    /// PEM certificate chain presented as server and as client.
+    pub cert_file: String,
+    /// Its PEM private key.
+    pub key_file: String,
+    /// PEM CA certificates a peer's certificate must chain to.
+    pub ca_file: String,
+    /// Name (a DNS SAN) every peer's certificate carries; peers are dialled
+    /// by address, so this is what is verified.
+    #[serde(default = "default_grpc_tls_server_name")]
+    pub server_name: String,
+}
+
+fn default_grpc_tls_server_name() -> String {
+    "pushcluster".into()
 }
 
 /// `logic.http`: goim's HTTP push API.
@@ -776,6 +1059,64 @@ pub struct StaticComet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn standalone_may_run_open_with_warnings_the_separate_processes_may_not() {
+        let open = Config::default();
+        let warnings = open.check_exposure(Role::Standalone).expect("standalone");
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        for role in [Role::Comet, Role::Logic, Role::Job] {
+            let error = open.check_exposure(role).expect_err("unset mode");
+            assert!(error.to_string().contains("logic.auth.mode"), "{error}");
+        }
+        let chosen = Config::from_yaml(
+            "logic: { auth: { mode: none }, api: { allow_unauthenticated: true } }",
+        )
+        .expect("valid");
+        assert_eq!(
+            chosen.check_exposure(Role::Logic).expect("explicit").len(),
+            2
+        );
+        let no_tokens = Config::from_yaml("logic: { auth: { mode: none } }").expect("valid");
+        let error = no_tokens
+            .check_exposure(Role::Logic)
+            .expect_err("no tokens");
+        assert!(error.to_string().contains("logic.api.tokens"), "{error}");
+        let closed = Config::from_yaml(
+            "logic: { auth: { mode: jwt, jwt: { hs256_secret_file: /s } }, api: { tokens: [0123456789abcdef] } }",
+        )
+        .expect("valid");
+        assert!(
+            closed
+                .check_exposure(Role::Logic)
+                .expect("closed")
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn auth_settings_that_cannot_work_are_refused() {
+        for (yaml, key) in [
+            ("logic: { auth: { mode: jwt } }", "logic.auth.jwt"),
+            (
+                "logic: { auth: { mode: jwt, jwt: { hs256_secret: short } } }",
+                "logic.auth.jwt.hs256_secret",
+            ),
+            (
+                "logic: { auth: { mode: webhook } }",
+                "logic.auth.webhook.url",
+            ),
+            (
+                "logic: { auth: { mode: webhook, webhook: { url: \"https://x\" } } }",
+                "logic.auth.webhook.url",
+            ),
+            ("logic: { api: { tokens: [short] } }", "logic.api.tokens"),
+            ("logic: { auth: { mode: open } }", "unknown variant"),
+        ] {
+            let error = Config::from_yaml(yaml).expect_err(yaml);
+            assert!(error.to_string().contains(key), "{yaml}: {error}");
+        }
+    }
 
     #[test]
     fn empty_document_is_all_defaults() {

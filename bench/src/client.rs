@@ -328,6 +328,15 @@ impl Connection {
     }
 }
 
+/// tungstenite's default 128 KiB read buffer per connection would make the
+/// generator, not the server, the memory hog at 15,000 connections a worker.
+fn small_buffers() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    let mut config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
+    config.read_buffer_size = 4 * 1024;
+    config.write_buffer_size = 0;
+    config
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,13 +379,4 @@ mod tests {
         goim_bodies(outer, &mut |b: &[u8]| seen.push(b.to_vec()));
         assert_eq!(seen, [b"a".to_vec(), b"b".to_vec()]);
     }
-}
-
-/// tungstenite's default 128 KiB read buffer per connection would make the
-/// generator, not the server, the memory hog at 15,000 connections a worker.
-fn small_buffers() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
-    let mut config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default();
-    config.read_buffer_size = 4 * 1024;
-    config.write_buffer_size = 0;
-    config
 }

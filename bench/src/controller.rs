@@ -547,20 +547,26 @@ pub async fn fanout(plan: &Plan, load: &Load) -> anyhow::Result<Report> {
     let started = Instant::now();
     let started_ns = now_nanos();
     let deadline = started + load.duration;
+    // Closed loop: `concurrency` pushers, each waiting for its answer.
+    // Paced (`rate` > 0): open loop, one ticker starting a push per tick
+    // whether or not earlier answers came back (up to `concurrency` in
+    // flight), so a slow answer does not lower the offered rate.
     let pushers = if load.rate > 0.0 {
         1
     } else {
         load.concurrency.max(1)
     };
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(load.concurrency.max(1)));
     let mut tasks = Vec::new();
     for _ in 0..pushers {
-        let (publisher, sent, seq, refused, expected, expected_of) = (
+        let (publisher, sent, seq, refused, expected, expected_of, in_flight) = (
             publisher.clone(),
             sent.clone(),
             seq.clone(),
             refused.clone(),
             expected.clone(),
             expected_of.clone(),
+            in_flight.clone(),
         );
         let (rate, size, fanout) = (load.rate, load.size, load.fanout);
         tasks.push(tokio::spawn(async move {
@@ -569,6 +575,7 @@ pub async fn fanout(plan: &Plan, load: &Load) -> anyhow::Result<Report> {
                 t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                 t
             });
+            let mut started_pushes = tokio::task::JoinSet::new();
             while Instant::now() < deadline {
                 if let Some(ticks) = ticks.as_mut() {
                     ticks.tick().await;
@@ -577,13 +584,32 @@ pub async fn fanout(plan: &Plan, load: &Load) -> anyhow::Result<Report> {
                 if n as usize >= max_pushes {
                     break;
                 }
-                if publisher.push(n, fanout, body(n, size)).await {
-                    expected.fetch_add(expected_of(n), Ordering::Relaxed);
-                } else if let Ok(mut refused) = refused.lock() {
-                    refused.push(n);
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break;
+                };
+                let (publisher, sent, refused, expected, expected_of) = (
+                    publisher.clone(),
+                    sent.clone(),
+                    refused.clone(),
+                    expected.clone(),
+                    expected_of.clone(),
+                );
+                let push = async move {
+                    let _permit = permit;
+                    if publisher.push(n, fanout, body(n, size)).await {
+                        expected.fetch_add(expected_of(n), Ordering::Relaxed);
+                    } else if let Ok(mut refused) = refused.lock() {
+                        refused.push(n);
+                    }
+                    sent.fetch_add(1, Ordering::Relaxed);
+                };
+                if ticks.is_some() {
+                    started_pushes.spawn(push);
+                } else {
+                    push.await;
                 }
-                sent.fetch_add(1, Ordering::Relaxed);
             }
+            while started_pushes.join_next().await.is_some() {}
         }));
     }
     for task in tasks {
@@ -634,8 +660,8 @@ pub async fn fanout(plan: &Plan, load: &Load) -> anyhow::Result<Report> {
     report.add("messages_received", totals.received);
     report.add("messages_lost", totals.lost);
     report.add("messages_duplicated", totals.duplicated);
-    if pushers == 1 {
-        // One pusher: publish order is sequence order, per connection.
+    if load.concurrency <= 1 {
+        // One push at a time: publish order is sequence order.
         report.add("messages_out_of_order", totals.out_of_order);
     }
     report.add(

@@ -164,7 +164,9 @@ struct FanoutArgs {
     /// Pushes per second (0: as fast as `--concurrency` pushers get answers).
     #[arg(long, default_value_t = 40.0)]
     rate: f64,
-    /// Pushes in flight at once when `--rate 0`.
+    /// Pushes in flight at once: the pushers of `--rate 0`, or the most
+    /// unanswered pushes of a paced run (1 keeps publish order = sequence
+    /// order, so reordering is reported).
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
     /// How long to push, in seconds.

@@ -197,7 +197,7 @@ fn every_scenario_runs_against_standalone() {
                 "3",
             ][..],
             &short,
-            &["--rate", "50"],
+            &["--rate", "50", "--concurrency", "1"],
         ]
         .concat(),
     );

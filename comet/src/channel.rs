@@ -48,6 +48,8 @@ pub enum CloseReason {
     IoError,
     /// The comet is shutting down and drains its connections.
     Drain,
+    /// The client sent more frames than `comet.limits` allows.
+    FrameRate,
 }
 
 impl CloseReason {
@@ -60,6 +62,7 @@ impl CloseReason {
             CloseReason::BadFrame => "bad_frame",
             CloseReason::IoError => "io_error",
             CloseReason::Drain => "drain",
+            CloseReason::FrameRate => "frame_rate",
         }
     }
 

@@ -19,6 +19,7 @@ use pushcluster_api::protocol::{self, Frame, FrameError, op};
 use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 
 use crate::channel::{Channel, CloseReason, Drained, Queued, TransportKind};
+use crate::limits::{FrameBudget, Limit};
 use crate::{Comet, count_reply};
 use pushcluster_api::log_budget::LogBudget;
 
@@ -102,6 +103,19 @@ pub(crate) fn log_refused(kind: TransportKind, ip: IpAddr, reason: &str, detail:
     }
 }
 
+static FRAME_LIMIT_LOG: LogBudget = LogBudget::new(1);
+
+fn count_frame_limit(comet: &Comet, kind: TransportKind, ip: IpAddr) {
+    comet
+        .metrics
+        .limited
+        .with_label_values(&[kind.label(), Limit::FramesPerConnection.label()])
+        .inc();
+    if let Some(suppressed) = FRAME_LIMIT_LOG.allow() {
+        tracing::info!(%ip, transport = kind.label(), suppressed, "connection closed: over its frame rate");
+    }
+}
+
 fn log_logic_error(call: &'static str, error: &LinkError) {
     if let Some(suppressed) = LOGIC_ERROR_LOG.allow() {
         tracing::warn!(call, %error, suppressed, "logic call failed");
@@ -116,6 +130,7 @@ enum HandshakeFailure {
     Rejected(LinkError),
     LogicUnavailable(LinkError),
     Drain,
+    FrameRate,
 }
 
 impl HandshakeFailure {
@@ -128,6 +143,7 @@ impl HandshakeFailure {
             HandshakeFailure::Rejected(_) => "auth_rejected",
             HandshakeFailure::LogicUnavailable(_) => "logic_unavailable",
             HandshakeFailure::Drain => "drain",
+            HandshakeFailure::FrameRate => "frame_rate",
         }
     }
 }
@@ -138,9 +154,14 @@ async fn authenticate<T: Transport>(
     comet: &Comet,
     transport: &mut T,
     cookie: String,
+    budget: &mut FrameBudget,
 ) -> Result<(Frame, ConnectReply), HandshakeFailure> {
     let auth = loop {
-        match transport.read_frame().await {
+        let read = transport.read_frame().await;
+        if matches!(read, Ok(Some(_))) && !budget.take() {
+            return Err(HandshakeFailure::FrameRate);
+        }
+        match read {
             Ok(Some(frame)) if frame.op == op::AUTH => break frame,
             Ok(Some(frame)) => {
                 comet.metrics.frames_before_auth.inc();
@@ -175,8 +196,9 @@ pub(crate) async fn run<T: Transport>(
 ) {
     let kind = transport.kind();
     let deadline = started + comet.config().protocol.handshake_timeout;
+    let mut budget = FrameBudget::new(comet.config().limits.frames_per_second_per_connection);
     let outcome = tokio::select! {
-        result = timeout_at(deadline, authenticate(&comet, &mut transport, cookie)) => {
+        result = timeout_at(deadline, authenticate(&comet, &mut transport, cookie, &mut budget)) => {
             result.unwrap_or(Err(HandshakeFailure::Timeout))
         }
         _ = comet.drain_started.cancelled() => Err(HandshakeFailure::Drain),
@@ -205,6 +227,7 @@ pub(crate) async fn run<T: Transport>(
                     log_refused(kind, ip, "handshake_timeout", "no successful auth in time");
                 }
                 HandshakeFailure::LogicUnavailable(error) => log_logic_error("Connect", error),
+                HandshakeFailure::FrameRate => count_frame_limit(&comet, kind, ip),
                 _ => {}
             }
             transport.shutdown().await;
@@ -242,6 +265,7 @@ pub(crate) async fn run<T: Transport>(
         channel: &channel,
         heartbeat,
         next_renew: Instant::now() + renew_interval(),
+        budget,
     };
     let reason = session.serve(&mut transport).await;
 
@@ -304,6 +328,7 @@ struct Session<'a> {
     channel: &'a Arc<Channel>,
     heartbeat: Duration,
     next_renew: Instant,
+    budget: FrameBudget,
 }
 
 impl Session<'_> {
@@ -370,6 +395,10 @@ impl Session<'_> {
                 _ = self.channel.wait() => {}
                 _ = &mut heartbeat_due => return CloseReason::HeartbeatTimeout,
                 read = transport.read_frame() => match read {
+                    Ok(Some(_)) if !self.budget.take() => {
+                        count_frame_limit(self.comet, kind, self.channel.ip);
+                        return CloseReason::FrameRate;
+                    }
                     Ok(Some(frame)) => {
                         if frame.op == op::HEARTBEAT {
                             heartbeat_due.as_mut().reset(Instant::now() + self.heartbeat);

@@ -15,6 +15,7 @@ pub mod bucket;
 pub mod channel;
 mod conn;
 pub mod grpc;
+pub mod limits;
 pub mod logic_client;
 pub mod metrics;
 mod report;
@@ -46,6 +47,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::bucket::Buckets;
 use crate::channel::{Channel, CloseReason, Queued};
+use crate::limits::Admission;
 use crate::metrics::CometMetrics;
 use crate::room::{Fanout, Rooms};
 use crate::stream_guard::{StreamGuard, StreamMark};
@@ -75,6 +77,8 @@ pub struct Comet {
     pub(crate) tasks: TaskTracker,
     /// The gRPC address reported to logic, known once bound.
     pub(crate) grpc_addr: OnceLock<String>,
+    /// `comet.limits` on connections.
+    pub(crate) admission: Arc<Admission>,
 }
 
 impl Comet {
@@ -90,6 +94,7 @@ impl Comet {
             buckets: Buckets::new(config.bucket.size),
             rooms: Rooms::new(ROOM_SHARDS),
             guard: StreamGuard::default(),
+            admission: Admission::new(config.limits.clone()),
             config,
             logic,
             ips: Mutex::new(HashMap::new()),
@@ -391,6 +396,16 @@ fn frame_of(proto: Option<pushcluster_api::pb::protocol::Proto>) -> Result<Frame
     proto
         .map(Frame::from)
         .ok_or_else(|| LinkError::InvalidArgument("proto is required".into()))
+}
+
+/// Serves one WebSocket client on any byte stream, as the WebSocket
+/// listener does after accepting it: upgrade, authenticate, run. Public for
+/// the fuzz target (`fuzz/fuzz_targets/ws_upgrade.rs`).
+pub async fn serve_websocket<S>(comet: Arc<Comet>, stream: S, ip: IpAddr)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    ws::upgrade_and_run(comet, stream, ip, Instant::now()).await;
 }
 
 /// What job calls, in process (standalone) or through [`grpc`].

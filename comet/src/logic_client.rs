@@ -14,20 +14,28 @@ use pushcluster_api::pb::logic::{
 };
 use tokio::sync::watch;
 use tonic::transport::channel::Change;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 /// Pending endpoint changes the balancer may buffer.
 const CHANGES: usize = 64;
 
-/// A gRPC endpoint with goim's client settings.
-pub fn endpoint(addr: &str) -> Result<Endpoint, LinkError> {
+/// A gRPC endpoint with goim's client settings, over mutual TLS when
+/// `tls` is set.
+pub fn endpoint(addr: &str, tls: Option<&ClientTlsConfig>) -> Result<Endpoint, LinkError> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let uri = if addr.contains("://") {
         addr.to_string()
     } else {
-        format!("http://{addr}")
+        format!("{scheme}://{addr}")
     };
-    Ok(Endpoint::from_shared(uri)
-        .map_err(|e| LinkError::InvalidArgument(format!("bad address {addr}: {e}")))?
+    let mut endpoint = Endpoint::from_shared(uri)
+        .map_err(|e| LinkError::InvalidArgument(format!("bad address {addr}: {e}")))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| LinkError::InvalidArgument(format!("grpc_tls for {addr}: {e}")))?;
+    }
+    Ok(endpoint
         .connect_timeout(Duration::from_secs(1))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(3))
@@ -43,7 +51,11 @@ pub struct GrpcLogic {
 
 impl GrpcLogic {
     /// Balances over `addrs` and follows its changes.
-    pub fn new(mut addrs: watch::Receiver<Vec<String>>, timeout: Duration) -> GrpcLogic {
+    pub fn new(
+        mut addrs: watch::Receiver<Vec<String>>,
+        timeout: Duration,
+        tls: Option<ClientTlsConfig>,
+    ) -> GrpcLogic {
         let (channel, changes) = Channel::balance_channel::<String>(CHANGES);
         tokio::spawn(async move {
             let mut current: HashSet<String> = HashSet::new();
@@ -56,7 +68,7 @@ impl GrpcLogic {
                     tracing::info!(addr = %gone, "logic endpoint removed");
                 }
                 for added in wanted.difference(&current) {
-                    match endpoint(added) {
+                    match endpoint(added, tls.as_ref()) {
                         Ok(endpoint) => {
                             if changes
                                 .send(Change::Insert(added.clone(), endpoint))

@@ -1,6 +1,7 @@
 //! Prometheus metrics of a comet. Labels are bounded: transports, kinds and
 //! reasons, never a key, mid, room or client-chosen op.
 
+use crate::limits::Limit;
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
@@ -26,6 +27,7 @@ pub struct CometMetrics {
     pub rooms: IntGauge,
     pub online_reports: IntCounterVec,
     pub accept_errors: IntCounterVec,
+    pub limited: IntCounterVec,
 }
 
 impl CometMetrics {
@@ -40,6 +42,11 @@ impl CometMetrics {
                     "Authenticated client connections by transport (tcp, websocket).",
                 ),
                 &["transport"],
+            )?,
+            limited: counter(
+                "pushcluster_comet_limited_total",
+                "Connections refused at accept or closed by a comet.limits limit, by transport and limit.",
+                &["transport", "limit"],
             )?,
             connects: counter(
                 "pushcluster_comet_connects_total",
@@ -139,6 +146,7 @@ impl CometMetrics {
         registry.register(Box::new(metrics.connections.clone()))?;
         registry.register(Box::new(metrics.connects.clone()))?;
         registry.register(Box::new(metrics.handshake_failures.clone()))?;
+        registry.register(Box::new(metrics.limited.clone()))?;
         registry.register(Box::new(metrics.disconnects.clone()))?;
         registry.register(Box::new(metrics.bad_frames.clone()))?;
         registry.register(Box::new(metrics.frames_before_auth.clone()))?;
@@ -176,8 +184,17 @@ impl CometMetrics {
                 "bad_frame",
                 "io_error",
                 "drain",
+                "frame_rate",
             ] {
                 self.disconnects.with_label_values(&[transport, reason]);
+            }
+            for limit in [
+                Limit::Connections,
+                Limit::ConnectionsPerIp,
+                Limit::NewConnectionsPerIp,
+                Limit::FramesPerConnection,
+            ] {
+                self.limited.with_label_values(&[transport, limit.label()]);
             }
             for reason in [
                 "timeout",
@@ -187,6 +204,7 @@ impl CometMetrics {
                 "auth_rejected",
                 "logic_unavailable",
                 "drain",
+                "frame_rate",
             ] {
                 self.handshake_failures
                     .with_label_values(&[transport, reason]);

@@ -41,6 +41,7 @@ pub struct CometServer {
     websocket: Vec<TcpListener>,
     wss: Vec<(TcpListener, tokio_rustls::TlsAcceptor)>,
     grpc: TcpListener,
+    grpc_tls: Option<tonic::transport::ServerTlsConfig>,
     accepting: tokio::sync::watch::Sender<bool>,
 }
 
@@ -76,8 +77,15 @@ impl CometServer {
             websocket,
             wss,
             grpc,
+            grpc_tls: None,
             accepting: tokio::sync::watch::Sender::new(false),
         })
+    }
+
+    /// Serves the gRPC service with mutual TLS (`grpc_tls`).
+    pub fn with_grpc_tls(mut self, tls: Option<tonic::transport::ServerTlsConfig>) -> Self {
+        self.grpc_tls = tls;
+        self
     }
 
     /// Bound addresses by config key, for logs and tests.
@@ -133,6 +141,7 @@ impl CometServer {
             self.grpc,
             comet.clone(),
             stop_grpc.clone(),
+            self.grpc_tls,
         ));
         let (reported, first_report) = tokio::sync::oneshot::channel();
         tasks.spawn(crate::report::run(

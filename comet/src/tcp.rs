@@ -21,6 +21,7 @@ use pushcluster_api::log_budget::LogBudget;
 const MAX_IOV: usize = 64;
 
 static ACCEPT_ERROR_LOG: LogBudget = LogBudget::new(1);
+static LIMIT_LOG: LogBudget = LogBudget::new(1);
 
 pub(crate) struct TcpTransport {
     stream: TcpStream,
@@ -195,34 +196,52 @@ pub(crate) async fn accept_loop(
             }
         };
         let started = Instant::now();
+        // Limits are checked before any TLS or WebSocket work: a refused
+        // connection costs an accept and a close.
+        let admitted = match comet.admission.admit(peer.ip()) {
+            Ok(admitted) => admitted,
+            Err(limit) => {
+                comet
+                    .metrics
+                    .limited
+                    .with_label_values(&[kind.label(), limit.label()])
+                    .inc();
+                if let Some(suppressed) = LIMIT_LOG.allow() {
+                    tracing::info!(ip = %peer.ip(), limit = limit.label(), suppressed, "connection refused");
+                }
+                drop(stream);
+                continue;
+            }
+        };
         configure(&stream, &comet.config().tcp);
         let task_comet = comet.clone();
         match &serve {
             Serve::Tcp => {
-                comet.tasks.spawn(conn::run(
-                    task_comet,
-                    TcpTransport::new(stream),
-                    peer.ip(),
-                    String::new(),
-                    started,
-                ));
+                comet.tasks.spawn(async move {
+                    let _admitted = admitted;
+                    conn::run(
+                        task_comet,
+                        TcpTransport::new(stream),
+                        peer.ip(),
+                        String::new(),
+                        started,
+                    )
+                    .await
+                });
             }
             Serve::WebSocket => {
-                comet.tasks.spawn(crate::ws::upgrade_and_run(
-                    task_comet,
-                    stream,
-                    peer.ip(),
-                    started,
-                ));
+                comet.tasks.spawn(async move {
+                    let _admitted = admitted;
+                    crate::ws::upgrade_and_run(task_comet, stream, peer.ip(), started).await
+                });
             }
             Serve::WebSocketTls(acceptor) => {
-                comet.tasks.spawn(crate::ws::tls_upgrade_and_run(
-                    task_comet,
-                    acceptor.clone(),
-                    stream,
-                    peer.ip(),
-                    started,
-                ));
+                let acceptor = acceptor.clone();
+                comet.tasks.spawn(async move {
+                    let _admitted = admitted;
+                    crate::ws::tls_upgrade_and_run(task_comet, acceptor, stream, peer.ip(), started)
+                        .await
+                });
             }
         }
     }

@@ -13,7 +13,7 @@ use pushcluster_api::pb::comet::{
 };
 use pushcluster_backplane::discovery::CometEndpoint;
 use std::sync::Arc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::CometConnector;
 
@@ -79,21 +79,29 @@ impl CometLink for GrpcComet {
 /// Opens a [`GrpcComet`] for each comet discovery reports.
 pub struct GrpcConnector {
     timeout: Duration,
+    tls: Option<ClientTlsConfig>,
 }
 
 impl GrpcConnector {
-    pub fn new(timeout: Duration) -> Self {
-        GrpcConnector { timeout }
+    /// `tls`: dial comets with mutual TLS (`grpc_tls`).
+    pub fn new(timeout: Duration, tls: Option<ClientTlsConfig>) -> Self {
+        GrpcConnector { timeout, tls }
     }
 }
 
 impl CometConnector for GrpcConnector {
     fn connect(&self, endpoint: &CometEndpoint) -> Result<Arc<dyn CometLink>, LinkError> {
-        let uri = format!("http://{}", endpoint.addr);
-        let channel = Endpoint::from_shared(uri)
-            .map_err(|e| {
-                LinkError::InvalidArgument(format!("bad comet address {}: {e}", endpoint.addr))
-            })?
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let uri = format!("{scheme}://{}", endpoint.addr);
+        let mut channel = Endpoint::from_shared(uri).map_err(|e| {
+            LinkError::InvalidArgument(format!("bad comet address {}: {e}", endpoint.addr))
+        })?;
+        if let Some(tls) = &self.tls {
+            channel = channel.tls_config(tls.clone()).map_err(|e| {
+                LinkError::InvalidArgument(format!("grpc_tls for {}: {e}", endpoint.addr))
+            })?;
+        }
+        let channel = channel
             .connect_timeout(Duration::from_secs(1))
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(3))

@@ -93,9 +93,14 @@ pub async fn serve(
     listener: TcpListener,
     logic: Arc<Logic>,
     shutdown: CancellationToken,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 ) -> Result<(), tonic::transport::Error> {
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
     // goim's rpcServer defaults: keepalive 60 s, timeout 20 s.
-    tonic::transport::Server::builder()
+    builder
         .http2_keepalive_interval(Some(Duration::from_secs(60)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(LogicGrpc::new(logic).into_server())

@@ -4,8 +4,10 @@
 //! `{"code":0,"message":"","data":...}` with HTTP 200 for API errors
 //! (code -400 for a bad request, -500 for a backend failure).
 //!
-//! Beyond goim: unknown routes get HTTP 404 and a wrong method 405 (both
-//! with the JSON shape), bodies over `logic.http.max_body` get 413, and an
+//! Beyond goim: with `logic.api.tokens` every route but `/goim/nodes/*`
+//! needs `Authorization: Bearer <token>` (HTTP 401 and code -401 without);
+//! unknown routes get HTTP 404 and a wrong method 405 (both with the JSON
+//! shape), bodies over `logic.http.max_body` get 413, and an
 //! `Idempotency-Key` header makes a push idempotent.
 
 use std::net::{IpAddr, SocketAddr};
@@ -31,6 +33,7 @@ use crate::{Logic, LogicError};
 pub const CODE_OK: i32 = 0;
 pub const CODE_REQUEST_ERR: i32 = -400;
 pub const CODE_SERVER_ERR: i32 = -500;
+pub const CODE_UNAUTHORIZED: i32 = -401;
 /// Idempotency keys longer than this are refused.
 const MAX_IDEMPOTENCY_KEY: usize = 256;
 
@@ -382,6 +385,38 @@ async fn method_not_allowed(uri: Uri, method: axum::http::Method) -> ApiResponse
     )
 }
 
+/// Public routes: what clients call to find a comet.
+const PUBLIC_PREFIX: &str = "/goim/nodes/";
+
+/// Lets a request through if it carries one of `logic.api.tokens` (or the
+/// route is public, or no token is configured).
+async fn require_token(State(logic): State<Arc<Logic>>, request: Request, next: Next) -> Response {
+    let tokens = logic.api_tokens();
+    if !tokens.required() || request.uri().path().starts_with(PUBLIC_PREFIX) {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| {
+            let (scheme, token) = value.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
+    let message = match presented {
+        Some(token) if tokens.accepts(token) => return next.run(request).await,
+        Some(_) => "invalid bearer token",
+        None => "missing bearer token: send Authorization: Bearer <one of logic.api.tokens>",
+    };
+    let mut response =
+        ApiResponse::error(StatusCode::UNAUTHORIZED, CODE_UNAUTHORIZED, message).into_response();
+    response.headers_mut().insert(
+        axum::http::header::WWW_AUTHENTICATE,
+        axum::http::HeaderValue::from_static("Bearer"),
+    );
+    response
+}
+
 /// Counts every request by route, HTTP status and goim code, and times it.
 async fn track(State(logic): State<Arc<Logic>>, request: Request, next: Next) -> Response {
     let route = request
@@ -428,6 +463,7 @@ pub fn router(logic: Arc<Logic>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(logic.clone(), require_token))
         .layer(middleware::from_fn_with_state(logic.clone(), track))
         .with_state(logic)
 }
@@ -467,7 +503,8 @@ mod tests {
             )),
             Arc::new(MemoryBus::default()),
             LogicMetrics::new(&prometheus::Registry::new()).expect("metrics"),
-        );
+        )
+        .expect("open auth");
         router(Arc::new(logic))
     }
 

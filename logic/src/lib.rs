@@ -8,6 +8,7 @@
 //! Invariant: logic knows the backplane only through its traits.
 #![forbid(unsafe_code)]
 
+pub mod api_tokens;
 pub mod auth;
 pub mod balancer;
 pub mod grpc;
@@ -31,7 +32,8 @@ use pushcluster_api::pb::logic::{
 use pushcluster_backplane::bus::{Bus, BusError};
 use pushcluster_backplane::registry::{CometReport, Registry, RegistryError, Session};
 
-use crate::auth::AuthBody;
+use crate::api_tokens::ApiTokens;
+use crate::auth::{AuthSetupError, Authenticator};
 use crate::balancer::{LoadBalancer, NodeInfo};
 use crate::metrics::LogicMetrics;
 
@@ -95,6 +97,8 @@ pub struct Logic {
     online: Mutex<Option<(Instant, Arc<OnlineSnapshot>)>>,
     balancer: Mutex<LoadBalancer>,
     deploy_env: String,
+    auth: Authenticator,
+    api_tokens: ApiTokens,
 }
 
 impl Logic {
@@ -103,8 +107,10 @@ impl Logic {
         registry: Arc<dyn Registry>,
         bus: Arc<dyn Bus>,
         metrics: LogicMetrics,
-    ) -> Self {
-        Logic {
+    ) -> Result<Self, AuthSetupError> {
+        let auth = Authenticator::from_config(&config.auth)?;
+        let api_tokens = ApiTokens::new(&config.api)?;
+        Ok(Logic {
             config,
             registry,
             bus,
@@ -112,7 +118,13 @@ impl Logic {
             online: Mutex::new(None),
             balancer: Mutex::new(LoadBalancer::default()),
             deploy_env: std::env::var("DEPLOY_ENV").unwrap_or_default(),
-        }
+            auth,
+            api_tokens,
+        })
+    }
+
+    pub fn api_tokens(&self) -> &ApiTokens {
+        &self.api_tokens
     }
 
     pub fn config(&self) -> &LogicConfig {
@@ -503,23 +515,29 @@ fn registry_unavailable(error: RegistryError) -> LinkError {
 #[async_trait]
 impl LogicLink for Logic {
     async fn connect(&self, req: ConnectReq) -> Result<ConnectReply, LinkError> {
-        let body = match AuthBody::parse(&req.token) {
-            Ok(body) => body,
+        let identity = match self
+            .auth
+            .authenticate(&req.token, &req.cookie, &req.server)
+            .await
+        {
+            Ok(identity) => identity,
             Err(error) => {
                 self.metrics
                     .connects
                     .with_label_values(&[error.reason()])
                     .inc();
-                return Err(LinkError::Rejected(error.to_string()));
+                return Err(if error.is_refusal() {
+                    LinkError::Rejected(error.to_string())
+                } else {
+                    LinkError::Unavailable(error.to_string())
+                });
             }
         };
-        let key = if body.key.is_empty() {
-            uuid::Uuid::new_v4().to_string()
-        } else {
-            body.key
-        };
+        let key = identity
+            .key
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let session = Session {
-            mid: body.mid,
+            mid: identity.mid,
             key,
             server: req.server,
         };
@@ -535,8 +553,8 @@ impl LogicLink for Logic {
         Ok(ConnectReply {
             mid: session.mid,
             key: session.key,
-            room_id: body.room_id,
-            accepts: body.accepts,
+            room_id: identity.room_id,
+            accepts: identity.accepts,
             heartbeat: self.heartbeat_nanos(),
         })
     }
@@ -638,7 +656,8 @@ mod tests {
             Arc::new(registry),
             Arc::new(bus.clone()),
             metrics,
-        );
+        )
+        .expect("open auth");
         (logic, bus)
     }
 

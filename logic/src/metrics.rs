@@ -112,7 +112,20 @@ impl LogicMetrics {
         for target in ["key", "mid"] {
             self.unknown_targets.with_label_values(&[target]);
         }
-        for result in ["ok", "invalid_body", "registry_error"] {
+        for result in [
+            "ok",
+            "invalid_body",
+            "registry_error",
+            "missing_token",
+            "invalid_token",
+            "expired_token",
+            "mid_mismatch",
+            "key_mismatch",
+            "room_forbidden",
+            "accept_forbidden",
+            "webhook_denied",
+            "webhook_error",
+        ] {
             self.connects.with_label_values(&[result]);
         }
         for result in ["removed", "kept"] {

@@ -88,6 +88,14 @@ pub struct PushClusterSpec {
     /// Jobs: deliver the push stream to the comets.
     #[serde(default)]
     pub job: JobSpec,
+    /// Who clients are and who may push: required, so exposing a fleet
+    /// without authentication is a written decision.
+    pub auth: AuthSpec,
+    /// Mutual TLS on the gRPC links between comets, logic and jobs: a
+    /// Secret with `tls.crt`, `tls.key` and `ca.crt` (cert-manager's
+    /// layout) whose certificate carries the DNS name `pushcluster`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_tls_secret: Option<String>,
     /// Overrides merged into the rendered YAML configuration (the schema of
     /// docs/configuration.md), e.g. `{logic: {node: {heartbeat: 30s}}}`.
     /// Keys the operator manages (listen addresses, NATS, discovery) win.
@@ -165,6 +173,45 @@ impl PullPolicy {
             PullPolicy::Never => "Never",
         }
     }
+}
+
+/// Client authentication (`logic.auth`) and the push API's bearer tokens
+/// (`logic.api`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    cel,
+    validation = Rule::new("self.mode != 'jwt' || has(self.jwtSecret) || (has(self.jwtPublicKeys) && size(self.jwtPublicKeys) > 0)").message("mode jwt needs jwtSecret or jwtPublicKeys"),
+    validation = Rule::new("self.mode != 'webhook' || has(self.webhookUrl)").message("mode webhook needs webhookUrl")
+)]
+pub struct AuthSpec {
+    /// `none` (goim: any client may claim any mid and room), `jwt` (the
+    /// auth body carries a signed token) or `webhook` (logic asks your
+    /// backend).
+    pub mode: AuthModeSpec,
+    /// jwt: the HS256 shared secret (at least 32 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_secret: Option<SecretKey>,
+    /// jwt: PEM public keys for RS256/ES256 tokens. Rotating a Secret
+    /// applies without a restart.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jwt_public_keys: Vec<SecretKey>,
+    /// webhook: the in-cluster `http://` URL logic POSTs each auth body to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^http://\S+$"))]
+    pub webhook_url: Option<String>,
+    /// Bearer tokens of the push API, one per line. When absent the
+    /// operator generates the Secret `<name>-api-token` (key `token`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_token_secret: Option<SecretKey>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthModeSpec {
+    None,
+    Jwt,
+    Webhook,
 }
 
 /// A key of a Secret in the PushCluster's namespace.

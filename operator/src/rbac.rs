@@ -38,6 +38,13 @@ pub const FLEET_RULES: &[Rule] = &[
         resources: &["deployments"],
         verbs: CHILD_VERBS,
     },
+    // The push API's generated token: created once, never read back (an
+    // existing one answers 409), so no right to read any Secret.
+    Rule {
+        group: "",
+        resources: &["secrets"],
+        verbs: &["create"],
+    },
     Rule {
         group: "policy",
         resources: &["poddisruptionbudgets"],

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
@@ -100,14 +101,41 @@ fn is_not_found(error: &kube::Error) -> bool {
     matches!(error, kube::Error::Api(response) if response.code == 404)
 }
 
+/// Creates the push API's token Secret when the spec names none. Never
+/// applied again: a new token on every reconcile would lock callers out.
+/// An existing Secret answers 409, so the operator never reads Secrets.
+async fn ensure_api_token(client: &Client, namespace: &str, pc: &PushCluster) -> Result<(), Error> {
+    if pc.spec.auth.api_token_secret.is_some() {
+        return Ok(());
+    }
+    let secret = render::api_token_secret(pc, &generate_token())?;
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => {
+            tracing::info!(pushcluster = %object_key(pc), "push API token Secret created");
+            Ok(())
+        }
+        Err(kube::Error::Api(response)) if response.code == 409 => Ok(()),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// 32 random bytes, hex: 256 bits, safe in a header and a file.
+fn generate_token() -> String {
+    let bytes: [u8; 32] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Applies every child; returns the applied Deployments (comet, logic, job)
 /// and the ServiceMonitor condition.
 async fn apply_fleet(
     client: &Client,
     namespace: &str,
+    pc: &PushCluster,
     fleet: &Fleet,
     generation: Option<i64>,
 ) -> Result<([Deployment; 3], Condition), Error> {
+    ensure_api_token(client, namespace, pc).await?;
     apply(client, namespace, &fleet.service_account).await?;
     apply(client, namespace, &fleet.role).await?;
     apply(client, namespace, &fleet.role_binding).await?;
@@ -375,7 +403,7 @@ async fn reconcile_inner(pc: &PushCluster, ctx: &Context) -> Result<(Action, &'s
     };
 
     let ([comet, logic, job], monitor) =
-        apply_fleet(&ctx.client, &namespace, &fleet, generation).await?;
+        apply_fleet(&ctx.client, &namespace, pc, &fleet, generation).await?;
     let instance = pc.name_any();
     let (comet_status, comet_progressing) = component(&comet, &instance, "comet");
     let (logic_status, logic_progressing) = component(&logic, &instance, "logic");

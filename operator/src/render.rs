@@ -4,17 +4,17 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::{Resource, ResourceExt};
-use pushcluster_api::config::{Config, DiscoveryKind, LogFormat};
+use pushcluster_api::config::{AuthMode, Config, DiscoveryKind, LogFormat};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::crd::PushCluster;
+use crate::crd::{AuthModeSpec, PushCluster};
 
 /// The field manager of every server-side apply.
 pub const MANAGER: &str = "pushcluster-operator";
@@ -25,6 +25,12 @@ const CONFIG_DIR: &str = "/etc/pushcluster";
 const CONFIG_FILE: &str = "config.yaml";
 const TLS_DIR: &str = "/etc/pushcluster/tls";
 const NATS_DIR: &str = "/etc/pushcluster/nats";
+/// Logic's credentials: API tokens, the JWT secret and public keys, from a
+/// projected volume so rotated Secrets reach the files (logic re-reads them).
+const AUTH_DIR: &str = "/etc/pushcluster/auth";
+const GRPC_TLS_DIR: &str = "/etc/pushcluster/grpc-tls";
+/// Key of the API token in the generated Secret.
+pub const API_TOKEN_KEY: &str = "token";
 const ADMIN_PORT: i32 = 3190;
 const TCP_PORT: i32 = 3101;
 const WS_PORT: i32 = 3102;
@@ -102,6 +108,11 @@ impl Names {
     }
     pub fn metrics(&self) -> String {
         format!("{}-metrics", self.instance)
+    }
+    /// The Secret the operator generates when `spec.auth.apiTokenSecret`
+    /// names none.
+    pub fn api_token(&self) -> String {
+        format!("{}-api-token", self.instance)
     }
     pub fn account(&self) -> String {
         self.instance.clone()
@@ -202,6 +213,7 @@ pub fn render_config(pc: &PushCluster) -> Result<Config, RenderError> {
                 bind: vec![format!("0.0.0.0:{WSS_PORT}")],
                 cert_file: format!("{TLS_DIR}/tls.crt"),
                 key_file: format!("{TLS_DIR}/tls.key"),
+                reload_interval: std::time::Duration::from_secs(10),
             });
     config.comet.grpc.bind = format!("0.0.0.0:{COMET_GRPC_PORT}");
     config.comet.drain = std::time::Duration::from_secs(u64::from(spec.comet.drain_seconds));
@@ -223,6 +235,35 @@ pub fn render_config(pc: &PushCluster) -> Result<Config, RenderError> {
         .credentials_secret
         .as_ref()
         .map(|secret| format!("{NATS_DIR}/{}", secret.key));
+    config.logic.auth.mode = Some(match spec.auth.mode {
+        AuthModeSpec::None => AuthMode::None,
+        AuthModeSpec::Jwt => AuthMode::Jwt,
+        AuthModeSpec::Webhook => AuthMode::Webhook,
+    });
+    config.logic.auth.jwt.hs256_secret = None;
+    config.logic.auth.jwt.hs256_secret_file = spec
+        .auth
+        .jwt_secret
+        .as_ref()
+        .map(|_| format!("{AUTH_DIR}/jwt-secret"));
+    config.logic.auth.jwt.public_key_files = (0..spec.auth.jwt_public_keys.len())
+        .map(|i| format!("{AUTH_DIR}/jwt-key-{i}.pem"))
+        .collect();
+    if let Some(url) = &spec.auth.webhook_url {
+        config.logic.auth.webhook.url = url.clone();
+    }
+    config.logic.api.tokens = Vec::new();
+    config.logic.api.token_files = vec![format!("{AUTH_DIR}/api-tokens")];
+    config.logic.api.allow_unauthenticated = false;
+    config.grpc_tls =
+        spec.grpc_tls_secret
+            .as_ref()
+            .map(|_| pushcluster_api::config::GrpcTlsConfig {
+                cert_file: format!("{GRPC_TLS_DIR}/tls.crt"),
+                key_file: format!("{GRPC_TLS_DIR}/tls.key"),
+                ca_file: format!("{GRPC_TLS_DIR}/ca.crt"),
+                server_name: "pushcluster".to_string(),
+            });
     config.discovery.kind = DiscoveryKind::Kubernetes;
     config.discovery.namespace = Some(namespace);
     config.discovery.comet_service = names.comet_headless();
@@ -234,6 +275,33 @@ pub fn render_config(pc: &PushCluster) -> Result<Config, RenderError> {
         .validate()
         .map_err(|e| RenderError::InvalidConfig(e.to_string()))?;
     Ok(config)
+}
+
+/// The Secret holding a generated push API token: owned by the PushCluster
+/// (deleted with it), created once and then left alone.
+pub fn api_token_secret(pc: &PushCluster, token: &str) -> Result<Secret, RenderError> {
+    let namespace = pc.namespace().ok_or(RenderError::Missing("namespace"))?;
+    let owner = pc
+        .controller_owner_ref(&())
+        .ok_or(RenderError::Missing("uid (not created yet)"))?;
+    let names = Names {
+        instance: pc.name_any(),
+    };
+    build(
+        "Secret",
+        json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "name": names.api_token(),
+                "namespace": namespace,
+                "labels": labels(&names.instance, "logic"),
+                "ownerReferences": [owner]
+            },
+            "type": "Opaque",
+            "stringData": {API_TOKEN_KEY: token}
+        }),
+    )
 }
 
 fn hash(text: &str) -> String {
@@ -420,14 +488,7 @@ pub fn render(pc: &PushCluster) -> Result<Fleet, RenderError> {
         "logic",
         names.logic(),
         spec.logic.replicas,
-        pods.container(
-            "logic",
-            &spec.logic.resources,
-            vec![
-                json!({"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}),
-                json!({"name": "grpc", "containerPort": LOGIC_GRPC_PORT, "protocol": "TCP"}),
-            ],
-        ),
+        pods.logic_container(),
     )?;
     let job = pods.deployment(
         "job",
@@ -497,6 +558,9 @@ impl PodTemplate<'_> {
             mounts
                 .push(json!({"name": "nats-credentials", "mountPath": NATS_DIR, "readOnly": true}));
         }
+        if spec.grpc_tls_secret.is_some() {
+            mounts.push(json!({"name": "grpc-tls", "mountPath": GRPC_TLS_DIR, "readOnly": true}));
+        }
         let mut container = json!({
             "name": role,
             "image": spec.image.reference(),
@@ -556,6 +620,40 @@ impl PodTemplate<'_> {
         container
     }
 
+    fn logic_container(&self) -> Value {
+        let spec = &self.pc.spec;
+        let mut container = self.container(
+            "logic",
+            &spec.logic.resources,
+            vec![
+                json!({"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}),
+                json!({"name": "grpc", "containerPort": LOGIC_GRPC_PORT, "protocol": "TCP"}),
+            ],
+        );
+        if let Some(mounts) = container["volumeMounts"].as_array_mut() {
+            mounts.push(json!({"name": "auth", "mountPath": AUTH_DIR, "readOnly": true}));
+        }
+        container
+    }
+
+    /// Logic's credentials as files: API tokens (the named or the generated
+    /// Secret), the JWT secret and public keys.
+    fn auth_volume(&self) -> Value {
+        let auth = &self.pc.spec.auth;
+        let item = |name: &str, key: &str, path: String| json!({"secret": {"name": name, "items": [{"key": key, "path": path}]}});
+        let mut sources = vec![match &auth.api_token_secret {
+            Some(secret) => item(&secret.name, &secret.key, "api-tokens".into()),
+            None => item(&self.names.api_token(), API_TOKEN_KEY, "api-tokens".into()),
+        }];
+        if let Some(secret) = &auth.jwt_secret {
+            sources.push(item(&secret.name, &secret.key, "jwt-secret".into()));
+        }
+        for (i, secret) in auth.jwt_public_keys.iter().enumerate() {
+            sources.push(item(&secret.name, &secret.key, format!("jwt-key-{i}.pem")));
+        }
+        json!({"name": "auth", "projected": {"sources": sources}})
+    }
+
     fn deployment(
         &self,
         component: &str,
@@ -580,6 +678,9 @@ impl PodTemplate<'_> {
                 "name": "nats-credentials",
                 "secret": {"secretName": secret.name, "items": [{"key": secret.key, "path": secret.key}]}
             }));
+        }
+        if let Some(secret) = &spec.grpc_tls_secret {
+            volumes.push(json!({"name": "grpc-tls", "secret": {"secretName": secret}}));
         }
         let mut pod_spec = json!({
             "serviceAccountName": self.names.account(),
@@ -629,6 +730,11 @@ impl PodTemplate<'_> {
                 };
         } else {
             pod_spec["terminationGracePeriodSeconds"] = json!(30);
+        }
+        if component == "logic"
+            && let Some(volumes) = pod_spec["volumes"].as_array_mut()
+        {
+            volumes.push(self.auth_volume());
         }
         build(
             "Deployment",

@@ -390,16 +390,38 @@ impl TcpClient {
         }
     }
 
+    /// Connects from a chosen local address (any of 127.0.0.0/8).
+    pub async fn connect_from(addr: SocketAddr, from: std::net::IpAddr) -> TcpClient {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket.bind(SocketAddr::new(from, 0)).expect("bind");
+        let stream = socket.connect(addr).await.expect("connect");
+        TcpClient {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// `auth` from a chosen local address.
+    pub async fn auth_from(addr: SocketAddr, from: std::net::IpAddr, body: Value) -> TcpClient {
+        TcpClient::connect_from(addr, from)
+            .await
+            .authenticated(body)
+            .await
+    }
+
     /// Connects and authenticates; the auth reply is checked and consumed.
     pub async fn auth(addr: SocketAddr, body: Value) -> TcpClient {
-        let mut client = TcpClient::connect(addr).await;
-        client.send(&auth_frame(&body)).await;
-        let reply = client.recv().await;
+        TcpClient::connect(addr).await.authenticated(body).await
+    }
+
+    async fn authenticated(mut self, body: Value) -> TcpClient {
+        self.send(&auth_frame(&body)).await;
+        let reply = self.recv().await;
         assert_eq!(
             (reply.op, reply.seq, reply.body.len()),
             (op::AUTH_REPLY, 1, 0)
         );
-        client
+        self
     }
 
     pub async fn send(&mut self, frame: &Frame) {

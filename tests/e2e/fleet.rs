@@ -3,6 +3,8 @@
 
 use std::time::{Duration, Instant};
 
+use pushcluster_api::pb::comet::RoomsReq;
+use pushcluster_api::pb::comet::comet_client::CometClient;
 use pushcluster_backplane::testing::NatsServer;
 use serde_json::json;
 
@@ -19,6 +21,8 @@ logic:
   http: {{ bind: "127.0.0.1:0" }}
   grpc: {{ bind: "127.0.0.1:0" }}
   online_expire: 3s
+  auth: {{ mode: none }}
+  api: {{ allow_unauthenticated: true }}
 comet:
   tcp: {{ bind: ["127.0.0.1:0"] }}
   websocket: {{ bind: ["127.0.0.1:0"] }}
@@ -48,8 +52,13 @@ pub struct Fleet {
 
 impl Fleet {
     pub fn start() -> Fleet {
+        Fleet::start_with("{}")
+    }
+
+    /// A fleet whose every process gets `extra` YAML over the base config.
+    pub fn start_with(extra: &str) -> Fleet {
         let nats = NatsServer::start();
-        let base = base_config(&nats.url());
+        let base = with(base_config(&nats.url()), extra);
         let logics: Vec<Server> = (0..2)
             .map(|_| Server::spawn("logic", &base, "logic ready"))
             .collect();
@@ -391,4 +400,55 @@ async fn a_draining_comet_closes_its_clients_over_the_drain_period() {
     assert!(fleet.comets[0].wait_exit(Duration::from_secs(20)).success());
     // The other comet still serves.
     TcpClient::auth(fleet.comets[1].tcp(), json!({})).await;
+}
+
+#[tokio::test]
+async fn the_fleet_links_run_over_mutual_tls_and_refuse_plain_peers() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca =
+        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key")).expect("CA");
+    let leaf_key = KeyPair::generate().expect("key");
+    let leaf = CertificateParams::new(vec!["pushcluster".to_string()])
+        .expect("params")
+        .signed_by(&leaf_key, &ca)
+        .expect("leaf");
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    std::fs::write(path("ca.crt"), ca.pem()).expect("write");
+    std::fs::write(path("tls.crt"), leaf.pem()).expect("write");
+    std::fs::write(path("tls.key"), leaf_key.serialize_pem()).expect("write");
+    let fleet = Fleet::start_with(&format!(
+        "grpc_tls: {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?} }}",
+        path("tls.crt"),
+        path("tls.key"),
+        path("ca.crt")
+    ));
+
+    // Connect (comet → logic) and delivery (job → comet) both cross TLS.
+    let mut client =
+        TcpClient::auth(fleet.comets[0].tcp(), json!({"mid": 9, "accepts": [1000]})).await;
+    fleet
+        .push(0, "/goim/push/mids?operation=1000&mids=9", "over mTLS")
+        .await;
+    assert_eq!(body(&client.recv().await), "over mTLS");
+
+    // A peer without a client certificate gets nothing from a comet.
+    let plain = tonic::transport::Endpoint::from_shared(format!(
+        "http://{}",
+        fleet.comets[0].addr("comet.grpc")
+    ))
+    .expect("endpoint")
+    .connect_timeout(Duration::from_secs(2))
+    .connect()
+    .await;
+    if let Ok(channel) = plain {
+        let mut comet = CometClient::new(channel);
+        let answer = tokio::time::timeout(WAIT, comet.rooms(RoomsReq {}))
+            .await
+            .expect("an answer in time");
+        assert!(answer.is_err(), "a plain-text peer was served: {answer:?}");
+    }
 }

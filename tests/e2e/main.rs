@@ -12,5 +12,6 @@ mod lifecycle;
 mod observability;
 mod operator;
 mod push_api;
+mod security;
 mod websocket;
 mod wire;

@@ -113,6 +113,29 @@ async fn operator_process_runs_a_fleet_through_the_kubernetes_api() {
             .await,
         1.0
     );
+    // The spec names no API token Secret: one was generated, owned by the
+    // PushCluster, and logic reads it.
+    let secret = kube
+        .get("/api/v1/namespaces/push/secrets/push-api-token")
+        .expect("the API token Secret");
+    let token = secret["stringData"]["token"].as_str().unwrap_or_default();
+    assert!(
+        token.len() == 64 && token.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{secret}"
+    );
+    assert_eq!(
+        secret["metadata"]["ownerReferences"][0]["kind"],
+        "PushCluster"
+    );
+    let logic = kube
+        .get("/apis/apps/v1/namespaces/push/deployments/push-logic")
+        .expect("logic");
+    assert!(
+        logic["spec"]["template"]["spec"]["volumes"]
+            .to_string()
+            .contains("push-api-token"),
+        "{logic}"
+    );
 
     // Every request it made is one the chart's RBAC grants.
     let mut granted = rbac::permissions(FLEET_RULES);

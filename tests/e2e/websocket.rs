@@ -238,3 +238,67 @@ async fn websocket_over_tls_serves_goim_clients() {
         )
         .await;
 }
+
+#[tokio::test]
+async fn a_renewed_wss_certificate_is_served_without_a_restart() {
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cert_file = dir.path().join("tls.crt");
+    let key_file = dir.path().join("tls.key");
+    let issue = |name: &str| {
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), name.to_string()])
+            .expect("cert")
+    };
+    // Writes aside and renames over, as a Secret volume update does.
+    let install = |cert: &rcgen::CertifiedKey<rcgen::KeyPair>| {
+        let (cert_new, key_new) = (dir.path().join("crt.new"), dir.path().join("key.new"));
+        std::fs::write(&cert_new, cert.cert.pem()).expect("write cert");
+        std::fs::write(&key_new, cert.signing_key.serialize_pem()).expect("write key");
+        std::fs::rename(&key_new, &key_file).expect("rotate key");
+        std::fs::rename(&cert_new, &cert_file).expect("rotate cert");
+    };
+    let (first, second) = (issue("first.test"), issue("second.test"));
+    install(&first);
+    let server = Server::start_with(&format!(
+        "comet: {{ websocket: {{ tls: {{ bind: [\"127.0.0.1:0\"], cert_file: {:?}, key_file: {:?}, reload_interval: 100ms }} }} }}",
+        cert_file.display().to_string(),
+        key_file.display().to_string()
+    ));
+    // The certificate a TLS client is shown (trusting either).
+    let served = || async {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in [&first, &second] {
+            roots.add(cert.cert.der().clone()).expect("trust");
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocols")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(server.addr("comet.wss"))
+            .await
+            .expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .expect("TLS handshake");
+        let (_, session) = tls.get_ref();
+        session.peer_certificates().expect("a certificate")[0].clone()
+    };
+    assert_eq!(&served().await, first.cert.der());
+    install(&second);
+    // The files are looked at on a handshake, at most every 100 ms.
+    let deadline = std::time::Instant::now() + WAIT;
+    while &served().await != second.cert.der() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the renewed certificate was not served"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(server.log_contains("WSS certificate reloaded"));
+}

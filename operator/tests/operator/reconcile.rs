@@ -47,7 +47,7 @@ fn answer(request: &Recorded, scenario: &Scenario, pc: &PushCluster) -> (StatusC
             || request.path.ends_with(&format!("/{resource}"))
     };
     match request.method.as_str() {
-        "POST" if is("events") => (StatusCode::CREATED, request.body.clone()),
+        "POST" if is("events") || is("secrets") => (StatusCode::CREATED, request.body.clone()),
         "DELETE" if is("servicemonitors") => (StatusCode::NOT_FOUND, status_error(404, "NotFound")),
         "PATCH" if request.path.ends_with("/status") => {
             let mut object = serde_json::to_value(pc).expect("pc");

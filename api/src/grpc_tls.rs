@@ -1,0 +1,60 @@
+//! `grpc_tls`: the files of the fleet's mutual TLS, read once at start and
+//! turned into tonic's server and client settings. Every process presents
+//! the same kind of certificate both ways, signed by the fleet's CA.
+
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+use crate::config::GrpcTlsConfig;
+
+#[derive(Debug, thiserror::Error)]
+#[error("grpc_tls: cannot read {path}: {source}")]
+pub struct GrpcTlsError {
+    path: String,
+    source: std::io::Error,
+}
+
+/// The loaded PEM files.
+#[derive(Clone, Debug)]
+pub struct GrpcTls {
+    identity: Identity,
+    ca: Certificate,
+    server_name: String,
+}
+
+fn read(path: &str) -> Result<Vec<u8>, GrpcTlsError> {
+    std::fs::read(path).map_err(|source| GrpcTlsError {
+        path: path.to_string(),
+        source,
+    })
+}
+
+impl GrpcTls {
+    pub fn load(config: &GrpcTlsConfig) -> Result<GrpcTls, GrpcTlsError> {
+        Ok(GrpcTls {
+            identity: Identity::from_pem(read(&config.cert_file)?, read(&config.key_file)?),
+            ca: Certificate::from_pem(read(&config.ca_file)?),
+            server_name: config.server_name.clone(),
+        })
+    }
+
+    /// Loads `grpc_tls` if configured.
+    pub fn from_config(config: Option<&GrpcTlsConfig>) -> Result<Option<GrpcTls>, GrpcTlsError> {
+        config.map(GrpcTls::load).transpose()
+    }
+
+    /// Servers require a client certificate signed by the CA.
+    pub fn server(&self) -> ServerTlsConfig {
+        ServerTlsConfig::new()
+            .identity(self.identity.clone())
+            .client_ca_root(self.ca.clone())
+    }
+
+    /// Clients present their certificate and verify the server's against
+    /// the CA and `server_name`.
+    pub fn client(&self) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .identity(self.identity.clone())
+            .ca_certificate(self.ca.clone())
+            .domain_name(self.server_name.clone())
+    }
+}

@@ -1,0 +1,135 @@
+//! The bearer tokens of the push and online API (`logic.api`). Token files
+//! hold one token per line and are re-read when they change (looked at, at
+//! most, every few seconds), so a rotated Kubernetes Secret applies without
+//! a restart.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use pushcluster_api::config::ApiConfig;
+use pushcluster_api::file_watch::FileWatch;
+
+use crate::auth::AuthSetupError;
+
+/// How often token files are checked for changes.
+const RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+/// Shorter tokens in files are ignored (a stray blank or comment line).
+const MIN_TOKEN: usize = 16;
+
+pub struct ApiTokens {
+    required: bool,
+    inline: Vec<String>,
+    files: Vec<String>,
+    from_files: RwLock<Arc<Vec<String>>>,
+    watch: FileWatch,
+}
+
+impl ApiTokens {
+    pub fn new(config: &ApiConfig) -> Result<ApiTokens, AuthSetupError> {
+        let from_files = read_files(&config.token_files)?;
+        Ok(ApiTokens {
+            required: config.has_tokens(),
+            inline: config.tokens.iter().map(|t| t.trim().to_string()).collect(),
+            files: config.token_files.clone(),
+            from_files: RwLock::new(Arc::new(from_files)),
+            watch: FileWatch::new(config.token_files.clone(), RELOAD_INTERVAL),
+        })
+    }
+
+    /// Whether requests need a token at all (none configured: open API).
+    pub fn required(&self) -> bool {
+        self.required
+    }
+
+    /// Whether `presented` is one of the tokens.
+    pub fn accepts(&self, presented: &str) -> bool {
+        if self.inline.iter().any(|t| same(t, presented)) {
+            return true;
+        }
+        self.refresh();
+        self.from_files
+            .read()
+            .map(|tokens| tokens.iter().any(|t| same(t, presented)))
+            .unwrap_or(false)
+    }
+
+    fn refresh(&self) {
+        let Some(seen) = self.watch.changed() else {
+            return;
+        };
+        match read_files(&self.files) {
+            Ok(tokens) => {
+                self.watch.loaded(seen);
+                if let Ok(mut current) = self.from_files.write() {
+                    *current = Arc::new(tokens);
+                }
+                tracing::info!("API tokens reloaded");
+            }
+            Err(error) => tracing::warn!(%error, "API tokens not reloaded; the old ones stay"),
+        }
+    }
+}
+
+/// Compares in time independent of where the strings differ.
+fn same(expected: &str, presented: &str) -> bool {
+    let (a, b) = (expected.as_bytes(), presented.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
+fn read_files(paths: &[String]) -> Result<Vec<String>, AuthSetupError> {
+    let mut tokens = Vec::new();
+    for path in paths {
+        let text = std::fs::read_to_string(path).map_err(|source| AuthSetupError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        tokens.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|line| line.len() >= MIN_TOKEN)
+                .map(String::from),
+        );
+    }
+    Ok(tokens)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inline_and_file_tokens_are_accepted_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("tokens");
+        std::fs::write(&file, "file-token-0123456789\n\nshort\n").expect("write");
+        let tokens = ApiTokens::new(&ApiConfig {
+            tokens: vec!["inline-token-0123456789".into()],
+            token_files: vec![file.display().to_string()],
+            allow_unauthenticated: false,
+        })
+        .expect("tokens");
+        assert!(tokens.required());
+        assert!(tokens.accepts("inline-token-0123456789"));
+        assert!(tokens.accepts("file-token-0123456789"));
+        for wrong in [
+            "",
+            "short",
+            "inline-token-012345678",
+            "inline-token-01234567890",
+        ] {
+            assert!(!tokens.accepts(wrong), "{wrong:?}");
+        }
+    }
+
+    #[test]
+    fn a_missing_token_file_is_a_setup_error() {
+        let result = ApiTokens::new(&ApiConfig {
+            token_files: vec!["/nonexistent/tokens".into()],
+            ..ApiConfig::default()
+        });
+        assert!(matches!(result, Err(AuthSetupError::Read { .. })));
+    }
+}
