@@ -7,6 +7,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::{Resource, ResourceExt};
 use pushcluster_api::config::{AuthMode, Config, DiscoveryKind, LogFormat};
@@ -280,10 +281,7 @@ pub fn render_config(pc: &PushCluster) -> Result<Config, RenderError> {
 /// The Secret holding a generated push API token: owned by the PushCluster
 /// (deleted with it), created once and then left alone.
 pub fn api_token_secret(pc: &PushCluster, token: &str) -> Result<Secret, RenderError> {
-    let namespace = pc.namespace().ok_or(RenderError::Missing("namespace"))?;
-    let owner = pc
-        .controller_owner_ref(&())
-        .ok_or(RenderError::Missing("uid (not created yet)"))?;
+    let (namespace, owner) = home(pc)?;
     let names = Names {
         instance: pc.name_any(),
     };
@@ -304,6 +302,15 @@ pub fn api_token_secret(pc: &PushCluster, token: &str) -> Result<Secret, RenderE
     )
 }
 
+/// The namespace a PushCluster's children go to, and their owner reference.
+fn home(pc: &PushCluster) -> Result<(String, OwnerReference), RenderError> {
+    let namespace = pc.namespace().ok_or(RenderError::Missing("namespace"))?;
+    let owner = pc
+        .controller_owner_ref(&())
+        .ok_or(RenderError::Missing("uid (not created yet)"))?;
+    Ok((namespace, owner))
+}
+
 fn hash(text: &str) -> String {
     let digest = Sha256::digest(text.as_bytes());
     digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
@@ -312,10 +319,7 @@ fn hash(text: &str) -> String {
 /// Renders every object of the fleet.
 pub fn render(pc: &PushCluster) -> Result<Fleet, RenderError> {
     let spec = &pc.spec;
-    let namespace = pc.namespace().ok_or(RenderError::Missing("namespace"))?;
-    let owner = pc
-        .controller_owner_ref(&())
-        .ok_or(RenderError::Missing("uid (not created yet)"))?;
+    let (namespace, owner) = home(pc)?;
     let names = Names {
         instance: pc.name_any(),
     };
@@ -663,14 +667,7 @@ impl PodTemplate<'_> {
     ) -> Result<Deployment, RenderError> {
         let spec = &self.pc.spec;
         let instance = self.names.instance.as_str();
-        let namespace = self
-            .pc
-            .namespace()
-            .ok_or(RenderError::Missing("namespace"))?;
-        let owner = self
-            .pc
-            .controller_owner_ref(&())
-            .ok_or(RenderError::Missing("uid (not created yet)"))?;
+        let (namespace, owner) = home(self.pc)?;
         let mut volumes =
             vec![json!({"name": "config", "configMap": {"name": self.names.config()}})];
         if let Some(secret) = &spec.nats.credentials_secret {

@@ -232,17 +232,7 @@ async fn sigterm_stops_accepting_flushes_closes_and_exits_0() {
 #[tokio::test]
 async fn sigterm_spreads_closes_over_the_drain_period() {
     let mut server = Server::start_with("comet: { drain: 2s }");
-    let mut clients = Vec::new();
-    for _ in 0..4 {
-        clients.push(TcpClient::auth(server.tcp(), json!({})).await);
-    }
-    server
-        .wait_metric(
-            "pushcluster_comet_connections",
-            &[("transport", "tcp")],
-            4.0,
-        )
-        .await;
+    let mut clients = four_clients(&server).await;
     let started = std::time::Instant::now();
     server.sigterm();
     let closes = clients.iter_mut().map(|client| async move {
@@ -262,17 +252,7 @@ async fn sigterm_spreads_closes_over_the_drain_period() {
 #[tokio::test]
 async fn a_drain_ends_when_the_clients_have_left_by_themselves() {
     let mut server = Server::start_with("comet: { drain: 60s }");
-    let mut clients = Vec::new();
-    for _ in 0..4 {
-        clients.push(TcpClient::auth(server.tcp(), json!({})).await);
-    }
-    server
-        .wait_metric(
-            "pushcluster_comet_connections",
-            &[("transport", "tcp")],
-            4.0,
-        )
-        .await;
+    let mut clients = four_clients(&server).await;
     server.sigterm();
     // One is closed by the drain; the others leave on their own (as
     // clients of a pod being replaced do). The drain must not wait out its
@@ -284,4 +264,20 @@ async fn a_drain_ends_when_the_clients_have_left_by_themselves() {
     drop(clients);
     assert!(server.wait_exit(Duration::from_secs(15)).success());
     assert!(server.log_contains("drain finished"));
+}
+
+/// Four authenticated TCP clients, counted by the comet.
+async fn four_clients(server: &Server) -> Vec<TcpClient> {
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(TcpClient::auth(server.tcp(), json!({})).await);
+    }
+    server
+        .wait_metric(
+            "pushcluster_comet_connections",
+            &[("transport", "tcp")],
+            4.0,
+        )
+        .await;
+    clients
 }

@@ -164,8 +164,6 @@ async fn tcp_and_websocket_members_of_one_room_both_receive() {
 
 #[tokio::test]
 async fn websocket_over_tls_serves_goim_clients() {
-    use std::sync::Arc;
-
     let dir = tempfile::tempdir().expect("temp dir");
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
     let cert_file = dir.path().join("tls.crt");
@@ -178,25 +176,7 @@ async fn websocket_over_tls_serves_goim_clients() {
         key_file.display().to_string()
     ));
 
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(cert.cert.der().clone())
-        .expect("trust the test cert");
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("protocols")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(server.addr("comet.wss"))
-        .await
-        .expect("connect");
-    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .expect("TLS handshake");
+    let tls = tls_connect(server.addr("comet.wss"), &[cert.cert.der()]).await;
     let (mut ws, _) = tokio_tungstenite::client_async("wss://localhost/sub", tls)
         .await
         .expect("upgrade over TLS");
@@ -241,8 +221,6 @@ async fn websocket_over_tls_serves_goim_clients() {
 
 #[tokio::test]
 async fn a_renewed_wss_certificate_is_served_without_a_restart() {
-    use std::sync::Arc;
-
     let dir = tempfile::tempdir().expect("temp dir");
     let cert_file = dir.path().join("tls.crt");
     let key_file = dir.path().join("tls.key");
@@ -267,25 +245,11 @@ async fn a_renewed_wss_certificate_is_served_without_a_restart() {
     ));
     // The certificate a TLS client is shown (trusting either).
     let served = || async {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in [&first, &second] {
-            roots.add(cert.cert.der().clone()).expect("trust");
-        }
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("protocols")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let tcp = tokio::net::TcpStream::connect(server.addr("comet.wss"))
-            .await
-            .expect("connect");
-        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-            .connect(name, tcp)
-            .await
-            .expect("TLS handshake");
+        let tls = tls_connect(
+            server.addr("comet.wss"),
+            &[first.cert.der(), second.cert.der()],
+        )
+        .await;
         let (_, session) = tls.get_ref();
         session.peer_certificates().expect("a certificate")[0].clone()
     };
@@ -301,4 +265,28 @@ async fn a_renewed_wss_certificate_is_served_without_a_restart() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert!(server.log_contains("WSS certificate reloaded"));
+}
+
+/// A TLS connection to `addr` as `localhost`, trusting `roots`.
+async fn tls_connect(
+    addr: std::net::SocketAddr,
+    roots: &[&rustls::pki_types::CertificateDer<'static>],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut store = rustls::RootCertStore::empty();
+    for root in roots {
+        store.add((*root).clone()).expect("trust the test cert");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocols")
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake")
 }
