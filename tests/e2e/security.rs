@@ -195,6 +195,36 @@ async fn jwt_public_keys_are_reloaded_without_a_restart() {
     assert!(!try_auth(server.tcp(), localhost(1), &json!({"token": by_first})).await);
 }
 
+#[tokio::test]
+async fn rs256_tokens_verify_against_a_public_key_file() {
+    // A key pair made for this test only (tests/e2e/fixtures).
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/fixtures");
+    let server = Server::start_with(&format!(
+        "logic: {{ auth: {{ mode: jwt, jwt: {{ public_key_files: [\"{fixtures}/jwt-rs256-test-only.pub\"], issuer: backend }} }} }}"
+    ));
+    let private = std::fs::read(format!("{fixtures}/jwt-rs256-test-only.key")).expect("key");
+    let rs256 = |claims: Value| {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::RS256),
+            &claims,
+            &EncodingKey::from_rsa_pem(&private).expect("RSA key"),
+        )
+        .expect("sign")
+    };
+    let good = rs256(json!({"sub": "8", "exp": now() + 600, "iss": "backend"}));
+    assert!(try_auth(server.tcp(), localhost(1), &json!({"token": good})).await);
+    let other_issuer = rs256(json!({"sub": "8", "exp": now() + 600, "iss": "someone"}));
+    assert!(!try_auth(server.tcp(), localhost(1), &json!({"token": other_issuer})).await);
+    // The public key is not an HS256 secret: an HS256 token "signed" with
+    // the key's PEM text is refused (algorithm confusion).
+    let pem = std::fs::read_to_string(format!("{fixtures}/jwt-rs256-test-only.pub")).expect("pub");
+    let confused = hs256(
+        json!({"sub": "8", "exp": now() + 600, "iss": "backend"}),
+        &pem,
+    );
+    assert!(!try_auth(server.tcp(), localhost(1), &json!({"token": confused})).await);
+}
+
 /// A business backend's auth webhook: allows token "good" as mid 77 in
 /// room live://77, denies "bad", answers "slow" too late.
 async fn webhook() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Value>) {
@@ -267,6 +297,38 @@ async fn webhook_mode_allows_overrides_and_denies() {
             1.0,
         )
         .await;
+    let _denied = seen.recv().await.expect("asked about the bad token");
+
+    // A WebSocket client's Cookie header reaches the webhook.
+    {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+        let addr = server.ws();
+        let mut request = format!("ws://{addr}/sub")
+            .into_client_request()
+            .expect("request");
+        request
+            .headers_mut()
+            .insert("cookie", "session=abc123".parse().expect("header"));
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (mut ws, _) = tokio_tungstenite::client_async(request, stream)
+            .await
+            .expect("upgrade");
+        ws.send(Message::Binary(
+            auth_frame(&json!({"token": "good"})).encode(),
+        ))
+        .await
+        .expect("auth");
+        let reply = ws
+            .next()
+            .await
+            .expect("reply")
+            .expect("message")
+            .into_data();
+        assert_eq!(&reply[8..12], &op::AUTH_REPLY.to_be_bytes());
+        let request = seen.recv().await.expect("the webhook was asked");
+        assert_eq!(request["cookie"], "session=abc123");
+    }
     assert!(!try_auth(server.tcp(), localhost(1), &json!({"token": "slow"})).await);
     server
         .wait_metric(
