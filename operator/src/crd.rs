@@ -88,8 +88,11 @@ pub struct PushClusterSpec {
     /// Jobs: deliver the push stream to the comets.
     #[serde(default)]
     pub job: JobSpec,
-    /// Who clients are and who may push: required, so exposing a fleet
-    /// without authentication is a written decision.
+    /// Who clients are and who may push. `mode` is required, so exposing a
+    /// fleet without authentication is a written decision. (An object
+    /// stored before this field existed reads as `{}` and gets an
+    /// InvalidConfig condition instead of stopping the operator's watch.)
+    #[serde(default)]
     pub auth: AuthSpec,
     /// Mutual TLS on the gRPC links between comets, logic and jobs: a
     /// Secret with `tls.crt`, `tls.key` and `ca.crt` (cert-manager's
@@ -177,18 +180,21 @@ impl PullPolicy {
 
 /// Client authentication (`logic.auth`) and the push API's bearer tokens
 /// (`logic.api`).
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
     cel,
     validation = Rule::new("self.mode != 'jwt' || has(self.jwtSecret) || (has(self.jwtPublicKeys) && size(self.jwtPublicKeys) > 0)").message("mode jwt needs jwtSecret or jwtPublicKeys"),
     validation = Rule::new("self.mode != 'webhook' || has(self.webhookUrl)").message("mode webhook needs webhookUrl")
 )]
+#[schemars(extend("required" = ["mode"]))]
 pub struct AuthSpec {
     /// `none` (goim: any client may claim any mid and room), `jwt` (the
     /// auth body carries a signed token) or `webhook` (logic asks your
     /// backend).
-    pub mode: AuthModeSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "auth_mode_schema")]
+    pub mode: Option<AuthModeSpec>,
     /// jwt: the HS256 shared secret (at least 32 bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt_secret: Option<SecretKey>,
@@ -204,6 +210,16 @@ pub struct AuthSpec {
     /// operator generates the Secret `<name>-api-token` (key `token`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_token_secret: Option<SecretKey>,
+}
+
+/// Not nullable: `Option` in Rust only so objects stored before `auth`
+/// existed still decode.
+fn auth_mode_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "string",
+        "enum": ["none", "jwt", "webhook"],
+        "description": "`none` (goim: any client may claim any mid and room), `jwt` (the auth body carries a signed token) or `webhook` (logic asks your backend)."
+    })
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

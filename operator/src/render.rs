@@ -236,7 +236,12 @@ pub fn render_config(pc: &PushCluster) -> Result<Config, RenderError> {
         .credentials_secret
         .as_ref()
         .map(|secret| format!("{NATS_DIR}/{}", secret.key));
-    config.logic.auth.mode = Some(match spec.auth.mode {
+    let mode = spec.auth.mode.ok_or_else(|| {
+        RenderError::InvalidConfig(
+            "spec.auth.mode is required: none (goim's behaviour), jwt or webhook".into(),
+        )
+    })?;
+    config.logic.auth.mode = Some(match mode {
         AuthModeSpec::None => AuthMode::None,
         AuthModeSpec::Jwt => AuthMode::Jwt,
         AuthModeSpec::Webhook => AuthMode::Webhook,

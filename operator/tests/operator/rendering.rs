@@ -140,3 +140,13 @@ fn every_child_is_owned_by_the_pushcluster() {
         assert_eq!(references[0].uid, "0b5e6c7a-1111-4222-8333-944455556666");
     }
 }
+
+#[test]
+fn a_pushcluster_stored_before_auth_existed_is_an_invalid_config() {
+    // What the API server hands over for an old object: `auth` defaulted
+    // to {} by the schema, no mode.
+    let mut pc = stored("examples/pushcluster-minimal.yaml");
+    pc.spec.auth = Default::default();
+    let error = pushcluster_operator::render::render(&pc).expect_err("no auth mode");
+    assert!(error.to_string().contains("spec.auth.mode"), "{error}");
+}

@@ -1,7 +1,7 @@
 //! The generated CRD: checked in unchanged, and its schema and CEL rules
 //! accept the examples and refuse invalid specs.
 
-use pushcluster_operator::crd::{CometServiceSpec, NatsSpec, PushCluster};
+use pushcluster_operator::crd::{AuthSpec, CometServiceSpec, NatsSpec, PushCluster};
 use serde_json::{Value, json};
 
 use crate::common::{read, yaml};
@@ -105,6 +105,19 @@ fn invalid_specs_are_refused() {
             "config not an object",
             with(&["spec", "config"], json!("comet: {}")),
         ),
+        // The API server defaults a missing `auth` to {}: mode is required.
+        ("auth without a mode", with(&["spec", "auth"], json!({}))),
+        (
+            "unknown auth mode",
+            with(&["spec", "auth", "mode"], json!("open")),
+        ),
+        (
+            "webhook over https",
+            with(
+                &["spec", "auth"],
+                json!({"mode": "webhook", "webhookUrl": "https://auth"}),
+            ),
+        ),
     ] {
         assert!(!errors(&object).is_empty(), "{case} was accepted");
     }
@@ -127,6 +140,22 @@ fn cel_rules_refuse_clashing_ports_and_changed_partitions() {
         NatsSpec::validate_cel(&nats(32), None).is_ok(),
         "any value on create"
     );
+
+    let secret = json!({"name": "s", "key": "k"});
+    for (auth, ok) in [
+        (json!({"mode": "none"}), true),
+        (json!({"mode": "jwt"}), false),
+        (json!({"mode": "jwt", "jwtSecret": secret}), true),
+        (json!({"mode": "jwt", "jwtPublicKeys": []}), false),
+        (json!({"mode": "jwt", "jwtPublicKeys": [secret]}), true),
+        (json!({"mode": "webhook"}), false),
+        (
+            json!({"mode": "webhook", "webhookUrl": "http://auth/check"}),
+            true,
+        ),
+    ] {
+        assert_eq!(AuthSpec::validate_cel(&auth, None).is_ok(), ok, "{auth}");
+    }
 }
 
 #[test]
