@@ -514,14 +514,33 @@ impl WsClient {
     }
 
     pub async fn auth(addr: SocketAddr, body: Value) -> WsClient {
-        let mut client = WsClient::connect(addr).await;
-        client.send(&auth_frame(&body)).await;
-        let reply = client.recv_frame().await;
+        WsClient::connect(addr).await.authenticated(body).await
+    }
+
+    /// `auth` with a Cookie header on the upgrade request.
+    pub async fn auth_with_cookie(addr: SocketAddr, cookie: &str, body: Value) -> WsClient {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = format!("ws://{addr}/sub")
+            .into_client_request()
+            .expect("request");
+        request
+            .headers_mut()
+            .insert("cookie", cookie.parse().expect("header"));
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let (ws, _) = tokio_tungstenite::client_async(request, stream)
+            .await
+            .expect("upgrade");
+        WsClient { ws }.authenticated(body).await
+    }
+
+    async fn authenticated(mut self, body: Value) -> WsClient {
+        self.send(&auth_frame(&body)).await;
+        let reply = self.recv_frame().await;
         assert_eq!(
             (reply.op, reply.seq, reply.body.len()),
             (op::AUTH_REPLY, 1, 0)
         );
-        client
+        self
     }
 
     pub async fn send(&mut self, frame: &Frame) {

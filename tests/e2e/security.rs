@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
 
-use crate::common::{QUIET, Server, TcpClient, WAIT, auth_frame, body, frame};
+use crate::common::{QUIET, Server, TcpClient, WAIT, WsClient, auth_frame, body, frame};
 
 const SECRET: &str = "a-test-secret-of-at-least-32-bytes!!";
 const API_TOKEN: &str = "push-api-token-0123456789";
@@ -300,35 +300,10 @@ async fn webhook_mode_allows_overrides_and_denies() {
     let _denied = seen.recv().await.expect("asked about the bad token");
 
     // A WebSocket client's Cookie header reaches the webhook.
-    {
-        use futures_util::{SinkExt, StreamExt};
-        use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
-        let addr = server.ws();
-        let mut request = format!("ws://{addr}/sub")
-            .into_client_request()
-            .expect("request");
-        request
-            .headers_mut()
-            .insert("cookie", "session=abc123".parse().expect("header"));
-        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let (mut ws, _) = tokio_tungstenite::client_async(request, stream)
-            .await
-            .expect("upgrade");
-        ws.send(Message::Binary(
-            auth_frame(&json!({"token": "good"})).encode(),
-        ))
-        .await
-        .expect("auth");
-        let reply = ws
-            .next()
-            .await
-            .expect("reply")
-            .expect("message")
-            .into_data();
-        assert_eq!(&reply[8..12], &op::AUTH_REPLY.to_be_bytes());
-        let request = seen.recv().await.expect("the webhook was asked");
-        assert_eq!(request["cookie"], "session=abc123");
-    }
+    let _ws =
+        WsClient::auth_with_cookie(server.ws(), "session=abc123", json!({"token": "good"})).await;
+    let request = seen.recv().await.expect("the webhook was asked");
+    assert_eq!(request["cookie"], "session=abc123");
     assert!(!try_auth(server.tcp(), localhost(1), &json!({"token": "slow"})).await);
     server
         .wait_metric(
