@@ -24,7 +24,7 @@ use pushcluster_logic::metrics::LogicMetrics;
 use tokio_util::sync::CancellationToken;
 
 use crate::process::{
-    Supervisor, comet_id, follow_readiness, job_id, log_listening, metrics_registry,
+    Supervisor, comet_addrs, comet_id, follow_readiness, job_id, log_listening, metrics_registry,
 };
 
 /// The configured discovery; `stop` ends its watches.
@@ -90,9 +90,11 @@ pub async fn run_comet(config: Config) -> anyhow::Result<()> {
         tls.as_ref().map(GrpcTls::client),
     ));
     let id = comet_id(&config);
+    let mut comet_config = config.comet.clone();
+    comet_config.addrs = comet_addrs(&config);
     let comet = Comet::new(
         id.clone(),
-        config.comet.clone(),
+        comet_config,
         logic,
         CometMetrics::new(&registry)?,
     );

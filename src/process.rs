@@ -34,6 +34,21 @@ pub fn comet_id(config: &Config) -> String {
         .unwrap_or_else(|| "comet".to_string())
 }
 
+/// The addresses a comet hands to clients through `/goim/nodes/weighted`:
+/// `comet.addrs`, else env `POD_IP` (set by the operator), so each comet pod
+/// is listed by its own address.
+pub fn comet_addrs(config: &Config) -> Vec<String> {
+    if !config.comet.addrs.is_empty() {
+        return config.comet.addrs.clone();
+    }
+    std::env::var("POD_IP")
+        .ok()
+        .map(|ip| ip.trim().to_string())
+        .filter(|ip| !ip.is_empty())
+        .into_iter()
+        .collect()
+}
+
 /// A job's lease member id: `job.id`, else `POD_NAME` or the hostname plus
 /// a random suffix, so two processes never share one.
 pub fn job_id(config: &Config) -> String {

@@ -383,7 +383,8 @@ pub struct CometConfig {
     pub weight: i32,
     /// Leave this comet out of `/goim/nodes/weighted` (goim: `-offline`).
     pub offline: bool,
-    /// Public addresses handed to clients (goim: `-addrs`).
+    /// Public addresses handed to clients (goim: `-addrs`). Empty: env
+    /// `POD_IP` when set (a comet pod lists its own address).
     pub addrs: Vec<String>,
     /// Region of this comet, matched against `logic.regions`.
     pub region: String,

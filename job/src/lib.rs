@@ -714,6 +714,16 @@ impl Job {
                 .any(|e| &e.id == id && addrs.get(id) == Some(&e.addr))
         });
         addrs.retain(|id, _| comets.contains_key(id));
+        // A comet that left (scale-down, a killed pod) is no longer down or
+        // unavailable, and one back at a new address starts afresh: without
+        // this, the comets-unavailable gauge (and its alert) would stay up.
+        if let Ok(mut health) = self.shared.health.lock() {
+            let before = health.len();
+            health.retain(|id, _| comets.contains_key(id));
+            if health.len() != before {
+                self.shared.update_down_gauge(&health);
+            }
+        }
         for endpoint in endpoints {
             if comets.contains_key(&endpoint.id) {
                 continue;

@@ -501,3 +501,32 @@ async fn a_dead_comet_is_skipped_and_does_not_hold_up_the_others() {
     );
     harness.stop().await;
 }
+
+#[tokio::test]
+async fn a_down_comet_that_leaves_discovery_is_no_longer_counted_unavailable() {
+    let dead = Arc::new(RecordingComet::failing(u32::MAX));
+    let live = Arc::new(RecordingComet::default());
+    let mut config = JobConfig::default();
+    config.delivery.backoff_base = Duration::from_millis(1);
+    config.delivery.backoff_max = Duration::from_millis(2);
+    let harness = start(vec![("dead", dead.clone()), ("live", live.clone())], config);
+    harness.publish(room("live://1", "0")).await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while harness.metrics.comets_down.get() != 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the dead comet is marked down");
+    // Scaled down: only the live comet is left in discovery.
+    harness.discovery.set(vec![endpoint("live")]);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while harness.metrics.comets_down.get() != 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the gauge forgets a comet that left");
+    assert_eq!(harness.job.comet_ids(), ["live"]);
+    harness.stop().await;
+}

@@ -28,7 +28,9 @@ pub const DEFAULT_REPOSITORY: &str = "ghcr.io/pushcluster/pushcluster";
     version = "v1alpha1",
     kind = "PushCluster",
     namespaced,
-    shortname = "pc",
+    // `pc` is taken by PriorityClasses; the e2e suite checks this one
+    // against a real API server's discovery.
+    shortname = "pushc",
     category = "all",
     status = "PushClusterStatus",
     derive = "PartialEq",
@@ -69,6 +71,10 @@ pub const DEFAULT_REPOSITORY: &str = "ghcr.io/pushcluster/pushcluster";
     )
 )]
 #[serde(rename_all = "camelCase")]
+// `auth` is required by the schema and has no schema default (a default of
+// `{}` would break its own `mode` requirement, which the API server refuses);
+// Rust still decodes an object stored before `auth` existed.
+#[schemars(extend("required" = ["nats", "auth"]))]
 pub struct PushClusterSpec {
     /// The container image every process runs (`pushcluster comet|logic|job`).
     #[serde(default)]
@@ -88,11 +94,11 @@ pub struct PushClusterSpec {
     /// Jobs: deliver the push stream to the comets.
     #[serde(default)]
     pub job: JobSpec,
-    /// Who clients are and who may push. `mode` is required, so exposing a
-    /// fleet without authentication is a written decision. (An object
-    /// stored before this field existed reads as `{}` and gets an
-    /// InvalidConfig condition instead of stopping the operator's watch.)
-    #[serde(default)]
+    /// Who clients are and who may push. Required, with its `mode`, so
+    /// exposing a fleet without authentication is a written decision. (An
+    /// object stored before this field existed gets an InvalidConfig
+    /// condition instead of stopping the operator's watch.)
+    #[serde(default, skip_serializing_if = "AuthSpec::is_unset")]
     pub auth: AuthSpec,
     /// Mutual TLS on the gRPC links between comets, logic and jobs: a
     /// Secret with `tls.crt`, `tls.key` and `ca.crt` (cert-manager's
@@ -210,6 +216,13 @@ pub struct AuthSpec {
     /// operator generates the Secret `<name>-api-token` (key `token`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_token_secret: Option<SecretKey>,
+}
+
+impl AuthSpec {
+    /// Nothing set: what an object stored before `auth` existed decodes to.
+    pub fn is_unset(&self) -> bool {
+        *self == AuthSpec::default()
+    }
 }
 
 /// Not nullable: `Option` in Rust only so objects stored before `auth`
@@ -389,7 +402,7 @@ fn default_wss_port() -> i32 {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CometSpec {
-    /// Comet pods (also set through the scale subresource: `kubectl scale pc/NAME --replicas=N`).
+    /// Comet pods (also set through the scale subresource: `kubectl scale pushc/NAME --replicas=N`).
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: i32,

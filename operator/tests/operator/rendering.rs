@@ -143,8 +143,8 @@ fn every_child_is_owned_by_the_pushcluster() {
 
 #[test]
 fn a_pushcluster_stored_before_auth_existed_is_an_invalid_config() {
-    // What the API server hands over for an old object: `auth` defaulted
-    // to {} by the schema, no mode.
+    // What the API server hands over for an old object: no `auth` (decoded
+    // as the empty default), so no mode.
     let mut pc = stored("examples/pushcluster-minimal.yaml");
     pc.spec.auth = Default::default();
     let error = pushcluster_operator::render::render(&pc).expect_err("no auth mode");

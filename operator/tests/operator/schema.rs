@@ -101,11 +101,15 @@ fn invalid_specs_are_refused() {
         ),
         ("empty nats url", with(&["spec", "nats", "url"], json!(""))),
         ("missing nats url", missing_url),
+        ("missing auth", {
+            let mut object = minimal();
+            object["spec"].as_object_mut().map(|spec| spec.remove("auth"));
+            object
+        }),
         (
             "config not an object",
             with(&["spec", "config"], json!("comet: {}")),
         ),
-        // The API server defaults a missing `auth` to {}: mode is required.
         ("auth without a mode", with(&["spec", "auth"], json!({}))),
         (
             "unknown auth mode",
@@ -216,4 +220,55 @@ fn every_field_is_documented() {
         missing.is_empty(),
         "fields without a description: {missing:?}"
     );
+}
+
+/// The API server validates every `default` against the schema it sits in
+/// and refuses the whole CRD otherwise (`auth: {}` with a required `mode`
+/// once broke every install). The Kubernetes suite applies the CRD to a real
+/// API server too; this finds the same mistake in a unit test.
+#[test]
+fn every_default_satisfies_its_own_schema() {
+    fn walk(path: &str, node: &Value, bad: &mut Vec<String>) {
+        let Some(object) = node.as_object() else {
+            return;
+        };
+        if let Some(default) = object.get("default") {
+            let mut schema = node.clone();
+            schema.as_object_mut().map(|s| s.remove("default"));
+            match jsonschema::validator_for(&schema) {
+                Ok(validator) => {
+                    for error in validator.iter_errors(default) {
+                        bad.push(format!("{path}: default {default}: {error}"));
+                    }
+                }
+                Err(error) => bad.push(format!("{path}: {error}")),
+            }
+        }
+        for (key, child) in object {
+            match (key.as_str(), child) {
+                ("properties", Value::Object(properties)) => {
+                    for (name, property) in properties {
+                        walk(&format!("{path}.{name}"), property, bad);
+                    }
+                }
+                ("items" | "additionalProperties", child) => {
+                    walk(&format!("{path}[]"), child, bad)
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut bad = Vec::new();
+    walk("", &schema(), &mut bad);
+    assert_eq!(bad, Vec::<String>::new());
+}
+
+#[test]
+fn a_spec_without_auth_still_decodes_for_the_invalid_config_condition() {
+    // Objects stored before `auth` existed: the schema now requires it, but
+    // the operator must still read them (and report InvalidConfig).
+    let mut object = minimal();
+    object["spec"].as_object_mut().map(|spec| spec.remove("auth"));
+    let pc: PushCluster = serde_json::from_value(object).expect("decodes");
+    assert!(pc.spec.auth.is_unset());
 }
