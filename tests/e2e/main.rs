@@ -7,7 +7,6 @@ mod docs;
 mod fake_kube;
 mod fleet;
 mod grpc;
-mod kubernetes;
 mod lifecycle;
 mod observability;
 mod operator;

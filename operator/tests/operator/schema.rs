@@ -103,7 +103,9 @@ fn invalid_specs_are_refused() {
         ("missing nats url", missing_url),
         ("missing auth", {
             let mut object = minimal();
-            object["spec"].as_object_mut().map(|spec| spec.remove("auth"));
+            object["spec"]
+                .as_object_mut()
+                .map(|spec| spec.remove("auth"));
             object
         }),
         (
@@ -251,9 +253,7 @@ fn every_default_satisfies_its_own_schema() {
                         walk(&format!("{path}.{name}"), property, bad);
                     }
                 }
-                ("items" | "additionalProperties", child) => {
-                    walk(&format!("{path}[]"), child, bad)
-                }
+                ("items" | "additionalProperties", child) => walk(&format!("{path}[]"), child, bad),
                 _ => {}
             }
         }
@@ -268,7 +268,9 @@ fn a_spec_without_auth_still_decodes_for_the_invalid_config_condition() {
     // Objects stored before `auth` existed: the schema now requires it, but
     // the operator must still read them (and report InvalidConfig).
     let mut object = minimal();
-    object["spec"].as_object_mut().map(|spec| spec.remove("auth"));
+    object["spec"]
+        .as_object_mut()
+        .map(|spec| spec.remove("auth"));
     let pc: PushCluster = serde_json::from_value(object).expect("decodes");
     assert!(pc.spec.auth.is_unset());
 }
