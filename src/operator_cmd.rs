@@ -1,6 +1,7 @@
 //! `pushcluster operator`: runs the PushCluster reconciler, with leader
 //! election so several replicas are safe.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -64,24 +65,28 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     tracing::info!(%identity, version = env!("CARGO_PKG_VERSION"), "pushcluster operator started");
 
     let lost = CancellationToken::new();
-    if !args.no_leader_election {
+    let elector = if args.no_leader_election {
+        None
+    } else {
         let namespace = args
             .lease_namespace
             .unwrap_or_else(|| "default".to_string());
-        let elector = LeaderElector::new(
+        let elector = Arc::new(LeaderElector::new(
             client.clone(),
             &namespace,
             &args.lease_name,
             &identity,
             Duration::from_secs(args.lease_seconds.max(3)),
-        );
+        ));
         if !elector.acquire(&supervisor.shutdown).await {
             stop_admin.cancel();
             let _ = admin_task.await;
             return Ok(());
         }
-        tokio::spawn(elector.keep(supervisor.shutdown.clone(), lost.clone()));
-    }
+        let (keeper, shutdown, lost) = (elector.clone(), supervisor.shutdown.clone(), lost.clone());
+        tokio::spawn(async move { keeper.keep(shutdown, lost).await });
+        Some(elector)
+    };
     metrics.leader.set(1);
     let stop = CancellationToken::new();
     {
@@ -96,6 +101,14 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     }
     controller::run(client, scope, metrics.clone(), identity, stop).await;
     metrics.leader.set(0);
+    // Reconciling has stopped: a standby may take over now, not after the
+    // lease expires.
+    if let Some(elector) = elector
+        && !lost.is_cancelled()
+        && let Err(error) = elector.release().await
+    {
+        tracing::warn!(%error, "could not release the leader lease; it expires by itself");
+    }
     let finished = supervisor.finish(Vec::new()).await;
     stop_admin.cancel();
     let _ = admin_task.await;

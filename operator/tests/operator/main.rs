@@ -3,6 +3,7 @@
 
 mod chart;
 mod common;
+mod leader;
 mod reconcile;
 mod rendering;
 mod schema;
