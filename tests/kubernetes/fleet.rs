@@ -766,8 +766,6 @@ async fn rolling_update(fleet: &Fleet, pushclusters: &Api<PushCluster>) {
             .then_some(())
     })
     .await;
-    let online = fleet.get("/goim/online/room?type=live&rooms=roll").await;
-    eprintln!("room before the roll: {online}");
 
     // Numbered room pushes every 100 ms through the roll. A push whose
     // answer was lost may have been published: it is sent again under the
