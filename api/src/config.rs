@@ -84,6 +84,9 @@ impl Config {
         if comet.online_report_interval.is_zero() {
             return Err(invalid("comet.online_report_interval", "must be > 0"));
         }
+        if comet.broadcast_queue == 0 {
+            return Err(invalid("comet.broadcast_queue", "must be > 0"));
+        }
         if comet.logic_timeout.is_zero() {
             return Err(invalid("comet.logic_timeout", "must be > 0"));
         }
@@ -376,6 +379,9 @@ pub struct CometConfig {
     /// On SIGTERM, client connections are closed spread over this period.
     #[serde(with = "humantime_serde")]
     pub drain: Duration,
+    /// Broadcasts waiting to start on this comet; they run one at a time, in
+    /// order. A broadcast that finds the queue full is refused (job retries).
+    pub broadcast_queue: usize,
     /// Deadline of each call to logic (Connect, Disconnect, ...).
     #[serde(with = "humantime_serde")]
     pub logic_timeout: Duration,
@@ -405,6 +411,7 @@ impl Default for CometConfig {
             limits: LimitsConfig::default(),
             online_report_interval: Duration::from_secs(10),
             drain: Duration::from_secs(30),
+            broadcast_queue: 1024,
             logic_timeout: Duration::from_secs(5),
             weight: 10,
             offline: false,

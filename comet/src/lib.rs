@@ -23,12 +23,17 @@ pub mod room;
 pub mod server;
 pub mod stream_guard;
 mod tcp;
+#[cfg(test)]
+mod tests;
 pub mod tls;
 mod ws;
 
+#[doc(hidden)]
+pub use tcp::read_tcp_frames;
+
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -41,6 +46,7 @@ use pushcluster_api::pb::comet::{
 };
 use pushcluster_api::pb::logic::OnlineReq;
 use pushcluster_api::protocol::{EncodedPush, Frame};
+use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -79,6 +85,18 @@ pub struct Comet {
     pub(crate) grpc_addr: OnceLock<String>,
     /// `comet.limits` on connections.
     pub(crate) admission: Arc<Admission>,
+    /// The broadcast queue, started with the first broadcast.
+    broadcasts: OnceLock<mpsc::Sender<Broadcast>>,
+    /// Broadcasts queued or being sent; a drain waits until it is 0.
+    broadcasts_pending: AtomicUsize,
+    broadcasts_idle: Notify,
+}
+
+/// A broadcast waiting for its turn.
+struct Broadcast {
+    op: i32,
+    push: EncodedPush,
+    speed: i32,
 }
 
 impl Comet {
@@ -104,6 +122,9 @@ impl Comet {
             drain_started: CancellationToken::new(),
             tasks: TaskTracker::new(),
             grpc_addr: OnceLock::new(),
+            broadcasts: OnceLock::new(),
+            broadcasts_pending: AtomicUsize::new(0),
+            broadcasts_idle: Notify::new(),
         })
     }
 
@@ -262,7 +283,10 @@ impl Comet {
     }
 
     /// Broadcast: to every connection watching `op`, paced to `speed`
-    /// connections per second when `speed > 0`. Returns once started.
+    /// connections per second when `speed > 0`. Returns once queued:
+    /// broadcasts run one at a time in arrival order (so a later one never
+    /// overtakes an earlier one), from a queue of `comet.broadcast_queue`; a
+    /// full queue refuses the broadcast (Unavailable: job retries it).
     pub fn start_broadcast(
         self: &Arc<Self>,
         op: i32,
@@ -272,31 +296,81 @@ impl Comet {
         publish_unix_micros: i64,
     ) -> Result<(), LinkError> {
         self.metrics.pushes.with_label_values(&["broadcast"]).inc();
+        let queue = self.broadcasts.get_or_init(|| self.spawn_broadcaster());
+        // A place first: refusing after the stream guard admitted the
+        // message would make job's retry look like a duplicate.
+        let place = queue.try_reserve().map_err(|error| match error {
+            mpsc::error::TrySendError::Full(()) => LinkError::Unavailable(format!(
+                "{} broadcasts already queued (comet.broadcast_queue)",
+                self.config.broadcast_queue
+            )),
+            mpsc::error::TrySendError::Closed(()) => {
+                LinkError::Unavailable("comet is shutting down".into())
+            }
+        })?;
         if self.admit("broadcast", mark, |m| self.guard.admit_broadcast(op, m))? > 0 {
             return Ok(());
         }
-        let push = EncodedPush::new(frame).published_at(publish_unix_micros);
-        let comet = self.clone();
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let mut sent = 0u64;
-            for shard in 0..comet.buckets.shard_count() {
-                let mut fanout = Fanout::default();
-                for channel in comet.buckets.shard_channels(shard) {
-                    if channel.watches(op) {
-                        fanout.record(channel.push(&push));
-                        sent += 1;
-                    }
-                }
-                comet.record("broadcast", fanout);
-                if speed > 0 {
-                    // Pace: `sent` connections should take sent/speed seconds.
-                    let due = started + Duration::from_secs_f64(sent as f64 / f64::from(speed));
-                    tokio::time::sleep_until(due).await;
-                }
-            }
+        self.broadcasts_pending.fetch_add(1, Ordering::SeqCst);
+        place.send(Broadcast {
+            op,
+            push: EncodedPush::new(frame).published_at(publish_unix_micros),
+            speed,
         });
         Ok(())
+    }
+
+    /// The task that sends queued broadcasts, one at a time. It holds the
+    /// comet only while sending, and ends with it.
+    fn spawn_broadcaster(&self) -> mpsc::Sender<Broadcast> {
+        let (tx, mut rx) = mpsc::channel::<Broadcast>(self.config.broadcast_queue.max(1));
+        let me = self.me.clone();
+        tokio::spawn(async move {
+            while let Some(broadcast) = rx.recv().await {
+                let Some(comet) = me.upgrade() else { break };
+                comet.send_broadcast(broadcast).await;
+                comet.broadcasts_pending.fetch_sub(1, Ordering::SeqCst);
+                comet.broadcasts_idle.notify_waiters();
+            }
+        });
+        tx
+    }
+
+    async fn send_broadcast(&self, broadcast: Broadcast) {
+        let Broadcast { op, push, speed } = broadcast;
+        let started = Instant::now();
+        let mut sent = 0u64;
+        for shard in 0..self.buckets.shard_count() {
+            let mut fanout = Fanout::default();
+            for channel in self.buckets.shard_channels(shard) {
+                if channel.watches(op) {
+                    fanout.record(channel.push(&push));
+                    sent += 1;
+                }
+            }
+            self.record("broadcast", fanout);
+            if speed > 0 && !self.drain_started.is_cancelled() {
+                // Pace: `sent` connections should take sent/speed seconds;
+                // a drain ends the pacing so it need not wait for it.
+                let due = started + Duration::from_secs_f64(sent as f64 / f64::from(speed));
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due) => {}
+                    _ = self.drain_started.cancelled() => {}
+                }
+            }
+        }
+    }
+
+    /// Waits until every queued broadcast has been sent.
+    async fn broadcasts_sent(&self) {
+        loop {
+            // Registered before the check, so a wake-up cannot be missed.
+            let idle = self.broadcasts_idle.notified();
+            if self.broadcasts_pending.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
+        }
     }
 
     /// Rooms with at least one member here.
@@ -340,6 +414,17 @@ impl Comet {
     pub async fn drain(&self, period: Duration, force: &CancellationToken) {
         self.draining.store(true, Ordering::SeqCst);
         self.drain_started.cancel();
+        // Broadcasts already taken reach the connections before they close.
+        tokio::select! {
+            _ = self.broadcasts_sent() => {}
+            _ = tokio::time::sleep(self.config.protocol.write_timeout) => {
+                tracing::warn!(
+                    left = self.broadcasts_pending.load(Ordering::SeqCst),
+                    "broadcasts still being sent when the drain started closing connections"
+                );
+            }
+            _ = force.cancelled() => {}
+        }
         let channels = self.buckets.all_channels();
         let count = channels.len();
         tracing::info!(connections = count, ?period, "draining connections");

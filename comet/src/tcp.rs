@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::{Buf, Bytes};
 use pushcluster_api::config::TcpConfig;
 use pushcluster_api::protocol::{Frame, HEADER_LEN, Header};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -23,16 +23,18 @@ const MAX_IOV: usize = 64;
 static ACCEPT_ERROR_LOG: LogBudget = LogBudget::new(1);
 static LIMIT_LOG: LogBudget = LogBudget::new(1);
 
-pub(crate) struct TcpTransport {
-    stream: TcpStream,
+/// The goim TCP framing over a byte stream (a `TcpStream` in the server; an
+/// in-memory stream in tests and the fuzz target).
+pub(crate) struct TcpTransport<S = TcpStream> {
+    stream: S,
     header: [u8; HEADER_LEN],
     header_read: usize,
     /// The header being completed by its body, the body, and bytes read.
     body: Option<(Header, Vec<u8>, usize)>,
 }
 
-impl TcpTransport {
-    pub(crate) fn new(stream: TcpStream) -> Self {
+impl<S> TcpTransport<S> {
+    pub(crate) fn new(stream: S) -> Self {
         TcpTransport {
             stream,
             header: [0; HEADER_LEN],
@@ -50,7 +52,7 @@ fn eof() -> ReadError {
     ReadError::Io(std::io::ErrorKind::UnexpectedEof.into())
 }
 
-impl Transport for TcpTransport {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for TcpTransport<S> {
     fn kind(&self) -> TransportKind {
         TransportKind::Tcp
     }
@@ -243,6 +245,84 @@ pub(crate) async fn accept_loop(
                         .await
                 });
             }
+        }
+    }
+}
+
+/// For the fuzz target and tests: runs the server's TCP frame reader over
+/// `input`, delivered in reads of the sizes `chunks` cycles through (0 is
+/// taken as 1), and returns the frames it decoded and the error that
+/// stopped it, if any (`None`: the input ended between frames).
+#[doc(hidden)]
+pub async fn read_tcp_frames(input: &[u8], chunks: &[u8]) -> (Vec<Frame>, Option<String>) {
+    let mut transport = TcpTransport::new(memory::Chunked::new(input, chunks));
+    let mut frames = Vec::new();
+    loop {
+        match transport.read_frame().await {
+            Ok(Some(frame)) => frames.push(frame),
+            Ok(None) => return (frames, None),
+            Err(error) => return (frames, Some(error.to_string())),
+        }
+    }
+}
+
+/// An in-memory stream that hands out its input in chosen read sizes.
+mod memory {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+    pub struct Chunked {
+        input: Vec<u8>,
+        at: usize,
+        chunks: Vec<u8>,
+        next: usize,
+    }
+
+    impl Chunked {
+        pub fn new(input: &[u8], chunks: &[u8]) -> Self {
+            Chunked {
+                input: input.to_vec(),
+                at: 0,
+                chunks: chunks.to_vec(),
+                next: 0,
+            }
+        }
+    }
+
+    impl AsyncRead for Chunked {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let size = match self.chunks.as_slice() {
+                [] => usize::MAX,
+                chunks => usize::from(chunks[self.next % chunks.len()]).max(1),
+            };
+            self.next += 1;
+            let at = self.at;
+            let n = size.min(buf.remaining()).min(self.input.len() - at);
+            buf.put_slice(&self.input[at..at + n]);
+            self.at += n;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Chunked {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
         }
     }
 }

@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::join_all;
@@ -553,7 +553,7 @@ impl Lanes {
     async fn send(self: &Arc<Self>, key: LaneKey, mut delivery: Delivery) {
         loop {
             let (tx, waiting) = {
-                let Ok(mut map) = self.map.lock() else { return };
+                let mut map = self.lane_map();
                 let lane = map.entry(key.clone()).or_insert_with(|| self.spawn(&key));
                 match lane.tx.try_send(delivery) {
                     Ok(()) => return,
@@ -587,9 +587,7 @@ impl Lanes {
         rx: &mut mpsc::Receiver<Delivery>,
         waiting: &AtomicUsize,
     ) -> Retire {
-        let Ok(mut map) = self.map.lock() else {
-            return Retire::Exit;
-        };
+        let mut map = self.lane_map();
         if waiting.load(Ordering::SeqCst) > 0 {
             return Retire::Stay;
         }
@@ -650,10 +648,15 @@ impl Lanes {
 
     /// Lets every lane finish what it holds and exit.
     fn close(&self) {
-        if let Ok(mut map) = self.map.lock() {
-            map.clear();
-        }
+        self.lane_map().clear();
         self.tasks.close();
+    }
+
+    /// The lane map, also after a panic elsewhere poisoned its lock: every
+    /// change to it is one insert or remove, so it is never half-updated,
+    /// and refusing it would drop the delivery at hand.
+    fn lane_map(&self) -> MutexGuard<'_, HashMap<LaneKey, Lane>> {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -688,6 +691,17 @@ impl Job {
             shared,
             connector,
         }
+    }
+
+    /// Poisons the lane map's lock, as a panic while holding it would.
+    #[cfg(test)]
+    fn poison_lane_map(&self) {
+        let lanes = self.lanes.clone();
+        let _ = std::thread::spawn(move || {
+            let _guard = lanes.map.lock();
+            panic!("poisoning the lane map on purpose");
+        })
+        .join();
     }
 
     /// Comets currently delivered to.

@@ -530,3 +530,32 @@ async fn a_down_comet_that_leaves_discovery_is_no_longer_counted_unavailable() {
     assert_eq!(harness.job.comet_ids(), ["live"]);
     harness.stop().await;
 }
+
+#[tokio::test]
+async fn a_poisoned_lane_map_still_delivers_every_message() {
+    let comet = Arc::new(RecordingComet::default());
+    let harness = start(vec![("c1", comet.clone())], JobConfig::default());
+    harness.publish(room("live://1", "before")).await;
+    comet.wait_for(|calls| !calls.is_empty()).await;
+    harness.job.poison_lane_map();
+    for room_id in ["live://1", "live://2"] {
+        harness.publish(room(room_id, "after")).await;
+    }
+    comet
+        .wait_for(|calls| {
+            calls
+                .iter()
+                .map(|c| match c {
+                    Call::Room { frames, .. } => frames.len(),
+                    _ => 0,
+                })
+                .sum::<usize>()
+                == 3
+        })
+        .await;
+    assert_eq!(
+        comet.room_bodies("live://2"),
+        vec![vec!["after".to_string()]]
+    );
+    harness.stop().await;
+}

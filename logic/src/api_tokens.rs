@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use pushcluster_api::config::ApiConfig;
 use pushcluster_api::file_watch::FileWatch;
+use subtle::ConstantTimeEq;
 
 use crate::auth::AuthSetupError;
 
@@ -70,13 +71,10 @@ impl ApiTokens {
     }
 }
 
-/// Compares in time independent of where the strings differ.
+/// Compares in time independent of where the strings differ (`subtle`;
+/// only the length may show).
 fn same(expected: &str, presented: &str) -> bool {
-    let (a, b) = (expected.as_bytes(), presented.as_bytes());
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+    expected.as_bytes().ct_eq(presented.as_bytes()).into()
 }
 
 fn read_files(paths: &[String]) -> Result<Vec<String>, AuthSetupError> {

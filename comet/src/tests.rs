@@ -1,0 +1,621 @@
+//! The comet's connection paths over real loopback sockets, with logic
+//! replaced by a recording fake: the TCP frame reader (tcp.rs), the
+//! WebSocket upgrade and framing (ws.rs), a connection's handshake and life
+//! (conn.rs), accepting and draining (server.rs), and broadcasts (lib.rs).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use pushcluster_api::config::CometConfig;
+use pushcluster_api::health::Readiness;
+use pushcluster_api::link::{CometLink, LinkError, LogicLink};
+use pushcluster_api::pb::comet::BroadcastReq;
+use pushcluster_api::pb::logic::{
+    ConnectReply, ConnectReq, DisconnectReply, DisconnectReq, HeartbeatReply, HeartbeatReq,
+    OnlineReply, OnlineReq, ReceiveReply, ReceiveReq,
+};
+use pushcluster_api::protocol::{Frame, decode_server_stream, op};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::Comet;
+use crate::metrics::CometMetrics;
+use crate::server::CometServer;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Logic as the comet sees it. The auth body is `MID KEY ROOM` (or `deny`);
+/// every connection accepts ops 1000 and 1001.
+#[derive(Default)]
+struct FakeLogic {
+    disconnects: Mutex<Vec<DisconnectReq>>,
+    receives: Mutex<Vec<ReceiveReq>>,
+    /// While set, RenewOnline waits: the comet has no first report yet.
+    hold_reports: AtomicBool,
+    reports_released: Notify,
+    reports: AtomicUsize,
+}
+
+#[async_trait]
+impl LogicLink for FakeLogic {
+    async fn connect(&self, req: ConnectReq) -> Result<ConnectReply, LinkError> {
+        let body = String::from_utf8_lossy(&req.token).into_owned();
+        let parts: Vec<&str> = body.split_whitespace().collect();
+        match parts.as_slice() {
+            [mid, key, room] => Ok(ConnectReply {
+                mid: mid
+                    .parse()
+                    .map_err(|_| LinkError::InvalidArgument("mid".into()))?,
+                key: key.to_string(),
+                room_id: room.to_string(),
+                accepts: vec![1000, 1001],
+                heartbeat: Duration::from_secs(60).as_nanos() as i64,
+            }),
+            _ => Err(LinkError::Rejected(format!("refused {body:?}"))),
+        }
+    }
+
+    async fn disconnect(&self, req: DisconnectReq) -> Result<DisconnectReply, LinkError> {
+        self.disconnects.lock().expect("lock").push(req);
+        Ok(DisconnectReply::default())
+    }
+
+    async fn heartbeat(&self, _req: HeartbeatReq) -> Result<HeartbeatReply, LinkError> {
+        Ok(HeartbeatReply::default())
+    }
+
+    async fn renew_online(&self, _req: OnlineReq) -> Result<OnlineReply, LinkError> {
+        while self.hold_reports.load(Ordering::SeqCst) {
+            let released = self.reports_released.notified();
+            if !self.hold_reports.load(Ordering::SeqCst) {
+                break;
+            }
+            released.await;
+        }
+        self.reports.fetch_add(1, Ordering::SeqCst);
+        Ok(OnlineReply::default())
+    }
+
+    async fn receive(&self, req: ReceiveReq) -> Result<ReceiveReply, LinkError> {
+        self.receives.lock().expect("lock").push(req);
+        Ok(ReceiveReply::default())
+    }
+}
+
+struct Harness {
+    comet: Arc<Comet>,
+    logic: Arc<FakeLogic>,
+    tcp: SocketAddr,
+    ws: SocketAddr,
+    ready: Readiness,
+    shutdown: CancellationToken,
+    force: CancellationToken,
+    running: JoinHandle<()>,
+}
+
+fn config(change: impl FnOnce(&mut CometConfig)) -> CometConfig {
+    let mut config = CometConfig::default();
+    config.tcp.bind = vec!["127.0.0.1:0".into()];
+    config.websocket.bind = vec!["127.0.0.1:0".into()];
+    config.grpc.bind = "127.0.0.1:0".into();
+    config.online_report_interval = Duration::from_millis(100);
+    config.drain = Duration::from_millis(300);
+    change(&mut config);
+    config
+}
+
+async fn start_with(config: CometConfig, logic: Arc<FakeLogic>) -> Harness {
+    let comet = Comet::new(
+        "comet-test".into(),
+        config,
+        logic.clone(),
+        CometMetrics::new(&prometheus::Registry::new()).expect("metrics"),
+    );
+    let server = CometServer::bind(comet.clone()).await.expect("bind");
+    let addr = |name: &str| {
+        server
+            .local_addrs()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, a)| a)
+            .expect(name)
+    };
+    let (tcp, ws) = (addr("comet.tcp"), addr("comet.websocket"));
+    let (shutdown, force, ready) = (
+        CancellationToken::new(),
+        CancellationToken::new(),
+        Readiness::new(),
+    );
+    let mut accepting = server.accepting();
+    let running = tokio::spawn(server.run(shutdown.clone(), force.clone(), ready.clone()));
+    if !logic.hold_reports.load(Ordering::SeqCst) {
+        tokio::time::timeout(WAIT, accepting.wait_for(|a| *a))
+            .await
+            .expect("accepting in time")
+            .expect("server running");
+    }
+    Harness {
+        comet,
+        logic,
+        tcp,
+        ws,
+        ready,
+        shutdown,
+        force,
+        running,
+    }
+}
+
+async fn start(change: impl FnOnce(&mut CometConfig)) -> Harness {
+    start_with(config(change), Arc::new(FakeLogic::default())).await
+}
+
+impl Harness {
+    async fn stop(self) {
+        self.force.cancel();
+        self.shutdown.cancel();
+        tokio::time::timeout(WAIT, self.running)
+            .await
+            .expect("stopped in time")
+            .expect("server task");
+    }
+
+    fn metric(&self, family: &str, labels: &[&str]) -> u64 {
+        let metrics = &self.comet.metrics;
+        match family {
+            "bad_frames" => metrics.bad_frames.with_label_values(labels).get(),
+            "handshake_failures" => metrics.handshake_failures.with_label_values(labels).get(),
+            "frames_before_auth" => metrics.frames_before_auth.get(),
+            other => panic!("no metric {other}"),
+        }
+    }
+}
+
+fn frame(op: i32, seq: i32, body: &str) -> Frame {
+    Frame {
+        ver: 1,
+        op,
+        seq,
+        body: Bytes::from(body.to_string()),
+    }
+}
+
+/// A raw goim TCP client.
+struct Tcp {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl Tcp {
+    async fn connect(addr: SocketAddr) -> Tcp {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        Tcp {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    async fn auth(addr: SocketAddr, body: &str) -> Tcp {
+        let mut client = Tcp::connect(addr).await;
+        client.send(&frame(op::AUTH, 1, body)).await;
+        let reply = client.recv().await.expect("auth reply");
+        assert_eq!((reply.op, reply.seq), (op::AUTH_REPLY, 1));
+        client
+    }
+
+    async fn send(&mut self, frame: &Frame) {
+        self.stream.write_all(&frame.encode()).await.expect("write");
+    }
+
+    /// The next frame, or None when the server closed the connection.
+    async fn recv(&mut self) -> Option<Frame> {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                if let Some(frame) = decode_server_stream(&mut self.buf).expect("valid frame") {
+                    return Some(frame);
+                }
+                match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .expect("a frame or a close in time")
+    }
+
+    async fn silent_for(&mut self, wait: Duration) -> bool {
+        tokio::time::timeout(wait, self.recv()).await.is_err()
+    }
+}
+
+#[tokio::test]
+async fn tcp_frames_split_across_reads_or_sent_together_are_all_answered() {
+    let harness = start(|_| {}).await;
+    let mut client = Tcp::auth(harness.tcp, "1 k1 live://1").await;
+    // Three heartbeats in one write.
+    let mut burst = BytesMut::new();
+    for seq in 2..5 {
+        burst.extend_from_slice(&frame(op::HEARTBEAT, seq, "").encode());
+    }
+    client.stream.write_all(&burst).await.expect("write");
+    // One heartbeat a byte at a time: the reader must resume mid-header and
+    // mid-body.
+    for byte in frame(op::HEARTBEAT, 5, "").encode().iter() {
+        client.stream.write_all(&[*byte]).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for seq in 2..6 {
+        let reply = client.recv().await.expect("heartbeat reply");
+        assert_eq!((reply.op, reply.seq), (op::HEARTBEAT_REPLY, seq));
+    }
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn an_oversized_tcp_frame_closes_only_its_own_connection() {
+    let harness = start(|_| {}).await;
+    let mut neighbour = Tcp::auth(harness.tcp, "1 k1 live://1").await;
+    let mut bad = Tcp::auth(harness.tcp, "2 k2 live://1").await;
+    // A header announcing a 1 GiB frame.
+    let mut header = Vec::new();
+    header.extend_from_slice(&(1u32 << 30).to_be_bytes());
+    header.extend_from_slice(&16u16.to_be_bytes());
+    header.extend_from_slice(&1u16.to_be_bytes());
+    header.extend_from_slice(&op::HEARTBEAT.to_be_bytes());
+    header.extend_from_slice(&7i32.to_be_bytes());
+    bad.stream.write_all(&header).await.expect("write");
+    assert!(bad.recv().await.is_none(), "closed");
+    assert_eq!(
+        harness.metric("bad_frames", &["tcp", "pack_len_too_large"]),
+        1
+    );
+    neighbour.send(&frame(op::HEARTBEAT, 9, "")).await;
+    let reply = neighbour.recv().await.expect("the neighbour is served");
+    assert_eq!(reply.seq, 9);
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn frames_before_auth_are_ignored_and_the_auth_reply_comes_first() {
+    let harness = start(|_| {}).await;
+    let mut client = Tcp::connect(harness.tcp).await;
+    client.send(&frame(op::HEARTBEAT, 1, "")).await;
+    client.send(&frame(op::AUTH, 2, "3 k3 live://1")).await;
+    let reply = client.recv().await.expect("auth reply");
+    assert_eq!((reply.op, reply.seq), (op::AUTH_REPLY, 2));
+    assert_eq!(harness.metric("frames_before_auth", &[]), 1);
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_authenticate_in_time_is_closed() {
+    let harness = start(|c| c.protocol.handshake_timeout = Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let mut client = Tcp::connect(harness.tcp).await;
+    assert!(client.recv().await.is_none(), "closed");
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    assert_eq!(harness.metric("handshake_failures", &["tcp", "timeout"]), 1);
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_auth_closes_and_a_closed_session_is_disconnected_in_logic() {
+    let harness = start(|_| {}).await;
+    let mut refused = Tcp::connect(harness.tcp).await;
+    refused.send(&frame(op::AUTH, 1, "deny")).await;
+    assert!(refused.recv().await.is_none(), "closed without a reply");
+    assert_eq!(harness.comet.connection_count(), 0);
+
+    let client = Tcp::auth(harness.tcp, "4 k4 live://1").await;
+    assert_eq!(harness.comet.connection_count(), 1);
+    drop(client);
+    tokio::time::timeout(WAIT, async {
+        while harness.logic.disconnects.lock().expect("lock").is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("Disconnect in time");
+    let disconnect = harness.logic.disconnects.lock().expect("lock")[0].clone();
+    assert_eq!(
+        (
+            disconnect.mid,
+            disconnect.key.as_str(),
+            disconnect.server.as_str()
+        ),
+        (4, "k4", "comet-test")
+    );
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn other_ops_go_to_logic_and_are_answered_with_the_same_op() {
+    let harness = start(|_| {}).await;
+    let mut client = Tcp::auth(harness.tcp, "5 k5 live://1").await;
+    client.send(&frame(4, 11, "hello")).await;
+    let reply = client.recv().await.expect("reply");
+    assert_eq!((reply.op, reply.seq, reply.body.len()), (4, 11, 0));
+    let receives = harness.logic.receives.lock().expect("lock").clone();
+    assert_eq!(receives.len(), 1);
+    assert_eq!(receives[0].mid, 5);
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn websocket_serves_sub_only_and_carries_one_frame_per_message() {
+    let harness = start(|_| {}).await;
+    let url = |path: &str| format!("ws://{}{path}", harness.ws);
+    let stream = TcpStream::connect(harness.ws).await.expect("connect");
+    assert!(
+        tokio_tungstenite::client_async(url("/other"), stream)
+            .await
+            .is_err(),
+        "only /sub upgrades"
+    );
+    let stream = TcpStream::connect(harness.ws).await.expect("connect");
+    let (mut ws, _) = tokio_tungstenite::client_async(url("/sub"), stream)
+        .await
+        .expect("upgrade");
+    ws.send(Message::Binary(
+        frame(op::AUTH, 1, "6 k6 live://1").encode(),
+    ))
+    .await
+    .expect("send");
+    let next = |payload: Message| {
+        let mut buf = BytesMut::from(&payload.into_data()[..]);
+        let frame = decode_server_stream(&mut buf)
+            .expect("valid")
+            .expect("whole frame");
+        assert!(buf.is_empty(), "one frame per message");
+        frame
+    };
+    let reply = next(ws.next().await.expect("message").expect("ok"));
+    assert_eq!(reply.op, op::AUTH_REPLY);
+    // Text messages carry frames too (goim accepts both).
+    let heartbeat = frame(op::HEARTBEAT, 2, "").encode();
+    ws.send(Message::Text(
+        String::from_utf8(heartbeat.to_vec())
+            .unwrap_or_default()
+            .into(),
+    ))
+    .await
+    .expect("send");
+    let reply = next(ws.next().await.expect("message").expect("ok"));
+    assert_eq!((reply.op, reply.seq), (op::HEARTBEAT_REPLY, 2));
+    // Two frames in one message is not goim: the connection is closed.
+    let mut two = BytesMut::new();
+    two.extend_from_slice(&frame(op::HEARTBEAT, 3, "").encode());
+    two.extend_from_slice(&frame(op::HEARTBEAT, 4, "").encode());
+    ws.send(Message::Binary(two.freeze())).await.expect("send");
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "closed in time");
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn clients_are_served_only_after_logic_took_the_first_report() {
+    let logic = Arc::new(FakeLogic::default());
+    logic.hold_reports.store(true, Ordering::SeqCst);
+    let harness = start_with(config(|_| {}), logic.clone()).await;
+    assert!(!harness.ready.is_ready());
+    let mut client = Tcp::connect(harness.tcp).await;
+    client.send(&frame(op::AUTH, 1, "7 k7 live://1")).await;
+    assert!(
+        client.silent_for(Duration::from_millis(300)).await,
+        "no answer before the first report"
+    );
+    logic.hold_reports.store(false, Ordering::SeqCst);
+    logic.reports_released.notify_waiters();
+    let reply = client.recv().await.expect("auth reply after the report");
+    assert_eq!(reply.op, op::AUTH_REPLY);
+    assert!(harness.ready.is_ready());
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_connections_spread_over_the_drain() {
+    let harness = start(|c| c.drain = Duration::from_millis(600)).await;
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        clients.push(Tcp::auth(harness.tcp, &format!("{i} k{i} live://1")).await);
+    }
+    let started = Instant::now();
+    harness.shutdown.cancel();
+    let closes = clients.iter_mut().map(|client| async move {
+        assert!(client.recv().await.is_none(), "closed by the drain");
+        started.elapsed()
+    });
+    let mut closed_at = futures_util::future::join_all(closes).await;
+    assert!(!harness.ready.is_ready(), "not ready while draining");
+    closed_at.sort();
+    assert!(
+        closed_at[3] - closed_at[0] >= Duration::from_millis(300),
+        "closes spread over the drain: {closed_at:?}"
+    );
+    tokio::time::timeout(WAIT, harness.running)
+        .await
+        .expect("the server stops after the drain")
+        .expect("server task");
+}
+
+fn broadcast(body: &str, speed: i32) -> BroadcastReq {
+    BroadcastReq {
+        proto_op: 1000,
+        proto: Some((&Frame::server(1000, Bytes::from(body.to_string()))).into()),
+        speed,
+        ..Default::default()
+    }
+}
+
+async fn room_of_clients(harness: &Harness, count: usize) -> Vec<Tcp> {
+    let mut clients = Vec::new();
+    for i in 0..count {
+        clients.push(Tcp::auth(harness.tcp, &format!("{i} key-{i} live://1")).await);
+    }
+    clients
+}
+
+#[tokio::test]
+async fn a_later_broadcast_never_overtakes_a_paced_one() {
+    let harness = start(|_| {}).await;
+    let mut clients = room_of_clients(&harness, 16).await;
+    // 16 connections at 20/s: the first broadcast takes ~0.8 s.
+    harness
+        .comet
+        .broadcast(broadcast("first", 20))
+        .await
+        .expect("first");
+    harness
+        .comet
+        .broadcast(broadcast("second", 0))
+        .await
+        .expect("second");
+    for client in &mut clients {
+        let got = [client.recv().await, client.recv().await]
+            .map(|f| String::from_utf8_lossy(&f.expect("a push").body).into_owned());
+        assert_eq!(got, ["first", "second"]);
+    }
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn a_drain_delivers_queued_broadcasts_before_closing() {
+    let harness = start(|c| c.drain = Duration::from_millis(100)).await;
+    let mut clients = room_of_clients(&harness, 16).await;
+    // Paced to take 8 s; the drain ends the pacing instead of cutting it.
+    harness
+        .comet
+        .broadcast(broadcast("before the drain", 2))
+        .await
+        .expect("broadcast");
+    harness.shutdown.cancel();
+    for client in &mut clients {
+        let frame = client.recv().await.expect("the broadcast, then the close");
+        assert_eq!(&frame.body[..], b"before the drain");
+        assert!(client.recv().await.is_none(), "closed by the drain");
+    }
+    tokio::time::timeout(WAIT, harness.running)
+        .await
+        .expect("stopped")
+        .expect("server task");
+}
+
+#[tokio::test]
+async fn a_full_broadcast_queue_refuses_and_the_retry_is_delivered() {
+    let harness = start(|c| c.broadcast_queue = 1).await;
+    let mut clients = room_of_clients(&harness, 4).await;
+    let marked = |body: &str, speed: i32, seq: u64| BroadcastReq {
+        stream_epoch: 1,
+        partition: 0,
+        owner_generation: 1,
+        seqs: vec![seq],
+        ..broadcast(body, speed)
+    };
+    // 4 connections at 1/s: the sender is busy for ~4 s.
+    harness
+        .comet
+        .broadcast(marked("slow", 1, 1))
+        .await
+        .expect("slow");
+    // Once the sender took it, the queue has one place.
+    let first = clients[0].recv().await.expect("slow");
+    assert_eq!(&first.body[..], b"slow");
+    harness
+        .comet
+        .broadcast(marked("queued", 0, 2))
+        .await
+        .expect("queued");
+    let refused = harness.comet.broadcast(marked("refused", 0, 3)).await;
+    assert!(
+        matches!(refused, Err(LinkError::Unavailable(_))),
+        "{refused:?}"
+    );
+    // Job retries the same message: it is not taken for a duplicate.
+    tokio::time::timeout(WAIT, async {
+        while harness
+            .comet
+            .broadcast(marked("refused", 0, 3))
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("accepted once the queue has room");
+    for (i, client) in clients.iter_mut().enumerate() {
+        let mut got = Vec::new();
+        if i > 0 {
+            got.push(
+                String::from_utf8_lossy(&client.recv().await.expect("push").body).into_owned(),
+            );
+        }
+        for _ in 0..2 {
+            got.push(
+                String::from_utf8_lossy(&client.recv().await.expect("push").body).into_owned(),
+            );
+        }
+        let want: &[&str] = if i > 0 {
+            &["slow", "queued", "refused"]
+        } else {
+            &["queued", "refused"]
+        };
+        assert_eq!(got, want);
+    }
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn the_tcp_reader_agrees_with_the_codec_however_the_bytes_arrive() {
+    let mut stream = BytesMut::new();
+    for (op, seq, body) in [
+        (op::AUTH, 1, "auth"),
+        (op::HEARTBEAT, 2, ""),
+        (4, 3, "x".repeat(300).as_str()),
+    ] {
+        stream.extend_from_slice(&frame(op, seq, body).encode());
+    }
+    let mut expected = Vec::new();
+    let mut buf = stream.clone();
+    while let Some(frame) = pushcluster_api::protocol::decode_stream(&mut buf).expect("valid") {
+        expected.push(frame);
+    }
+    for chunks in [&[][..], &[1], &[3, 7], &[16], &[15, 1, 200]] {
+        let (frames, error) = crate::read_tcp_frames(&stream, chunks).await;
+        assert_eq!(
+            (frames, error),
+            (expected.clone(), None),
+            "chunks {chunks:?}"
+        );
+    }
+    // Cut inside the last frame: the frames before it, then an error.
+    let (frames, error) = crate::read_tcp_frames(&stream[..stream.len() - 5], &[4]).await;
+    assert_eq!(frames, expected[..2].to_vec());
+    assert!(error.is_some());
+    // A header the codec refuses: the reader refuses it too.
+    let mut bad = frame(op::HEARTBEAT, 1, "").encode().to_vec();
+    bad[4..6].copy_from_slice(&3u16.to_be_bytes());
+    let (frames, error) = crate::read_tcp_frames(&bad, &[2]).await;
+    assert!(frames.is_empty());
+    assert!(error.is_some(), "a header length other than 16 is refused");
+}
