@@ -4,10 +4,10 @@
 
 use std::sync::Arc;
 
+use crate::grpc_tls::GrpcTls;
 use anyhow::Context;
 use futures_util::TryFutureExt;
 use pushcluster_api::config::{Config, DiscoveryKind, Role};
-use pushcluster_api::grpc_tls::GrpcTls;
 use pushcluster_api::health::Readiness;
 use pushcluster_backplane::bus::BusMetrics;
 use pushcluster_backplane::discovery::{CometEndpoint, Discovery, StaticDiscovery};

@@ -4,6 +4,7 @@
 
 mod admin;
 mod fleet;
+mod grpc_tls;
 mod operator_cmd;
 mod process;
 mod standalone;

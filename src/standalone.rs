@@ -5,9 +5,9 @@
 
 use std::sync::Arc;
 
+use crate::grpc_tls::GrpcTls;
 use futures_util::TryFutureExt;
 use pushcluster_api::config::{Config, Role};
-use pushcluster_api::grpc_tls::GrpcTls;
 use pushcluster_api::health::Readiness;
 use pushcluster_backplane::bus::{BusMetrics, MemoryBus, MemoryBusConfig};
 use pushcluster_backplane::discovery::{CometEndpoint, StaticDiscovery};

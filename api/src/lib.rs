@@ -8,8 +8,6 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
-pub mod file_watch;
-pub mod grpc_tls;
 pub mod health;
 pub mod link;
 pub mod log_budget;

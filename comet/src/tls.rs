@@ -1,13 +1,13 @@
 //! TLS for the WSS listener (goim's `tlsOpen`): a rustls acceptor from PEM
-//! files. The files are looked at again (at most every
-//! `comet.websocket.tls.reload_interval`, on the next handshake) and a
-//! changed certificate is served from then on, so cert-manager renewals and
-//! Secret rotations need no restart.
+//! files. The files are looked at again in the background (every
+//! `comet.websocket.tls.reload_interval`) and a changed certificate is
+//! served from then on, so cert-manager renewals and Secret rotations need
+//! no restart; a handshake never reads a file.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use pushcluster_api::config::WssConfig;
-use pushcluster_api::file_watch::FileWatch;
+use pushcluster_files::Reloading;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -42,51 +42,27 @@ pub fn acceptor(config: &WssConfig) -> Result<TlsAcceptor, TlsError> {
 /// The certificate served, replaced when its files change.
 #[derive(Debug)]
 struct ReloadingCertificate {
-    cert_file: String,
-    key_file: String,
-    provider: Arc<CryptoProvider>,
-    current: RwLock<Arc<CertifiedKey>>,
-    files: FileWatch,
+    current: Arc<Reloading<CertifiedKey>>,
 }
 
 impl ReloadingCertificate {
     fn new(config: &WssConfig, provider: Arc<CryptoProvider>) -> Result<Self, TlsError> {
-        let certified = load(&config.cert_file, &config.key_file, &provider)?;
-        Ok(ReloadingCertificate {
-            cert_file: config.cert_file.clone(),
-            key_file: config.key_file.clone(),
-            provider,
-            current: RwLock::new(Arc::new(certified)),
-            files: FileWatch::new(
-                vec![config.cert_file.clone(), config.key_file.clone()],
-                config.reload_interval,
-            ),
-        })
-    }
-
-    fn refresh(&self) {
-        let Some(seen) = self.files.changed() else {
-            return;
-        };
-        match load(&self.cert_file, &self.key_file, &self.provider) {
-            Ok(certified) => {
-                self.files.loaded(seen);
-                if let Ok(mut current) = self.current.write() {
-                    *current = Arc::new(certified);
-                }
-                tracing::info!(cert_file = %self.cert_file, "WSS certificate reloaded");
-            }
-            // Mid-rotation the pair may not match yet: keep serving the old
-            // one and look again later.
-            Err(error) => tracing::warn!(%error, "WSS certificate not reloaded; the old one stays"),
-        }
+        let (cert_file, key_file) = (config.cert_file.clone(), config.key_file.clone());
+        // Mid-rotation the pair may not match yet: the old one stays served
+        // until a load succeeds.
+        let current = Reloading::start(
+            "WSS certificate",
+            vec![config.cert_file.clone(), config.key_file.clone()],
+            config.reload_interval,
+            move || load(&cert_file, &key_file, &provider),
+        )?;
+        Ok(ReloadingCertificate { current })
     }
 }
 
 impl ResolvesServerCert for ReloadingCertificate {
     fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.refresh();
-        self.current.read().ok().map(|current| Arc::clone(&current))
+        Some(self.current.current())
     }
 }
 

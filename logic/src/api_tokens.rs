@@ -1,13 +1,13 @@
 //! The bearer tokens of the push and online API (`logic.api`). Token files
-//! hold one token per line and are re-read when they change (looked at, at
-//! most, every few seconds), so a rotated Kubernetes Secret applies without
-//! a restart.
+//! hold one token per line and are re-read in the background when they
+//! change (looked at every few seconds), so a rotated Kubernetes Secret
+//! applies without a restart and checking a request never reads a file.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use pushcluster_api::config::ApiConfig;
-use pushcluster_api::file_watch::FileWatch;
+use pushcluster_files::Reloading;
 use subtle::ConstantTimeEq;
 
 use crate::auth::AuthSetupError;
@@ -20,20 +20,20 @@ const MIN_TOKEN: usize = 16;
 pub struct ApiTokens {
     required: bool,
     inline: Vec<String>,
-    files: Vec<String>,
-    from_files: RwLock<Arc<Vec<String>>>,
-    watch: FileWatch,
+    from_files: Arc<Reloading<Vec<String>>>,
 }
 
 impl ApiTokens {
     pub fn new(config: &ApiConfig) -> Result<ApiTokens, AuthSetupError> {
-        let from_files = read_files(&config.token_files)?;
+        let files = config.token_files.clone();
+        let from_files =
+            Reloading::start("API tokens", files.clone(), RELOAD_INTERVAL, move || {
+                read_files(&files)
+            })?;
         Ok(ApiTokens {
             required: config.has_tokens(),
             inline: config.tokens.iter().map(|t| t.trim().to_string()).collect(),
-            files: config.token_files.clone(),
-            from_files: RwLock::new(Arc::new(from_files)),
-            watch: FileWatch::new(config.token_files.clone(), RELOAD_INTERVAL),
+            from_files,
         })
     }
 
@@ -47,27 +47,7 @@ impl ApiTokens {
         if self.inline.iter().any(|t| same(t, presented)) {
             return true;
         }
-        self.refresh();
-        self.from_files
-            .read()
-            .map(|tokens| tokens.iter().any(|t| same(t, presented)))
-            .unwrap_or(false)
-    }
-
-    fn refresh(&self) {
-        let Some(seen) = self.watch.changed() else {
-            return;
-        };
-        match read_files(&self.files) {
-            Ok(tokens) => {
-                self.watch.loaded(seen);
-                if let Ok(mut current) = self.from_files.write() {
-                    *current = Arc::new(tokens);
-                }
-                tracing::info!("API tokens reloaded");
-            }
-            Err(error) => tracing::warn!(%error, "API tokens not reloaded; the old ones stay"),
-        }
+        self.from_files.current().iter().any(|t| same(t, presented))
     }
 }
 

@@ -4,12 +4,12 @@
 //! JSON is an error), and the [`Authenticator`] of `logic.auth.mode` that
 //! decides who the client is.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use pushcluster_api::config::{AuthConfig, AuthMode, JwtConfig, WebhookConfig};
-use pushcluster_api::file_watch::FileWatch;
+use pushcluster_files::Reloading;
 use serde::{Deserialize, Deserializer};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -191,52 +191,32 @@ struct KeySet {
 }
 
 /// `jwt` mode: verifies the body's `token` and holds the body to it. Key
-/// files are re-read when their modification time or size changes (checked
-/// at most every `reload_interval`, on the next connect), so rotated
-/// Kubernetes Secrets apply without a restart.
+/// files are re-read in the background when their modification time or size
+/// changes (looked at every `reload_interval`), so rotated Kubernetes
+/// Secrets apply without a restart and verifying never touches a file.
 pub struct JwtVerifier {
     config: JwtConfig,
-    keys: RwLock<Arc<KeySet>>,
-    files: FileWatch,
+    keys: Arc<Reloading<KeySet>>,
 }
 
 impl JwtVerifier {
     pub fn new(config: &JwtConfig) -> Result<JwtVerifier, AuthSetupError> {
-        let keys = load_keys(config)?;
         let files = config
             .hs256_secret_file
             .iter()
             .chain(config.public_key_files.iter())
             .cloned()
             .collect();
+        let keys = {
+            let config = config.clone();
+            Reloading::start("JWT keys", files, config.reload_interval, move || {
+                load_keys(&config)
+            })?
+        };
         Ok(JwtVerifier {
             config: config.clone(),
-            keys: RwLock::new(Arc::new(keys)),
-            files: FileWatch::new(files, config.reload_interval),
+            keys,
         })
-    }
-
-    /// Reloads the keys if a file changed since the last look.
-    fn refresh(&self) {
-        let Some(seen) = self.files.changed() else {
-            return;
-        };
-        match load_keys(&self.config) {
-            Ok(keys) => {
-                self.files.loaded(seen);
-                if let Ok(mut current) = self.keys.write() {
-                    *current = Arc::new(keys);
-                }
-                tracing::info!("JWT keys reloaded");
-            }
-            // A half-written file: keep the old keys and look again later.
-            Err(error) => tracing::warn!(%error, "JWT keys not reloaded; the old ones stay"),
-        }
-    }
-
-    fn current(&self) -> Option<Arc<KeySet>> {
-        self.refresh();
-        self.keys.read().ok().map(|keys| Arc::clone(&keys))
     }
 
     pub fn verify(&self, body: AuthBody) -> Result<Identity, AuthError> {
@@ -245,9 +225,7 @@ impl JwtVerifier {
         }
         let header = jsonwebtoken::decode_header(&body.token)
             .map_err(|e| AuthError::InvalidToken(e.to_string()))?;
-        let keys = self
-            .current()
-            .ok_or_else(|| AuthError::InvalidToken("keys unavailable".into()))?;
+        let keys = self.keys.current();
         let candidates: Vec<&DecodingKey> = match header.alg {
             Algorithm::HS256 => keys.hmac.iter().collect(),
             Algorithm::RS256 => keys.rsa.iter().collect(),

@@ -182,7 +182,7 @@ async fn jwt_public_keys_are_reloaded_without_a_restart() {
     let staged = dir.path().join("jwt.pub.new");
     std::fs::write(&staged, second.public_key_pem()).expect("write key");
     std::fs::rename(&staged, &key_file).expect("rotate");
-    // Keys are looked at on a connect, at most every 100 ms.
+    // Keys are looked at in the background every 100 ms.
     let deadline = std::time::Instant::now() + WAIT;
     while !try_auth(server.tcp(), localhost(1), &json!({"token": by_second})).await {
         assert!(

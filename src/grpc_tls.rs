@@ -1,17 +1,12 @@
 //! `grpc_tls`: the files of the fleet's mutual TLS, read once at start and
-//! turned into tonic's server and client settings. Every process presents
+//! turned into tonic's server and client settings (in the binary: the
+//! `api` crate does no I/O). Every process presents
 //! the same kind of certificate both ways, signed by the fleet's CA.
 
+use anyhow::Context;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
-use crate::config::GrpcTlsConfig;
-
-#[derive(Debug, thiserror::Error)]
-#[error("grpc_tls: cannot read {path}: {source}")]
-pub struct GrpcTlsError {
-    path: String,
-    source: std::io::Error,
-}
+use pushcluster_api::config::GrpcTlsConfig;
 
 /// The loaded PEM files.
 #[derive(Clone, Debug)]
@@ -21,15 +16,12 @@ pub struct GrpcTls {
     server_name: String,
 }
 
-fn read(path: &str) -> Result<Vec<u8>, GrpcTlsError> {
-    std::fs::read(path).map_err(|source| GrpcTlsError {
-        path: path.to_string(),
-        source,
-    })
+fn read(path: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("grpc_tls: cannot read {path}"))
 }
 
 impl GrpcTls {
-    pub fn load(config: &GrpcTlsConfig) -> Result<GrpcTls, GrpcTlsError> {
+    pub fn load(config: &GrpcTlsConfig) -> anyhow::Result<GrpcTls> {
         Ok(GrpcTls {
             identity: Identity::from_pem(read(&config.cert_file)?, read(&config.key_file)?),
             ca: Certificate::from_pem(read(&config.ca_file)?),
@@ -38,7 +30,7 @@ impl GrpcTls {
     }
 
     /// Loads `grpc_tls` if configured.
-    pub fn from_config(config: Option<&GrpcTlsConfig>) -> Result<Option<GrpcTls>, GrpcTlsError> {
+    pub fn from_config(config: Option<&GrpcTlsConfig>) -> anyhow::Result<Option<GrpcTls>> {
         config.map(GrpcTls::load).transpose()
     }
 
