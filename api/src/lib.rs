@@ -7,6 +7,7 @@
 //! and service traits); who listens where is decided elsewhere.
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 pub mod config;
 pub mod health;
 pub mod link;

@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::join_all;
+use pushcluster_api::backoff::Backoff;
 use pushcluster_api::config::JobConfig;
 use pushcluster_api::link::{CometLink, LinkError};
 use pushcluster_api::log_budget::LogBudget;
@@ -173,11 +174,21 @@ const FIRST_DOWN_PERIOD: Duration = Duration::from_secs(1);
 const MAX_DOWN_PERIOD: Duration = Duration::from_secs(30);
 
 /// A comet's recent call history (a circuit breaker).
-#[derive(Default)]
 struct Health {
     failures: u32,
     down_until: Option<Instant>,
-    down_for: Duration,
+    /// How long it is skipped each time it is marked down again.
+    down_periods: Backoff,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            failures: 0,
+            down_until: None,
+            down_periods: Backoff::new(FIRST_DOWN_PERIOD, MAX_DOWN_PERIOD),
+        }
+    }
 }
 
 struct Shared {
@@ -231,13 +242,13 @@ impl Shared {
         if entry.failures < DOWN_AFTER {
             return false;
         }
-        entry.down_for = if entry.down_for.is_zero() {
-            FIRST_DOWN_PERIOD
-        } else {
-            (entry.down_for * 2).min(MAX_DOWN_PERIOD)
-        };
-        entry.down_until = Some(Instant::now() + entry.down_for);
-        tracing::warn!(comet = id, down_for = ?entry.down_for, "comet keeps failing; skipping it for a while");
+        let down_for = entry.down_periods.next_delay();
+        entry.down_until = Some(Instant::now() + down_for);
+        tracing::warn!(
+            comet = id,
+            ?down_for,
+            "comet keeps failing; skipping it for a while"
+        );
         self.update_down_gauge(&health);
         true
     }
@@ -256,7 +267,7 @@ impl Shared {
     {
         let delivery = &self.config.delivery;
         let give_up_at = Instant::now() + delivery.retry_for;
-        let mut backoff = delivery.backoff_base;
+        let mut backoff = Backoff::new(delivery.backoff_base, delivery.backoff_max);
         loop {
             let Some(link) = self.comet(id) else {
                 return CallOutcome::CometGone;
@@ -306,13 +317,13 @@ impl Shared {
             if self.record_failure(id) {
                 return CallOutcome::Unavailable;
             }
-            if Instant::now() + backoff > give_up_at {
+            let delay = backoff.next_delay();
+            if Instant::now() + delay > give_up_at {
                 tracing::warn!(comet = id, kind, "giving up on a comet after retries");
                 return CallOutcome::Unavailable;
             }
             self.metrics.retries.with_label_values(&[kind]).inc();
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(delivery.backoff_max);
+            tokio::time::sleep(delay).await;
         }
     }
 

@@ -15,6 +15,7 @@ use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Client, Resource, ResourceExt};
+use pushcluster_api::backoff::Backoff;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -498,8 +499,8 @@ async fn reconcile_inner(pc: &PushCluster, ctx: &Context) -> Result<(Action, &'s
     Ok((Action::requeue(requeue), "applied"))
 }
 
-/// Counts the failure and retries with exponential backoff (1 s, 2 s, ...
-/// up to 5 min) per object.
+/// Counts the failure and retries with jittered exponential backoff (about
+/// 1 s, 2 s, ... up to 5 min) per object.
 pub fn error_policy(pc: Arc<PushCluster>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics
         .failures
@@ -513,7 +514,7 @@ pub fn error_policy(pc: Arc<PushCluster>, error: &Error, ctx: Arc<Context>) -> A
         }
         Err(_) => 1,
     };
-    let delay = Duration::from_secs(1u64 << attempts.min(9).saturating_sub(1)).min(MAX_BACKOFF);
+    let delay = Backoff::delay_for(Duration::from_secs(1), MAX_BACKOFF, attempts);
     tracing::warn!(
         pushcluster = %object_key(&pc),
         %error,

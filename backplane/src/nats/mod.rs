@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use pushcluster_api::backoff::Backoff;
 use pushcluster_api::config::{NatsConfig, Storage};
 
 pub use bus::NatsBus;
@@ -123,9 +124,14 @@ impl Nats {
             .max_reconnects(None)
             .connection_timeout(config.request_timeout)
             .request_timeout(Some(config.request_timeout))
-            // Bounded backoff: a restarted NATS is found again within seconds.
+            // Bounded, jittered backoff: a restarted NATS is found again
+            // within seconds, without every process reconnecting at once.
             .reconnect_delay_callback(|attempts| {
-                Duration::from_millis((100 * attempts as u64).min(2000))
+                Backoff::delay_for(
+                    Duration::from_millis(100),
+                    Duration::from_secs(2),
+                    u32::try_from(attempts).unwrap_or(u32::MAX),
+                )
             })
             .event_callback(move |event| {
                 let events = events.clone();
@@ -224,7 +230,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, NatsError>>,
 {
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     let mut logged = false;
     loop {
         match attempt().await {
@@ -243,9 +249,8 @@ where
         }
         tokio::select! {
             _ = stop.cancelled() => return None,
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(2));
     }
 }
 

@@ -184,7 +184,7 @@ fn scale_subresource_and_printer_columns() {
         .filter_map(|c| c["name"].as_str())
         .collect();
     assert_eq!(columns, ["Ready", "Comets", "Logic", "Job", "Age"]);
-    assert_eq!(crd["spec"]["names"]["shortNames"], json!(["pc"]));
+    assert_eq!(crd["spec"]["names"]["shortNames"], json!(["pushc"]));
     assert_eq!(crd["spec"]["scope"], "Namespaced");
 }
 
