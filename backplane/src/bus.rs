@@ -461,6 +461,7 @@ impl Bus for MemoryBus {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conformance;
 
     fn room_msg(room: &str, body: &'static [u8]) -> PushMsg {
         PushMsg {
@@ -473,40 +474,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn delivers_in_publish_order() {
+    async fn a_room_arrives_in_order_with_increasing_positions() {
         let bus = MemoryBus::default();
         let mut sub = bus.subscribe().await.expect("first subscriber");
-        for body in [&b"1"[..], b"2", b"3"] {
-            bus.publish(room_msg("live://1", body), None)
-                .await
-                .expect("publish");
-        }
-        for expected in [&b"1"[..], b"2", b"3"] {
-            let delivery = sub.next().await.expect("delivery");
-            assert_eq!(&delivery.msg.msg[..], expected);
-            assert_eq!(delivery.attempt, 1);
-            delivery.ack().await;
-        }
+        conformance::a_room_arrives_in_order_with_increasing_positions(&bus, &mut sub).await;
         assert!(bus.subscribe().await.is_err(), "one subscriber only");
     }
 
     #[tokio::test]
-    async fn positions_increase_in_publish_order_and_survive_redelivery() {
+    async fn message_ids_deduplicate() {
         let bus = MemoryBus::default();
         let mut sub = bus.subscribe().await.expect("subscribe");
-        bus.publish(room_msg("live://1", b"a"), None)
-            .await
-            .expect("publish");
-        bus.publish(room_msg("live://1", b"b"), None)
-            .await
-            .expect("publish");
-        let a = sub.next().await.expect("a");
-        let b = sub.next().await.expect("b");
-        assert!(a.position.epoch != 0 && a.position.epoch == b.position.epoch);
-        assert!(a.position.seq < b.position.seq);
-        let seq = a.position.seq;
-        a.nack(Duration::ZERO).await;
-        assert_eq!(sub.next().await.expect("again").position.seq, seq);
+        conformance::message_ids_deduplicate(&bus, &mut sub).await;
+    }
+
+    #[tokio::test]
+    async fn a_nacked_message_comes_again_at_its_position() {
+        let bus = MemoryBus::default();
+        let mut sub = bus.subscribe().await.expect("subscribe");
+        conformance::a_nacked_message_comes_again_at_its_position(&bus, &mut sub).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -564,27 +550,6 @@ mod tests {
             .expect("publish");
         drop(sub.next().await.expect("first"));
         assert_eq!(sub.next().await.expect("again").attempt, 2);
-    }
-
-    #[tokio::test]
-    async fn message_ids_deduplicate() {
-        let bus = MemoryBus::default();
-        let mut sub = bus.subscribe().await.expect("subscribe");
-        let first = bus
-            .publish(room_msg("live://1", b"a"), Some("id-1".into()))
-            .await
-            .expect("publish");
-        let again = bus
-            .publish(room_msg("live://1", b"a"), Some("id-1".into()))
-            .await
-            .expect("publish");
-        bus.publish(room_msg("live://1", b"b"), Some("id-2".into()))
-            .await
-            .expect("publish");
-        assert!(!first.duplicate);
-        assert!(again.duplicate);
-        assert_eq!(&sub.next().await.expect("a").msg.msg[..], b"a");
-        assert_eq!(&sub.next().await.expect("b").msg.msg[..], b"b");
     }
 
     #[test]

@@ -10,6 +10,8 @@
 #![forbid(unsafe_code)]
 
 pub mod bus;
+#[cfg(test)]
+mod conformance;
 pub mod discovery;
 pub mod kubernetes;
 pub mod nats;

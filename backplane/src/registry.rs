@@ -242,14 +242,7 @@ impl Registry for MemoryRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn session(mid: i64, key: &str, server: &str) -> Session {
-        Session {
-            mid,
-            key: key.into(),
-            server: server.into(),
-        }
-    }
+    use crate::conformance::{self, SHORT_TTL};
 
     fn registry() -> MemoryRegistry {
         MemoryRegistry::new(Duration::from_secs(60), Duration::from_secs(60))
@@ -257,118 +250,23 @@ mod tests {
 
     #[tokio::test]
     async fn sessions_are_found_by_key_and_mid() {
-        let registry = registry();
-        registry
-            .add_session(&session(7, "k1", "c1"))
-            .await
-            .expect("add");
-        registry
-            .add_session(&session(7, "k2", "c2"))
-            .await
-            .expect("add");
-        registry
-            .add_session(&session(0, "anon", "c1"))
-            .await
-            .expect("add");
-
-        let by_key = registry
-            .servers_by_keys(&["k1".into(), "anon".into(), "missing".into()])
-            .await
-            .expect("lookup");
-        assert_eq!(by_key.len(), 2);
-        assert_eq!(by_key["anon"], "c1");
-
-        let by_mid = registry.servers_by_mids(&[7, 8]).await.expect("lookup");
-        assert_eq!(
-            by_mid,
-            HashMap::from([("k1".into(), "c1".into()), ("k2".into(), "c2".into())])
-        );
+        conformance::sessions_are_found_by_key_and_mid(&registry()).await;
     }
 
     #[tokio::test]
-    async fn late_disconnect_from_an_old_comet_keeps_the_new_mapping() {
-        let registry = registry();
-        registry
-            .add_session(&session(7, "k", "old"))
-            .await
-            .expect("add");
-        registry
-            .add_session(&session(7, "k", "new"))
-            .await
-            .expect("move");
-        let removed = registry
-            .remove_session(&session(7, "k", "old"))
-            .await
-            .expect("remove");
-        assert!(!removed);
-        let by_mid = registry.servers_by_mids(&[7]).await.expect("lookup");
-        assert_eq!(by_mid["k"], "new");
-        assert!(
-            registry
-                .remove_session(&session(7, "k", "new"))
-                .await
-                .expect("remove")
-        );
-        assert!(
-            registry
-                .servers_by_mids(&[7])
-                .await
-                .expect("lookup")
-                .is_empty()
-        );
+    async fn a_late_disconnect_keeps_the_newer_mapping() {
+        conformance::a_late_disconnect_keeps_the_newer_mapping(&registry()).await;
     }
 
     #[tokio::test]
-    async fn sessions_expire_without_refresh() {
-        let registry = MemoryRegistry::new(Duration::ZERO, Duration::from_secs(60));
-        registry
-            .add_session(&session(1, "k", "c"))
-            .await
-            .expect("add");
-        assert!(
-            registry
-                .servers_by_keys(&["k".into()])
-                .await
-                .expect("lookup")
-                .is_empty()
-        );
-        assert!(
-            registry
-                .servers_by_mids(&[1])
-                .await
-                .expect("lookup")
-                .is_empty()
-        );
+    async fn sessions_expire_unless_refreshed() {
+        let registry = MemoryRegistry::new(SHORT_TTL, Duration::from_secs(60));
+        conformance::sessions_expire_unless_refreshed(&registry).await;
     }
 
     #[tokio::test]
-    async fn stale_reports_leave_the_counts() {
-        let registry = MemoryRegistry::new(Duration::from_secs(60), Duration::ZERO);
-        registry
-            .report_comet(CometReport {
-                server: "c1".into(),
-                ..Default::default()
-            })
-            .await
-            .expect("report");
-        assert!(registry.comet_reports().await.expect("reports").is_empty());
-
-        let registry = registry_with_reports().await;
-        let reports = registry.comet_reports().await.expect("reports");
-        assert_eq!(reports.len(), 1);
-        assert!(reports[0].updated.is_some());
-    }
-
-    async fn registry_with_reports() -> MemoryRegistry {
-        let registry = registry();
-        registry
-            .report_comet(CometReport {
-                server: "c1".into(),
-                room_counts: HashMap::from([("live://1".into(), 3)]),
-                ..Default::default()
-            })
-            .await
-            .expect("report");
-        registry
+    async fn reports_are_shared_and_expire() {
+        let registry = MemoryRegistry::new(Duration::from_secs(60), SHORT_TTL);
+        conformance::reports_are_shared_and_expire(&registry, &registry).await;
     }
 }

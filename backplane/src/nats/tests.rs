@@ -1,6 +1,6 @@
 //! The NATS backplane against a real `nats-server -js`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use pushcluster_api::config::NatsConfig;
@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::bus::{Bus, BusMetrics, Delivery, Subscription};
-use crate::registry::{CometReport, Registry, Session};
+use crate::conformance::{self, SHORT_TTL};
 use crate::testing::NatsServer;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -88,47 +88,38 @@ fn body(delivery: &Delivery) -> String {
 }
 
 #[tokio::test]
-async fn messages_of_a_room_arrive_in_order_with_positions() {
+async fn a_room_arrives_in_order_with_increasing_positions() {
     let server = NatsServer::start();
     let config = config(&server.url());
     let stop = CancellationToken::new();
     let bus = publisher(&config, &stop).await;
-    for i in 0..20 {
-        bus.publish(room("live://1", &i.to_string()), None)
-            .await
-            .expect("publish");
-    }
     let mut sub = consumer(&config, "job-a", &stop).await;
-    let mut last_seq = 0;
-    for i in 0..20 {
-        let delivery = next(&mut sub).await;
-        assert_eq!(body(&delivery), i.to_string());
-        assert!(delivery.position.epoch != 0);
-        assert!(delivery.position.generation > 0);
-        assert!(delivery.position.seq > last_seq);
-        assert_eq!(delivery.attempt, 1);
-        last_seq = delivery.position.seq;
-        delivery.ack().await;
-    }
+    conformance::a_room_arrives_in_order_with_increasing_positions(&bus, &mut sub).await;
     sub.close().await;
     stop.cancel();
 }
 
 #[tokio::test]
-async fn idempotency_keys_are_deduplicated_by_jetstream() {
+async fn message_ids_deduplicate() {
     let server = NatsServer::start();
     let config = config(&server.url());
     let stop = CancellationToken::new();
     let bus = publisher(&config, &stop).await;
-    let first = bus
-        .publish(room("live://1", "x"), Some("id-1".into()))
-        .await
-        .expect("publish");
-    let again = bus
-        .publish(room("live://1", "x"), Some("id-1".into()))
-        .await
-        .expect("publish");
-    assert!(!first.duplicate && again.duplicate);
+    let mut sub = consumer(&config, "job-a", &stop).await;
+    conformance::message_ids_deduplicate(&bus, &mut sub).await;
+    sub.close().await;
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_nacked_message_comes_again_at_its_position() {
+    let server = NatsServer::start();
+    let config = config(&server.url());
+    let stop = CancellationToken::new();
+    let bus = publisher(&config, &stop).await;
+    let mut sub = consumer(&config, "job-a", &stop).await;
+    conformance::a_nacked_message_comes_again_at_its_position(&bus, &mut sub).await;
+    sub.close().await;
     stop.cancel();
 }
 
@@ -250,87 +241,46 @@ async fn members_share_partitions_and_every_message_goes_to_one() {
     stop.cancel();
 }
 
+async fn registry(
+    config: &NatsConfig,
+    session_ttl: Duration,
+    report_ttl: Duration,
+    stop: &CancellationToken,
+) -> NatsRegistry {
+    NatsRegistry::new(connect(config).await, session_ttl, report_ttl, stop.clone())
+}
+
 #[tokio::test]
-async fn sessions_map_keys_and_mids_and_resist_late_disconnects() {
+async fn sessions_are_found_by_key_and_mid() {
     let server = NatsServer::start();
     let config = config(&server.url());
     let stop = CancellationToken::new();
-    let registry = NatsRegistry::new(
-        connect(&config).await,
-        Duration::from_secs(60),
-        Duration::from_secs(60),
-        stop.clone(),
-    );
-    let session = |mid: i64, key: &str, server: &str| Session {
-        mid,
-        key: key.into(),
-        server: server.into(),
-    };
-    registry
-        .add_session(&session(7, "phone/1 ü", "c1"))
-        .await
-        .expect("add");
-    registry
-        .add_session(&session(7, "web", "c2"))
-        .await
-        .expect("add");
-    registry
-        .add_session(&session(0, "anon", "c1"))
-        .await
-        .expect("add");
-    let by_key = registry
-        .servers_by_keys(&["phone/1 ü".into(), "anon".into(), "none".into()])
-        .await
-        .expect("keys");
-    assert_eq!(
-        by_key,
-        HashMap::from([
-            ("phone/1 ü".into(), "c1".into()),
-            ("anon".into(), "c1".into())
-        ])
-    );
-    let by_mid = registry.servers_by_mids(&[7, 8]).await.expect("mids");
-    assert_eq!(
-        by_mid,
-        HashMap::from([
-            ("phone/1 ü".into(), "c1".into()),
-            ("web".into(), "c2".into())
-        ])
-    );
-    // The key moves to c3; a late disconnect from c1 must not remove it.
-    registry
-        .add_session(&session(7, "phone/1 ü", "c3"))
-        .await
-        .expect("move");
-    assert!(
-        !registry
-            .remove_session(&session(7, "phone/1 ü", "c1"))
-            .await
-            .expect("remove")
-    );
-    assert_eq!(
-        registry.servers_by_mids(&[7]).await.expect("mids")["phone/1 ü"],
-        "c3"
-    );
-    assert!(
-        registry
-            .remove_session(&session(7, "phone/1 ü", "c3"))
-            .await
-            .expect("remove")
-    );
-    assert!(
-        registry
-            .remove_session(&session(7, "web", "c2"))
-            .await
-            .expect("remove")
-    );
-    assert!(
-        registry
-            .servers_by_mids(&[7])
-            .await
-            .expect("mids")
-            .is_empty()
-    );
+    let long = Duration::from_secs(60);
+    conformance::sessions_are_found_by_key_and_mid(&registry(&config, long, long, &stop).await)
+        .await;
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_late_disconnect_keeps_the_newer_mapping() {
+    let server = NatsServer::start();
+    let config = config(&server.url());
+    let stop = CancellationToken::new();
+    let long = Duration::from_secs(60);
+    conformance::a_late_disconnect_keeps_the_newer_mapping(
+        &registry(&config, long, long, &stop).await,
+    )
+    .await;
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn sessions_expire_unless_refreshed() {
+    let server = NatsServer::start();
+    let config = config(&server.url());
+    let stop = CancellationToken::new();
+    let registry = registry(&config, SHORT_TTL, Duration::from_secs(60), &stop).await;
+    conformance::sessions_expire_unless_refreshed(&registry).await;
     stop.cancel();
 }
 
@@ -339,44 +289,11 @@ async fn reports_are_shared_between_processes_and_expire() {
     let server = NatsServer::start();
     let config = config(&server.url());
     let stop = CancellationToken::new();
-    let writer = NatsRegistry::new(
-        connect(&config).await,
-        Duration::from_secs(60),
-        Duration::from_secs(2),
-        stop.clone(),
-    );
-    let reader = NatsRegistry::new(
-        connect(&config).await,
-        Duration::from_secs(60),
-        Duration::from_secs(2),
-        stop.clone(),
-    );
-    writer
-        .report_comet(CometReport {
-            server: "comet-1".into(),
-            room_counts: HashMap::from([("live://1".into(), 3)]),
-            conn_count: 3,
-            ..Default::default()
-        })
-        .await
-        .expect("report");
-    tokio::time::timeout(WAIT, async {
-        while reader.comet_reports().await.map(|r| r.len()).unwrap_or(0) != 1 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("seen by the other process");
-    let reports = reader.comet_reports().await.expect("reports");
-    assert_eq!(reports[0].room_counts["live://1"], 3);
-    // No more reports: it drops out (no ghost counts).
-    tokio::time::timeout(WAIT, async {
-        while !reader.comet_reports().await.expect("reports").is_empty() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .expect("stale report dropped");
+    let long = Duration::from_secs(60);
+    // Two connections: two processes' views of one registry.
+    let writer = registry(&config, long, SHORT_TTL, &stop).await;
+    let reader = registry(&config, long, SHORT_TTL, &stop).await;
+    conformance::reports_are_shared_and_expire(&writer, &reader).await;
     stop.cancel();
 }
 
