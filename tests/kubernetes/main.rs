@@ -53,6 +53,10 @@ async fn short_names(client: &Client) -> Vec<(String, String)> {
     names
 }
 
+/// Held while a test changes the CRD: the older-CRD step of the fleet's
+/// life must not see the current CRD applied under it by the other test.
+pub static CRD_CHANGES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 pub async fn apply_crd(client: &Client, crd: &CustomResourceDefinition) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     crds.patch(
@@ -80,6 +84,7 @@ pub async fn apply_crd(client: &Client, crd: &CustomResourceDefinition) {
 async fn the_crd_installs_and_its_short_names_are_its_own() {
     let env = Env::from_env();
     let client = client(&env.kubeconfig).await;
+    let _changing = CRD_CHANGES.lock().await;
     for path in [
         "crds/pushcluster.yaml",
         "charts/pushcluster/crds/pushcluster.yaml",
