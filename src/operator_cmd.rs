@@ -33,6 +33,10 @@ pub struct OperatorArgs {
     /// Seconds a leader's lease lasts without renewal.
     #[arg(long, default_value_t = 15)]
     pub lease_seconds: u64,
+    /// Seconds between autoscaling decisions (components with
+    /// `autoscaling.enabled`): their pods' metrics are read this often.
+    #[arg(long, default_value_t = 15)]
+    pub autoscale_seconds: u64,
 }
 
 fn identity() -> String {
@@ -99,7 +103,15 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
             stop.cancel();
         });
     }
-    controller::run(client, scope, metrics.clone(), identity, stop).await;
+    controller::run(
+        client,
+        scope,
+        metrics.clone(),
+        identity,
+        Duration::from_secs(args.autoscale_seconds.max(1)),
+        stop,
+    )
+    .await;
     metrics.leader.set(0);
     // Reconciling has stopped: a standby may take over now, not after the
     // lease expires.

@@ -63,6 +63,7 @@ pub async fn run(
     scope: Scope,
     metrics: OperatorMetrics,
     identity: String,
+    autoscale_interval: std::time::Duration,
     stop: CancellationToken,
 ) {
     let recorder = Recorder::new(
@@ -72,7 +73,9 @@ pub async fn run(
             instance: Some(identity),
         },
     );
-    let context = Arc::new(Context::new(client.clone(), recorder, metrics));
+    let context = Arc::new(
+        Context::new(client.clone(), recorder, metrics).with_autoscale_interval(autoscale_interval),
+    );
     // Only children this operator manages.
     let children =
         watcher::Config::default().labels("app.kubernetes.io/managed-by=pushcluster-operator");

@@ -431,6 +431,11 @@ pub struct CometSpec {
     /// another, best effort).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+    /// Comets by their connections: `target` is the connections one comet
+    /// should hold. A scale-down removes the emptiest comet, one at a time,
+    /// each after the previous one drained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
 }
 
 impl Default for CometSpec {
@@ -445,12 +450,64 @@ impl Default for CometSpec {
             tolerations: Vec::new(),
             affinity: None,
             topology_spread_constraints: Vec::new(),
+            autoscaling: None,
         }
     }
 }
 
 fn default_replicas() -> i32 {
     2
+}
+
+/// Replicas chosen by the operator from the component's own load, read
+/// from its pods' metrics. While `enabled`, the operator owns the
+/// component's replicas: `replicas` (and the scale subresource, so an HPA)
+/// is ignored, and status says so.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    cel,
+    validation = Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must not exceed maxReplicas")
+)]
+pub struct AutoscalingSpec {
+    /// Let the operator choose the replicas.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Never fewer pods than this.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub min_replicas: i32,
+    /// Never more pods than this (jobs: nor more than `nats.partitions`).
+    #[serde(default = "default_max_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    /// The load one pod should carry (the component's field says in what).
+    #[schemars(range(min = 1))]
+    pub target: i64,
+    /// A higher recommendation must hold this long before scaling up.
+    #[serde(default)]
+    #[schemars(range(max = 3600))]
+    pub scale_up_stabilization_seconds: u32,
+    /// Scale down only to the highest recommendation of this long a window.
+    #[serde(default = "default_scale_down_window")]
+    #[schemars(range(max = 3600))]
+    pub scale_down_stabilization_seconds: u32,
+    /// Pods added at most in one step (comets are removed one at a time).
+    #[serde(default = "default_max_step")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_step: i32,
+}
+
+fn default_max_replicas() -> i32 {
+    10
+}
+
+fn default_scale_down_window() -> u32 {
+    300
+}
+
+fn default_max_step() -> i32 {
+    4
 }
 
 fn default_drain_seconds() -> u32 {
@@ -481,6 +538,10 @@ pub struct LogicSpec {
     /// The Service (HTTP 3111, gRPC 3119).
     #[serde(default)]
     pub service: LogicServiceSpec,
+    /// Logic pods by push requests: `target` is the push API requests per
+    /// second one pod should serve.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
 }
 
 impl Default for LogicSpec {
@@ -489,6 +550,7 @@ impl Default for LogicSpec {
             replicas: default_replicas(),
             resources: None,
             service: LogicServiceSpec::default(),
+            autoscaling: None,
         }
     }
 }
@@ -503,6 +565,11 @@ pub struct JobSpec {
     pub replicas: i32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Jobs by stream lag: `target` is the pending (published, not yet
+    /// delivered) messages one job should have; never more jobs than
+    /// `nats.partitions`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
 }
 
 impl Default for JobSpec {
@@ -510,6 +577,7 @@ impl Default for JobSpec {
         JobSpec {
             replicas: default_replicas(),
             resources: None,
+            autoscaling: None,
         }
     }
 }
@@ -561,4 +629,27 @@ pub struct ComponentStatus {
     /// Label selector of the pods (for the scale subresource and HPAs).
     #[serde(default)]
     pub selector: String,
+    /// Present while `autoscaling.enabled`: the operator owns the replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingStatus>,
+}
+
+/// What the autoscaler saw and decided last.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingStatus {
+    /// The replicas the operator set.
+    pub desired_replicas: i32,
+    /// The load summed over the pods that answered, in the target's unit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<f64>,
+    /// Pods whose metrics were read, of the pods that are ready.
+    #[serde(default)]
+    pub pods_measured: String,
+    /// Why the last decision was made.
+    #[serde(default)]
+    pub reason: String,
+    /// When the replicas last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
 }

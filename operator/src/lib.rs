@@ -6,13 +6,16 @@
 //! binary reads) and Kubernetes objects.
 #![forbid(unsafe_code)]
 
+pub mod autoscale;
 pub mod controller;
 pub mod crd;
 pub mod leader;
+pub mod load;
 pub mod metrics;
 pub mod rbac;
 pub mod reconcile;
 pub mod render;
+pub mod scaling;
 
 use kube::CustomResourceExt;
 

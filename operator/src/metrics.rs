@@ -8,6 +8,7 @@ pub struct OperatorMetrics {
     pub failures: IntCounterVec,
     pub duration: HistogramVec,
     pub leader: IntGauge,
+    pub autoscaler_decisions: IntCounterVec,
 }
 
 impl OperatorMetrics {
@@ -17,6 +18,7 @@ impl OperatorMetrics {
         registry.register(Box::new(metrics.failures.clone()))?;
         registry.register(Box::new(metrics.duration.clone()))?;
         registry.register(Box::new(metrics.leader.clone()))?;
+        registry.register(Box::new(metrics.autoscaler_decisions.clone()))?;
         Ok(metrics)
     }
 
@@ -45,6 +47,18 @@ impl OperatorMetrics {
         for error in ["kube_api", "render", "serialize"] {
             failures.with_label_values(&[error]);
         }
+        let autoscaler_decisions = IntCounterVec::new(
+            Opts::new(
+                "pushcluster_operator_autoscaler_decisions_total",
+                "Autoscaling decisions, by component (comet, logic, job) and direction (up, down, hold).",
+            ),
+            &["component", "direction"],
+        )?;
+        for component in ["comet", "logic", "job"] {
+            for direction in ["up", "down", "hold"] {
+                autoscaler_decisions.with_label_values(&[component, direction]);
+            }
+        }
         Ok(OperatorMetrics {
             reconciliations,
             failures,
@@ -60,6 +74,7 @@ impl OperatorMetrics {
                 "pushcluster_operator_leader",
                 "1 while this operator replica holds the leader lease.",
             )?,
+            autoscaler_decisions,
         })
     }
 }

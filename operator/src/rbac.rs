@@ -75,6 +75,19 @@ pub const FLEET_RULES: &[Rule] = &[
         resources: &["events"],
         verbs: &["create", "patch"],
     },
+    // Autoscaling: the fleet's pods are listed (their /metrics read) and
+    // comets get a deletion cost before a scale-down; HPAs targeting a
+    // PushCluster are looked for.
+    Rule {
+        group: "",
+        resources: &["pods"],
+        verbs: &["list", "patch"],
+    },
+    Rule {
+        group: "autoscaling",
+        resources: &["horizontalpodautoscalers"],
+        verbs: &["list"],
+    },
 ];
 
 /// Leader election, in the operator's own namespace only.

@@ -20,9 +20,11 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
+use crate::autoscale::Direction;
 use crate::crd::{ComponentStatus, PushCluster, PushClusterStatus};
 use crate::metrics::OperatorMetrics;
 use crate::render::{self, Fleet, MANAGER, RenderError, selector_string};
+use crate::scaling::{self, Autoscaler, Component};
 
 /// Requeue while a rollout is under way.
 const PROGRESSING_REQUEUE: Duration = Duration::from_secs(10);
@@ -35,6 +37,7 @@ pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
 pub const PAUSED: &str = "ReconciliationPaused";
 pub const SERVICE_MONITOR_READY: &str = "ServiceMonitorReady";
+pub const AUTOSCALING_CONFLICT: &str = "AutoscalingConflict";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -64,6 +67,7 @@ pub struct Context {
     pub metrics: OperatorMetrics,
     /// Consecutive failures per object, for the retry backoff.
     failures: Mutex<HashMap<String, u32>>,
+    autoscaler: Autoscaler,
 }
 
 impl Context {
@@ -73,9 +77,19 @@ impl Context {
             recorder,
             metrics,
             failures: Mutex::new(HashMap::new()),
+            autoscaler: Autoscaler::new(DEFAULT_AUTOSCALE_INTERVAL),
         }
     }
+
+    /// How often autoscaled components are measured and decided.
+    pub fn with_autoscale_interval(mut self, interval: Duration) -> Self {
+        self.autoscaler = Autoscaler::new(interval.max(Duration::from_secs(1)));
+        self
+    }
 }
+
+/// As Kubernetes' HPA: every 15 s.
+pub const DEFAULT_AUTOSCALE_INTERVAL: Duration = Duration::from_secs(15);
 
 fn object_key(pc: &PushCluster) -> String {
     format!("{}/{}", pc.namespace().unwrap_or_default(), pc.name_any())
@@ -266,6 +280,7 @@ fn component(deployment: &Deployment, instance: &str, name: &str) -> (ComponentS
             desired_replicas: desired,
             ready: format!("{ready}/{desired}"),
             selector: selector_string(instance, name),
+            autoscaling: None,
         },
         progressing,
     )
@@ -376,7 +391,7 @@ async fn reconcile_inner(pc: &PushCluster, ctx: &Context) -> Result<(Action, &'s
         .await;
     }
 
-    let fleet = match render::render(pc) {
+    let mut fleet = match render::render(pc) {
         Ok(fleet) => fleet,
         Err(RenderError::InvalidConfig(message)) => {
             // Retrying cannot help until the spec changes (which requeues).
@@ -403,12 +418,73 @@ async fn reconcile_inner(pc: &PushCluster, ctx: &Context) -> Result<(Action, &'s
         Err(error) => return Err(error.into()),
     };
 
+    // Autoscaled components: the operator's replicas replace the spec's.
+    let mut scaled = Vec::new();
+    for (which, previous) in [
+        (Component::Comet, &previous.comet),
+        (Component::Logic, &previous.logic),
+        (Component::Job, &previous.job),
+    ] {
+        scaled.push(
+            scaling::scale(
+                &ctx.client,
+                &ctx.autoscaler,
+                pc,
+                &namespace,
+                which,
+                previous,
+            )
+            .await?,
+        );
+    }
+    for (deployment, scaled) in [&mut fleet.comet, &mut fleet.logic, &mut fleet.job]
+        .into_iter()
+        .zip(&scaled)
+    {
+        if let (Some(scaled), Some(spec)) = (scaled, deployment.spec.as_mut()) {
+            spec.replicas = Some(scaled.replicas);
+        }
+    }
+    let hpas = if scaled[0].is_some() {
+        scaling::conflicting_hpas(&ctx.client, pc, &namespace).await?
+    } else {
+        Vec::new()
+    };
+
     let ([comet, logic, job], monitor) =
         apply_fleet(&ctx.client, &namespace, pc, &fleet, generation).await?;
     let instance = pc.name_any();
-    let (comet_status, comet_progressing) = component(&comet, &instance, "comet");
-    let (logic_status, logic_progressing) = component(&logic, &instance, "logic");
-    let (job_status, job_progressing) = component(&job, &instance, "job");
+    let (mut comet_status, comet_progressing) = component(&comet, &instance, "comet");
+    let (mut logic_status, logic_progressing) = component(&logic, &instance, "logic");
+    let (mut job_status, job_progressing) = component(&job, &instance, "job");
+    for ((status, scaled), which) in [&mut comet_status, &mut logic_status, &mut job_status]
+        .into_iter()
+        .zip(&scaled)
+        .zip([Component::Comet, Component::Logic, Component::Job])
+    {
+        let Some(scaled) = scaled else { continue };
+        status.autoscaling = Some(scaled.status.clone());
+        let direction = scaled.decision.direction;
+        ctx.metrics
+            .autoscaler_decisions
+            .with_label_values(&[which.name(), direction.label()])
+            .inc();
+        if direction != Direction::Hold {
+            let reason = if direction == Direction::Up {
+                "ScaledUp"
+            } else {
+                "ScaledDown"
+            };
+            let note = format!(
+                "{} replicas → {}: {}",
+                which.name(),
+                scaled.replicas,
+                scaled.decision.reason
+            );
+            tracing::info!(pushcluster = %object_key(pc), "{note}");
+            event(ctx, pc, EventType::Normal, reason, note).await;
+        }
+    }
     let progressing = comet_progressing || logic_progressing || job_progressing;
     let available = [&comet_status, &logic_status, &job_status]
         .iter()
@@ -461,7 +537,23 @@ async fn reconcile_inner(pc: &PushCluster, ctx: &Context) -> Result<(Action, &'s
         condition(DEGRADED, false, "AsExpected", "", generation),
         condition(PAUSED, false, "Reconciling", "", generation),
         monitor,
+        if hpas.is_empty() {
+            condition(AUTOSCALING_CONFLICT, false, "NoConflict", "", generation)
+        } else {
+            condition(
+                AUTOSCALING_CONFLICT,
+                true,
+                "HorizontalPodAutoscaler",
+                &format!(
+                    "HorizontalPodAutoscaler {} targets this PushCluster, but spec.comet.autoscaling is on: the operator sets the comet replicas and ignores spec.comet.replicas. Delete the HPA, or turn autoscaling off to let it scale.",
+                    hpas.join(", ")
+                ),
+                generation,
+            )
+        },
     ];
+    let conflict_before =
+        find(&previous.conditions, AUTOSCALING_CONFLICT).is_some_and(|c| c.status == "True");
     let status = PushClusterStatus {
         observed_generation: generation,
         conditions: settle_conditions(&previous.conditions, conditions),
@@ -491,11 +583,27 @@ async fn reconcile_inner(pc: &PushCluster, ctx: &Context) -> Result<(Action, &'s
         )
         .await;
     }
-    let requeue = if progressing {
+    if !hpas.is_empty() && !conflict_before {
+        event(
+            ctx,
+            pc,
+            EventType::Warning,
+            "AutoscalingConflict",
+            format!(
+                "HorizontalPodAutoscaler {} is ignored: spec.comet.autoscaling owns the comet replicas",
+                hpas.join(", ")
+            ),
+        )
+        .await;
+    }
+    let mut requeue = if progressing {
         PROGRESSING_REQUEUE
     } else {
         STEADY_REQUEUE
     };
+    if scaled.iter().any(Option::is_some) {
+        requeue = requeue.min(ctx.autoscaler.interval);
+    }
     Ok((Action::requeue(requeue), "applied"))
 }
 

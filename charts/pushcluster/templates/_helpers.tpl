@@ -104,4 +104,13 @@ equal to the requests the operator makes.
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+# Autoscaling: the fleet's pods are listed (their /metrics read) and comets
+# annotated with a deletion cost before a scale-down; HPAs that target a
+# PushCluster are looked for (a conflict condition).
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "patch"]
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["list"]
 {{- end }}
