@@ -82,9 +82,11 @@ pub struct Decision {
     pub reason: String,
 }
 
-/// Recommendations of the last windows, oldest first.
+/// Recommendations of the last windows, oldest first, and since when
+/// they have been collected.
 #[derive(Debug, Default)]
 pub struct History {
+    since: Option<Instant>,
     recommendations: VecDeque<(Instant, i32)>,
 }
 
@@ -131,6 +133,7 @@ pub fn decide(
     let wanted = ((load.total / policy.target).ceil() as i64).clamp(1, i64::from(i32::MAX)) as i32;
     let recommended = wanted.clamp(policy.min, policy.max);
     let keep = policy.up_window.max(policy.down_window);
+    let since = *history.since.get_or_insert(now);
     history.recommendations.push_back((now, recommended));
     while history
         .recommendations
@@ -152,10 +155,7 @@ pub fn decide(
     );
     // How long recommendations have been collected: a window is judged
     // only once it is full, not on what was seen since a restart.
-    let observed_for = history
-        .recommendations
-        .front()
-        .map_or(Duration::ZERO, |(at, _)| now.duration_since(*at));
+    let observed_for = now.duration_since(since);
     let up = within(policy.up_window).min().unwrap_or(recommended);
     if up > current {
         if observed_for < policy.up_window {
@@ -191,6 +191,12 @@ pub fn decide(
             reason: format!("{seen}: {current} → {replicas}"),
         };
     }
+    if recommended < current {
+        return hold(format!(
+            "{seen}: {recommended} would do, but the last {:?} wanted {down}",
+            policy.down_window
+        ));
+    }
     hold(format!("{seen}: {current} fit"))
 }
 
@@ -220,6 +226,15 @@ mod tests {
 
     /// Feeds loads at 10 s intervals; returns every decision's replicas.
     fn run(policy: &Policy, start: i32, steps: &[(f64, bool)]) -> Vec<i32> {
+        run_every(Duration::from_secs(10), policy, start, steps)
+    }
+
+    fn run_every(
+        interval: Duration,
+        policy: &Policy,
+        start: i32,
+        steps: &[(f64, bool)],
+    ) -> Vec<i32> {
         let mut history = History::default();
         let t0 = Instant::now();
         let mut current = start;
@@ -227,7 +242,7 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, (total, draining))| {
-                let now = t0 + Duration::from_secs(10 * i as u64);
+                let now = t0 + interval * i as u32;
                 let decision = decide(
                     policy,
                     current,
@@ -358,6 +373,21 @@ mod tests {
         for (name, policy, start, steps, want) in cases {
             assert_eq!(run(policy, *start, steps), want.to_vec(), "{name}");
         }
+    }
+
+    #[test]
+    fn a_window_that_is_no_multiple_of_the_interval_still_ends() {
+        // Decisions every 3 s, a 10 s window: down at the first decision
+        // after 10 s of low load (12 s), not never; then a step a decision.
+        let policy = Policy {
+            down_window: Duration::from_secs(10),
+            ..policy()
+        };
+        let low = [(150.0, false); 8];
+        assert_eq!(
+            run_every(Duration::from_secs(3), &policy, 4, &low),
+            [4, 4, 4, 4, 3, 2, 2, 2]
+        );
     }
 
     #[test]

@@ -269,7 +269,7 @@ async fn drive(client: Client, env: Env, names: Names) {
     let (repository, tag) = env.image_parts();
     let values = json!({
         "image": {"repository": repository, "tag": tag, "pullPolicy": "IfNotPresent"},
-        "operator": {"replicas": 2, "log": {"level": "info"}}
+        "operator": {"replicas": 2, "log": {"level": "info"}, "autoscaleSeconds": 2}
     });
     apply_yaml(
         &client,
@@ -383,6 +383,17 @@ async fn drive(client: Client, env: Env, names: Names) {
         ..fleet
     };
     step("Available=True");
+    // kube-proxy programs a new Service's endpoints within about a second.
+    for (what, addr) in [
+        ("the comet Service (TCP)", fleet.comet_tcp),
+        ("the comet Service (WebSocket)", fleet.comet_ws),
+        ("the logic Service", fleet.logic),
+    ] {
+        eventually(&format!("{what} to accept connections"), LONG, || async {
+            TcpStream::connect(addr).await.ok().map(|_| ())
+        })
+        .await;
+    }
     printer_columns(&client, &names.apps, ["True", "2/2", "2/2", "2/2"]).await;
 
     step("clients through the comet Service receive key, mid, room and broadcast pushes");
@@ -469,6 +480,9 @@ async fn drive(client: Client, env: Env, names: Names) {
     .await;
     fleet.jobs_see(2, 2).await;
     step("jobs link to the replacement and count no comet unavailable");
+
+    step("autoscaling: comets follow their connections, scale-down drains the emptiest");
+    autoscaling(&fleet, &pushclusters).await;
 
     step("paused: changes wait; resumed: they apply");
     pause_and_resume(&fleet, &pushclusters).await;
@@ -948,6 +962,212 @@ async fn rolling_update(fleet: &Fleet, pushclusters: &Api<PushCluster>) {
         );
     }
     eprintln!("{reconnects} reconnects; every connection lost nothing while open");
+}
+
+/// Connections on one comet pod, from its own metrics.
+async fn connections_on(fleet: &Fleet, pod: &Pod) -> Option<f64> {
+    let url = format!("http://{}:3190/metrics", pod_ip(pod));
+    let response = fleet
+        .http
+        .get(url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?;
+    let text = response.text().await.ok()?;
+    Some(parse_metric(&text, "pushcluster_comet_connections", &[]))
+}
+
+async fn autoscaling(fleet: &Fleet, pushclusters: &Api<PushCluster>) {
+    let started = Instant::now();
+    let autoscaled =
+        |pc: &PushCluster| pc.status.as_ref().and_then(|s| s.comet.autoscaling.clone());
+    pushclusters
+        .patch(
+            "push",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"comet": {"autoscaling": {
+                "enabled": true, "minReplicas": 2, "maxReplicas": 3, "target": 4,
+                "scaleDownStabilizationSeconds": 10
+            }}}})),
+        )
+        .await
+        .expect("turn on autoscaling");
+    eventually("the autoscaler to report", LONG, || async {
+        autoscaled(&pushclusters.get("push").await.ok()?).map(|_| ())
+    })
+    .await;
+
+    // What a user watching the fleet sees, once a second, for the note.
+    let (timeline_stop, mut timeline_stopped) = watch::channel(false);
+    let timeline = {
+        let (pushclusters, client, namespace) = (
+            pushclusters.clone(),
+            fleet.client.clone(),
+            fleet.namespace.clone(),
+        );
+        tokio::spawn(async move {
+            let mut lines = Vec::new();
+            loop {
+                if let Ok(pc) = pushclusters.get("push").await
+                    && let Some(status) = pc.status
+                {
+                    let pods = ready_pods(&client, &namespace, COMETS).await.len();
+                    let scaling = status.comet.autoscaling.unwrap_or_default();
+                    lines.push(format!(
+                        "{:>5.1}s connections {:>4} desired {} ready comets {} ({})",
+                        started.elapsed().as_secs_f64(),
+                        scaling.load.unwrap_or(f64::NAN),
+                        scaling.desired_replicas,
+                        pods,
+                        scaling.reason
+                    ));
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = timeline_stopped.changed() => return lines,
+                }
+            }
+        })
+    };
+
+    // 10 connections at 4 per comet want 3 comets.
+    let before: BTreeSet<String> = fleet
+        .comet_pods()
+        .await
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
+    assert_eq!(before.len(), 2);
+    let mut crowd = Vec::new();
+    for i in 0..10 {
+        crowd.push(
+            TcpClient::auth(
+                fleet.comet_tcp,
+                json!({"token": token(4000 + i, &format!("crowd-{i}"), "live://crowd")}),
+            )
+            .await,
+        );
+    }
+    let new_pod = eventually("a third comet for 10 connections", LONG, || async {
+        let pods = fleet.comet_pods().await;
+        let pc = pushclusters.get("push").await.ok()?;
+        (pods.len() == 3 && autoscaled(&pc)?.desired_replicas == 3)
+            .then(|| pods.into_iter().find(|p| !before.contains(&p.name_any())))
+            .flatten()
+    })
+    .await;
+    let new_ip = pod_ip(&new_pod).to_string();
+
+    // New connections go where /goim/nodes/weighted sends them: the new
+    // comet, which has none.
+    eventually(
+        "the new comet first in /goim/nodes/weighted",
+        LONG,
+        || async {
+            let nodes = fleet.get("/goim/nodes/weighted").await;
+            (nodes["data"]["nodes"][0].as_str() == Some(new_ip.as_str())).then_some(())
+        },
+    )
+    .await;
+    let mut stayed = Vec::new();
+    for i in 0..4 {
+        stayed.push(
+            TcpClient::auth(
+                SocketAddr::new(pod_ip(&new_pod), 3101),
+                json!({"token": token(5000 + i, &format!("stay-{i}"), "live://stay")}),
+            )
+            .await,
+        );
+    }
+    assert_eq!(connections_on(fleet, &new_pod).await, Some(4.0));
+
+    // The crowd leaves while numbered pushes reach the clients that stay.
+    let mut pushed = 0u64;
+    let path = "/goim/push/room?operation=1000&type=live&room=stay";
+    fleet.push_ok(path, &pushed.to_string()).await;
+    pushed += 1;
+    drop(crowd);
+    let scaled_down = async {
+        loop {
+            fleet.push_ok(path, &pushed.to_string()).await;
+            pushed += 1;
+            let pods = fleet.comet_pods().await;
+            let names: BTreeSet<String> = pods.iter().map(|p| p.name_any()).collect();
+            let all: Api<Pod> = Api::namespaced(fleet.client.clone(), &fleet.namespace);
+            let listed = all
+                .list(&ListParams::default().labels(COMETS))
+                .await
+                .map(|l| l.items.len())
+                .unwrap_or(0);
+            if listed == 2 && names.len() == 2 {
+                return names;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let Ok(left) = tokio::time::timeout(LONG, scaled_down).await else {
+        let pc = pushclusters.get("push").await.expect("PushCluster");
+        panic!(
+            "not back to 2 comets once the crowd left; status: {:?}",
+            pc.status.map(|s| s.comet)
+        );
+    };
+    assert!(
+        left.contains(&new_pod.name_any()),
+        "the comet holding the clients that stayed was kept: {left:?}"
+    );
+    let pc = pushclusters.get("push").await.expect("PushCluster");
+    let scaling = autoscaled(&pc).expect("autoscaling status");
+    assert_eq!(scaling.desired_replicas, 2);
+    assert!(scaling.last_scale_time.is_some());
+
+    // Every client that stayed got every push, in order.
+    for client in &mut stayed {
+        let mut got = Vec::new();
+        while got.len() < pushed as usize {
+            let frame = client.recv().await;
+            if let Ok(n) = body(&frame).parse::<u64>() {
+                got.push(n);
+            }
+        }
+        assert_eq!(got, (0..pushed).collect::<Vec<_>>(), "a client that stayed");
+    }
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(fleet.client.clone(), &fleet.namespace);
+    let reasons: BTreeSet<String> = events
+        .list(&ListParams::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    assert!(
+        reasons.contains("ScaledUp") && reasons.contains("ScaledDown"),
+        "an Event for each scaling step: {reasons:?}"
+    );
+    let _ = timeline_stop.send(true);
+    for line in timeline.await.expect("timeline") {
+        eprintln!("  {line}");
+    }
+    eprintln!("  {pushed} pushes to the clients that stayed, none lost");
+
+    // Off again: the spec's replicas apply.
+    pushclusters
+        .patch(
+            "push",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"comet": {"autoscaling": null}}})),
+        )
+        .await
+        .expect("turn off autoscaling");
+    eventually("autoscaling off in status", LONG, || async {
+        autoscaled(&pushclusters.get("push").await.ok()?)
+            .is_none()
+            .then_some(())
+    })
+    .await;
 }
 
 async fn pause_and_resume(fleet: &Fleet, pushclusters: &Api<PushCluster>) {

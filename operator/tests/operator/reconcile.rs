@@ -26,6 +26,9 @@ struct Scenario {
     no_service_monitor_crd: bool,
     /// Deployment applies fail with 500.
     fail_deployments: bool,
+    /// HorizontalPodAutoscalers in the namespace (names), all targeting
+    /// the PushCluster `push`.
+    hpas: Vec<&'static str>,
 }
 
 #[derive(Debug, Clone)]
@@ -78,6 +81,32 @@ fn answer(request: &Recorded, scenario: &Scenario, pc: &PushCluster) -> (StatusC
                 });
             }
             (StatusCode::OK, object)
+        }
+        // The autoscaler's lists: no pods yet (so no metrics), and the
+        // scenario's HPAs.
+        "GET" if request.path.ends_with("/pods") => (
+            StatusCode::OK,
+            json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []}),
+        ),
+        "GET" if request.path.ends_with("/horizontalpodautoscalers") => {
+            let items: Vec<Value> = scenario
+                .hpas
+                .iter()
+                .map(|name| {
+                    json!({
+                        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+                        "metadata": {"name": name, "namespace": "push"},
+                        "spec": {
+                            "scaleTargetRef": {"apiVersion": "pushcluster.io/v1alpha1", "kind": "PushCluster", "name": "push"},
+                            "minReplicas": 1, "maxReplicas": 5
+                        }
+                    })
+                })
+                .collect();
+            (
+                StatusCode::OK,
+                json!({"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscalerList", "metadata": {}, "items": items}),
+            )
         }
         _ => (StatusCode::NOT_FOUND, status_error(404, "NotFound")),
     }
@@ -405,4 +434,63 @@ async fn every_request_is_within_the_operators_rbac() {
             "no {verb} {group}/{resource} in {seen:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn autoscaled_comets_get_the_operators_replicas_and_an_hpa_is_a_conflict() {
+    let mut pc = stored("examples/pushcluster-minimal.yaml");
+    // spec says 2; autoscaling's minimum is 3: the operator's 3 is applied
+    // (no metrics are needed to respect the bounds).
+    pc.spec.comet.replicas = 2;
+    pc.spec.comet.autoscaling = Some(
+        serde_json::from_value(
+            json!({"enabled": true, "minReplicas": 3, "maxReplicas": 5, "target": 100}),
+        )
+        .expect("autoscaling"),
+    );
+    let (result, log, context) = run(
+        pc,
+        Scenario {
+            hpas: vec!["comets"],
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(result, Ok(()));
+    let comet = patches(&log)
+        .into_iter()
+        .find(|r| r.path.ends_with("/deployments/push-comet"))
+        .expect("comet Deployment applied");
+    assert_eq!(comet.body["spec"]["replicas"], 3);
+    let status = status_patch(&log);
+    assert_eq!(status["comet"]["autoscaling"]["desiredReplicas"], 3);
+    assert!(
+        status["comet"]["autoscaling"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("below minReplicas")),
+        "{status}"
+    );
+    let conflict = condition(status, "AutoscalingConflict");
+    assert_eq!(conflict["status"], "True");
+    assert!(
+        conflict["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("comets")),
+        "{conflict}"
+    );
+    assert_eq!(
+        context
+            .metrics
+            .autoscaler_decisions
+            .with_label_values(&["comet", "up"])
+            .get(),
+        1
+    );
+    // Logic and job are not autoscaled: their spec replicas, no status.
+    assert!(status["logic"].get("autoscaling").is_none());
+    let logic = patches(&log)
+        .into_iter()
+        .find(|r| r.path.ends_with("/deployments/push-logic"))
+        .expect("logic Deployment applied");
+    assert_eq!(logic.body["spec"]["replicas"], 2);
 }
