@@ -48,10 +48,12 @@ pub const LOGIC_PUSH_REQUESTS: Measure = Measure {
     unit: "push requests/s",
 };
 
-/// The sum of `measure`'s series in a Prometheus text exposition; None if
-/// the metric is not there at all.
-pub fn sum_metric(text: &str, measure: &Measure) -> Option<f64> {
-    let mut total = None;
+/// The sum of `measure`'s series in a Prometheus text exposition. A series
+/// that is not there counts 0: every fleet process registers these
+/// metrics, and a labelled counter shows no series until its first event
+/// (a logic pod that has served no push yet).
+pub fn sum_metric(text: &str, measure: &Measure) -> f64 {
+    let mut total = 0.0;
     for line in text.lines() {
         let Some(rest) = line.strip_prefix(measure.metric) else {
             continue;
@@ -79,14 +81,14 @@ pub fn sum_metric(text: &str, measure: &Measure) -> Option<f64> {
             .and_then(|v| v.parse::<f64>().ok())
             .filter(|v| v.is_finite())
         {
-            *total.get_or_insert(0.0) += value;
+            total += value;
         }
     }
     total
 }
 
-/// Reads `measure` from every pod: (pod name, value or None if it did not
-/// answer in time or lacks the metric).
+/// Reads `measure` from every pod: (pod name, value or None if its
+/// `/metrics` did not answer in time).
 pub async fn read(
     http: &reqwest::Client,
     pods: &[&Pod],
@@ -102,7 +104,7 @@ pub async fn read(
                         .text()
                         .await
                         .ok()
-                        .and_then(|text| sum_metric(&text, measure)),
+                        .map(|text| sum_metric(&text, measure)),
                     _ => None,
                 }
             }
@@ -131,9 +133,10 @@ pushcluster_logic_http_requests_total{code=\"0\",route=\"/goim/online/top\",stat
 
     #[test]
     fn sums_the_series_of_a_metric() {
-        assert_eq!(sum_metric(TEXT, &COMET_CONNECTIONS), Some(12.0));
-        assert_eq!(sum_metric(TEXT, &JOB_PENDING), Some(42.0));
-        assert_eq!(sum_metric(TEXT, &LOGIC_PUSH_REQUESTS), Some(15.0));
-        assert_eq!(sum_metric("# nothing\n", &COMET_CONNECTIONS), None);
+        assert_eq!(sum_metric(TEXT, &COMET_CONNECTIONS), 12.0);
+        assert_eq!(sum_metric(TEXT, &JOB_PENDING), 42.0);
+        assert_eq!(sum_metric(TEXT, &LOGIC_PUSH_REQUESTS), 15.0);
+        // No series yet (a logic pod that has served no push): zero.
+        assert_eq!(sum_metric("# nothing\n", &LOGIC_PUSH_REQUESTS), 0.0);
     }
 }

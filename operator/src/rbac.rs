@@ -33,10 +33,11 @@ pub const FLEET_RULES: &[Rule] = &[
         resources: &["configmaps", "serviceaccounts", "services"],
         verbs: CHILD_VERBS,
     },
+    // Children; autoscaling also reads a Deployment's live replicas.
     Rule {
         group: "apps",
         resources: &["deployments"],
-        verbs: CHILD_VERBS,
+        verbs: &["get", "list", "watch", "create", "patch"],
     },
     // The push API's generated token: created once, never read back (an
     // existing one answers 409), so no right to read any Secret.

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -154,11 +155,15 @@ pub async fn scale(
         measured: measured.len(),
         pods: ready.len(),
     };
-    let current = if previous.autoscaling.is_some() {
-        previous.desired_replicas
-    } else {
-        component.replicas(pc)
-    };
+    // The live Deployment's replicas, not the status of the (possibly
+    // stale) cached object: deciding from a stale count would undo the
+    // previous step.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let live = deployments
+        .get_opt(&format!("{}-{}", pc.name_any(), component.name()))
+        .await?
+        .and_then(|d| d.spec?.replicas);
+    let current = live.unwrap_or_else(|| component.replicas(pc));
     let key = format!("{namespace}/{}/{}", pc.name_any(), component.name());
     let decision = {
         let mut histories = autoscaler
@@ -274,4 +279,25 @@ pub async fn conflicting_hpas(
         })
         .map(|hpa| hpa.name_any())
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn counters_become_rates_from_the_second_reading_on() {
+        let autoscaler = Autoscaler::new(Duration::from_secs(15));
+        let read =
+            |a: Option<f64>, b: Option<f64>| vec![("a".to_string(), a), ("b".to_string(), b)];
+        let first = rates(&autoscaler, "ns", read(Some(100.0), Some(50.0)));
+        assert_eq!(first, read(None, None), "no rate from one reading");
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let second = rates(&autoscaler, "ns", read(Some(300.0), Some(40.0)));
+        // b's counter went back: its process restarted, no rate this time.
+        assert_eq!(second, read(Some(20.0), None));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let third = rates(&autoscaler, "ns", read(Some(300.0), Some(90.0)));
+        assert_eq!(third, read(Some(0.0), Some(10.0)));
+    }
 }

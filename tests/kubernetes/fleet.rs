@@ -1153,19 +1153,59 @@ async fn autoscaling(fleet: &Fleet, pushclusters: &Api<PushCluster>) {
     }
     eprintln!("  {pushed} pushes to the clients that stayed, none lost");
 
+    // Jobs by stream lag and logic by push requests/s: idle, both go down
+    // to their minimum once the (short) window has passed.
+    let idle = json!({"enabled": true, "minReplicas": 1, "maxReplicas": 2, "target": 1000,
+                      "scaleDownStabilizationSeconds": 4});
+    pushclusters
+        .patch(
+            "push",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"job": {"autoscaling": idle}, "logic": {"autoscaling": idle}}}),
+            ),
+        )
+        .await
+        .expect("autoscale jobs and logic");
+    let deployments: Api<Deployment> = Api::namespaced(fleet.client.clone(), &fleet.namespace);
+    let scaled_to_one = eventually("jobs and logic scaled down to 1", LONG, || async {
+        let pc = pushclusters.get("push").await.ok()?;
+        let status = pc.status?;
+        let (job, logic) = (status.job.autoscaling?, status.logic.autoscaling?);
+        for name in ["push-job", "push-logic"] {
+            let replicas = deployments.get(name).await.ok()?.spec?.replicas;
+            if replicas != Some(1) {
+                return None;
+            }
+        }
+        (job.desired_replicas == 1 && logic.desired_replicas == 1).then_some((job, logic))
+    })
+    .await;
+    eprintln!(
+        "  job: {} | logic: {}",
+        scaled_to_one.0.reason, scaled_to_one.1.reason
+    );
+
     // Off again: the spec's replicas apply.
     pushclusters
         .patch(
             "push",
             &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"comet": {"autoscaling": null}}})),
+            &Patch::Merge(json!({"spec": {
+                "comet": {"autoscaling": null},
+                "job": {"autoscaling": null},
+                "logic": {"autoscaling": null}
+            }})),
         )
         .await
         .expect("turn off autoscaling");
-    eventually("autoscaling off in status", LONG, || async {
-        autoscaled(&pushclusters.get("push").await.ok()?)
-            .is_none()
-            .then_some(())
+    eventually("autoscaling off, spec replicas back", LONG, || async {
+        let pc = pushclusters.get("push").await.ok()?;
+        let status = pc.status.clone()?;
+        let off = autoscaled(&pc).is_none()
+            && status.job.autoscaling.is_none()
+            && status.logic.autoscaling.is_none();
+        (off && status.logic.ready == "2/2" && status.job.ready == "2/2").then_some(())
     })
     .await;
 }

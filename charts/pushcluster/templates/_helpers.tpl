@@ -79,9 +79,10 @@ equal to the requests the operator makes.
 - apiGroups: [""]
   resources: ["configmaps", "serviceaccounts", "services"]
   verbs: ["list", "watch", "create", "patch"]
+# Deployments also read (get) for the live replicas autoscaling starts from.
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 # The push API's generated token Secret: created once, never read.
 - apiGroups: [""]
   resources: ["secrets"]
