@@ -190,14 +190,14 @@ fn room(room: &str, body: &str) -> PushMsg {
     }
 }
 
-async fn next(subscription: &mut Subscription) -> Delivery {
+pub(crate) async fn next(subscription: &mut Subscription) -> Delivery {
     tokio::time::timeout(WAIT, subscription.next())
         .await
         .expect("a delivery in time")
         .expect("subscription open")
 }
 
-fn body(delivery: &Delivery) -> String {
+pub(crate) fn body(delivery: &Delivery) -> String {
     String::from_utf8_lossy(&delivery.msg.msg).into_owned()
 }
 

@@ -165,6 +165,17 @@ struct Harness {
     discovery: Arc<StaticDiscovery>,
 }
 
+/// Room frames delivered over all calls so far.
+fn room_frames(calls: &[Call]) -> usize {
+    calls
+        .iter()
+        .map(|c| match c {
+            Call::Room { frames, .. } => frames.len(),
+            _ => 0,
+        })
+        .sum()
+}
+
 fn endpoint(id: &str) -> CometEndpoint {
     CometEndpoint {
         id: id.into(),
@@ -435,18 +446,7 @@ async fn idle_lanes_exit_without_losing_messages() {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
-    comet
-        .wait_for(|calls| {
-            calls
-                .iter()
-                .map(|c| match c {
-                    Call::Room { frames, .. } => frames.len(),
-                    _ => 0,
-                })
-                .sum::<usize>()
-                == 200
-        })
-        .await;
+    comet.wait_for(|calls| room_frames(calls) == 200).await;
     let flat: Vec<String> = comet
         .room_bodies("live://1")
         .into_iter()
@@ -470,17 +470,7 @@ async fn a_dead_comet_is_skipped_and_does_not_hold_up_the_others() {
         harness.publish(room("live://1", &i.to_string())).await;
         live.wait_for(|calls| calls.len() > i).await;
     }
-    live.wait_for(|calls| {
-        calls
-            .iter()
-            .map(|c| match c {
-                Call::Room { frames, .. } => frames.len(),
-                _ => 0,
-            })
-            .sum::<usize>()
-            == 10
-    })
-    .await;
+    live.wait_for(|calls| room_frames(calls) == 10).await;
     let flat: Vec<String> = live.room_bodies("live://1").into_iter().flatten().collect();
     assert_eq!(flat, (0..10).map(|i| i.to_string()).collect::<Vec<_>>());
     tokio::time::timeout(Duration::from_secs(10), async {
@@ -541,18 +531,7 @@ async fn a_poisoned_lane_map_still_delivers_every_message() {
     for room_id in ["live://1", "live://2"] {
         harness.publish(room(room_id, "after")).await;
     }
-    comet
-        .wait_for(|calls| {
-            calls
-                .iter()
-                .map(|c| match c {
-                    Call::Room { frames, .. } => frames.len(),
-                    _ => 0,
-                })
-                .sum::<usize>()
-                == 3
-        })
-        .await;
+    comet.wait_for(|calls| room_frames(calls) == 3).await;
     assert_eq!(
         comet.room_bodies("live://2"),
         vec![vec!["after".to_string()]]

@@ -186,6 +186,14 @@ impl Fleet {
         ready_pods(&self.client, &self.namespace, COMETS).await
     }
 
+    async fn comet_names(&self) -> BTreeSet<String> {
+        self.comet_pods()
+            .await
+            .iter()
+            .map(|p| p.name_any())
+            .collect()
+    }
+
     /// `(comets, comets_unavailable)` as every ready job pod reports them.
     async fn job_views(&self) -> Vec<(f64, f64)> {
         let mut views = Vec::new();
@@ -400,12 +408,7 @@ async fn drive(client: Client, env: Env, names: Names) {
     pushes_reach_clients(&fleet).await;
 
     step("scale subresource: 3 comets");
-    let before: BTreeSet<String> = fleet
-        .comet_pods()
-        .await
-        .iter()
-        .map(|p| p.name_any())
-        .collect();
+    let before = fleet.comet_names().await;
     pushclusters
         .patch_scale(
             "push",
@@ -1032,12 +1035,7 @@ async fn autoscaling(fleet: &Fleet, pushclusters: &Api<PushCluster>) {
     };
 
     // 10 connections at 4 per comet want 3 comets.
-    let before: BTreeSet<String> = fleet
-        .comet_pods()
-        .await
-        .iter()
-        .map(|p| p.name_any())
-        .collect();
+    let before = fleet.comet_names().await;
     assert_eq!(before.len(), 2);
     let mut crowd = Vec::new();
     for i in 0..10 {
@@ -1088,12 +1086,25 @@ async fn autoscaling(fleet: &Fleet, pushclusters: &Api<PushCluster>) {
     fleet.push_ok(path, &pushed.to_string()).await;
     pushed += 1;
     drop(crowd);
+    let deployments: Api<Deployment> = Api::namespaced(fleet.client.clone(), &fleet.namespace);
+    let mut lowest = i32::MAX;
     let scaled_down = async {
         loop {
             fleet.push_ok(path, &pushed.to_string()).await;
             pushed += 1;
-            let pods = fleet.comet_pods().await;
-            let names: BTreeSet<String> = pods.iter().map(|p| p.name_any()).collect();
+            // Down only: a step taken is never undone (no flapping).
+            let replicas = deployments
+                .get("push-comet")
+                .await
+                .ok()
+                .and_then(|d| d.spec?.replicas)
+                .unwrap_or(i32::MAX);
+            assert!(
+                replicas <= lowest || lowest == i32::MAX,
+                "comets went back up from {lowest} to {replicas} while the load stayed low"
+            );
+            lowest = lowest.min(replicas);
+            let names = fleet.comet_names().await;
             let all: Api<Pod> = Api::namespaced(fleet.client.clone(), &fleet.namespace);
             let listed = all
                 .list(&ListParams::default().labels(COMETS))
@@ -1167,7 +1178,6 @@ async fn autoscaling(fleet: &Fleet, pushclusters: &Api<PushCluster>) {
         )
         .await
         .expect("autoscale jobs and logic");
-    let deployments: Api<Deployment> = Api::namespaced(fleet.client.clone(), &fleet.namespace);
     let scaled_to_one = eventually("jobs and logic scaled down to 1", LONG, || async {
         let pc = pushclusters.get("push").await.ok()?;
         let status = pc.status?;

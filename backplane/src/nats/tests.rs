@@ -9,8 +9,8 @@ use pushcluster_api::pb::logic::push_msg::Type as PushType;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use crate::bus::{Bus, BusMetrics, Delivery, Subscription};
-use crate::conformance::{self, SHORT_TTL};
+use crate::bus::{Bus, BusMetrics, Subscription};
+use crate::conformance::{self, SHORT_TTL, body, next};
 use crate::testing::NatsServer;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -74,17 +74,6 @@ async fn consumer(config: &NatsConfig, member: &str, stop: &CancellationToken) -
         stop.clone(),
     );
     bus.subscribe().await.expect("subscribe")
-}
-
-async fn next(sub: &mut Subscription) -> Delivery {
-    tokio::time::timeout(WAIT, sub.next())
-        .await
-        .expect("a delivery in time")
-        .expect("subscription open")
-}
-
-fn body(delivery: &Delivery) -> String {
-    String::from_utf8_lossy(&delivery.msg.msg).into_owned()
 }
 
 #[tokio::test]
