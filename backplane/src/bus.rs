@@ -176,6 +176,7 @@ pub struct BusMetrics {
     pub redelivered: prometheus::IntCounter,
     pub dropped: prometheus::IntCounterVec,
     pub pending: prometheus::IntGauge,
+    pub consumer_restarts: prometheus::IntCounter,
 }
 
 impl BusMetrics {
@@ -205,6 +206,10 @@ impl BusMetrics {
                 "pushcluster_bus_pending_messages",
                 "PushMsg published and not yet acked (consumer lag).",
             )?,
+            consumer_restarts: prometheus::IntCounter::new(
+                "pushcluster_bus_consumer_restarts_total",
+                "Partition consumers that failed and were started again.",
+            )?,
         })
     }
 
@@ -215,6 +220,7 @@ impl BusMetrics {
         registry.register(Box::new(metrics.redelivered.clone()))?;
         registry.register(Box::new(metrics.dropped.clone()))?;
         registry.register(Box::new(metrics.pending.clone()))?;
+        registry.register(Box::new(metrics.consumer_restarts.clone()))?;
         Ok(metrics)
     }
 }

@@ -24,6 +24,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use prost::Message as _;
+use pushcluster_api::backoff::Backoff;
 use pushcluster_api::config::{NatsConfig, Retention};
 use pushcluster_api::pb::logic::PushMsg;
 use tokio::sync::mpsc;
@@ -299,7 +300,7 @@ impl NatsBus {
         stop: CancellationToken,
     ) {
         tracing::info!(partition, generation, "consuming partition");
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         while !stop.is_cancelled() {
             match self
                 .consume_partition(partition, generation, &tx, &stop)
@@ -307,12 +308,12 @@ impl NatsBus {
             {
                 Ok(()) => break,
                 Err(error) => {
+                    self.inner.metrics.consumer_restarts.inc();
                     tracing::warn!(partition, %error, "partition consumer failed; restarting");
                     tokio::select! {
                         _ = stop.cancelled() => break,
-                        _ = tokio::time::sleep(delay) => {}
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
                     }
-                    delay = (delay * 2).min(Duration::from_secs(2));
                 }
             }
         }
@@ -362,11 +363,14 @@ impl NatsBus {
                 ack_wait: config.ack_wait,
                 max_deliver: i64::from(config.max_deliver),
                 max_ack_pending: i64::from(config.max_ack_pending),
-                deliver_policy: match start {
-                    Some(start_sequence) => {
+                deliver_policy: match (start, config.stream.retention) {
+                    (Some(start_sequence), Retention::Limits) => {
                         consumer::DeliverPolicy::ByStartSequence { start_sequence }
                     }
-                    None => consumer::DeliverPolicy::All,
+                    // A work queue keeps only what is not acked yet, so all
+                    // of it is the ack floor on (and JetStream refuses any
+                    // other start on a work queue).
+                    _ => consumer::DeliverPolicy::All,
                 },
                 ..Default::default()
             })

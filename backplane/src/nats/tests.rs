@@ -67,9 +67,18 @@ async fn publisher(config: &NatsConfig, stop: &CancellationToken) -> NatsBus {
 }
 
 async fn consumer(config: &NatsConfig, member: &str, stop: &CancellationToken) -> Subscription {
+    consumer_with(config, member, stop, BusMetrics::unregistered()).await
+}
+
+async fn consumer_with(
+    config: &NatsConfig,
+    member: &str,
+    stop: &CancellationToken,
+    metrics: BusMetrics,
+) -> Subscription {
     let bus = NatsBus::consumer(
         connect(config).await,
-        BusMetrics::unregistered(),
+        metrics,
         member.to_string(),
         stop.clone(),
     );
@@ -160,7 +169,8 @@ async fn unacked_messages_of_a_dead_member_move_to_another_in_order() {
     kill_tx.send(()).expect("kill a");
     member_a.join().expect("member a ended");
 
-    let mut b = consumer(&config, "job-b", &stop).await;
+    let metrics_b = BusMetrics::unregistered();
+    let mut b = consumer_with(&config, "job-b", &stop, metrics_b.clone()).await;
     // Acks are not confirmed (at-least-once; comets drop repeats by stream
     // sequence), so acks a sent just before dying may not have reached the
     // server: b may see some of 0..4 again, but in order, then all of 5..9.
@@ -187,6 +197,9 @@ async fn unacked_messages_of_a_dead_member_move_to_another_in_order() {
         .await
         .expect("publish");
     assert_eq!(body(&next(&mut b).await), "10");
+    // The takeover reset each partition's consumer to its ack floor without
+    // a failed attempt (a work queue takes no start sequence).
+    assert_eq!(metrics_b.consumer_restarts.get(), 0);
     stop.cancel();
 }
 
