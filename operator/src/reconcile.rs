@@ -464,6 +464,9 @@ async fn reconcile_inner(pc: &PushCluster, ctx: &Context) -> Result<(Action, &'s
     {
         let Some(scaled) = scaled else { continue };
         status.autoscaling = Some(scaled.status.clone());
+        if !scaled.fresh {
+            continue;
+        }
         let direction = scaled.decision.direction;
         ctx.metrics
             .autoscaler_decisions

@@ -36,6 +36,11 @@ pub struct Autoscaler {
     histories: Mutex<HashMap<String, History>>,
     /// The last counter reading per pod, for rates.
     counters: Mutex<HashMap<String, (Instant, f64)>>,
+    /// The last decision per PushCluster and component, and when: a
+    /// reconcile within the interval (a spec edit, a child changing) reuses
+    /// it instead of measuring again, so the autoscaler's own status
+    /// updates never make it spin.
+    last: Mutex<HashMap<String, (Instant, Scaled)>>,
 }
 
 impl Autoscaler {
@@ -45,6 +50,7 @@ impl Autoscaler {
             http: reqwest::Client::new(),
             histories: Mutex::new(HashMap::new()),
             counters: Mutex::new(HashMap::new()),
+            last: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -108,10 +114,13 @@ impl Component {
 }
 
 /// What the autoscaler decided for one component.
+#[derive(Clone)]
 pub struct Scaled {
     pub replicas: i32,
     pub status: AutoscalingStatus,
     pub decision: Decision,
+    /// False when the last decision was reused (within the interval).
+    pub fresh: bool,
 }
 
 /// Decides `component`'s replicas if it is autoscaled.
@@ -126,6 +135,19 @@ pub async fn scale(
     let Some(spec) = component.spec(pc) else {
         return Ok(None);
     };
+    let key = format!("{namespace}/{}/{}", pc.name_any(), component.name());
+    if let Some((at, scaled)) = autoscaler
+        .last
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&key)
+        && at.elapsed() < autoscaler.interval.mul_f64(0.9)
+    {
+        return Ok(Some(Scaled {
+            fresh: false,
+            ..scaled.clone()
+        }));
+    }
     let policy = component.policy(pc, spec);
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let selector = selector_string(&pc.name_any(), component.name());
@@ -164,13 +186,12 @@ pub async fn scale(
         .await?
         .and_then(|d| d.spec?.replicas);
     let current = live.unwrap_or_else(|| component.replicas(pc));
-    let key = format!("{namespace}/{}/{}", pc.name_any(), component.name());
     let decision = {
         let mut histories = autoscaler
             .histories
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let history = histories.entry(key).or_default();
+        let history = histories.entry(key.clone()).or_default();
         decide(
             &policy,
             current,
@@ -199,11 +220,18 @@ pub async fn scale(
                 .and_then(|a| a.last_scale_time.clone())
         },
     };
-    Ok(Some(Scaled {
+    let scaled = Scaled {
         replicas: decision.replicas,
         status,
         decision,
-    }))
+        fresh: true,
+    };
+    autoscaler
+        .last
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(key, (Instant::now(), scaled.clone()));
+    Ok(Some(scaled))
 }
 
 fn is_ready(pod: &Pod) -> bool {
