@@ -1001,6 +1001,48 @@ async fn autoscaling(fleet: &Fleet, pushclusters: &Api<PushCluster>) {
     })
     .await;
 
+    // An HPA on the scale subresource would fight the operator: refused
+    // with a condition naming it, cleared once it is gone.
+    let hpa = json!({
+        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "comets-by-cpu", "namespace": fleet.namespace},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "pushcluster.io/v1alpha1", "kind": "PushCluster", "name": "push"},
+            "minReplicas": 2, "maxReplicas": 5,
+            "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 50}}}]
+        }
+    });
+    apply_value(&fleet.client, hpa, &fleet.namespace).await;
+    let conflict = |want: &'static str| {
+        let pushclusters = pushclusters.clone();
+        async move {
+            let pc = pushclusters.get("push").await.ok()?;
+            let (status, _) = condition(&pc, "AutoscalingConflict")?;
+            (status == want).then_some(pc)
+        }
+    };
+    let pc = eventually("AutoscalingConflict=True for the HPA", LONG, || {
+        conflict("True")
+    })
+    .await;
+    let message = pc
+        .status
+        .iter()
+        .flat_map(|s| s.conditions.iter())
+        .find(|c| c.type_ == "AutoscalingConflict")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains("comets-by-cpu"), "{message}");
+    let hpas: Api<k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler> =
+        Api::namespaced(fleet.client.clone(), &fleet.namespace);
+    hpas.delete("comets-by-cpu", &DeleteParams::default())
+        .await
+        .expect("delete the HPA");
+    eventually("AutoscalingConflict=False without the HPA", LONG, || {
+        conflict("False")
+    })
+    .await;
+
     // What a user watching the fleet sees, once a second, for the note.
     let (timeline_stop, mut timeline_stopped) = watch::channel(false);
     let timeline = {
