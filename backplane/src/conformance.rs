@@ -180,7 +180,7 @@ pub async fn reports_are_shared_and_expire(writer: &dyn Registry, reader: &dyn R
     .await;
 }
 
-fn room(room: &str, body: &str) -> PushMsg {
+pub(crate) fn room(room: &str, body: &str) -> PushMsg {
     PushMsg {
         r#type: PushType::Room as i32,
         operation: 1000,

@@ -749,6 +749,16 @@ async fn roll_client(
     }
 }
 
+/// Whether a roll client's current connection is open and `check` holds
+/// for it.
+fn on_open_connection(sessions: &Mutex<Vec<Session>>, check: impl Fn(&Session) -> bool) -> bool {
+    sessions
+        .lock()
+        .expect("sessions")
+        .last()
+        .is_some_and(|s| s.closed_at.is_none() && check(s))
+}
+
 async fn rolling_update(fleet: &Fleet, pushclusters: &Api<PushCluster>) {
     let old_pods = fleet.comet_pods().await;
     assert_eq!(old_pods.len(), 3);
@@ -780,12 +790,7 @@ async fn rolling_update(fleet: &Fleet, pushclusters: &Api<PushCluster>) {
         tokio::time::sleep(Duration::from_millis(300)).await;
         clients
             .iter()
-            .all(|(_, s, _)| {
-                s.lock()
-                    .expect("sessions")
-                    .last()
-                    .is_some_and(|s| s.frames > 0 && s.closed_at.is_none())
-            })
+            .all(|(_, s, _)| on_open_connection(s, |s| s.frames > 0))
             .then_some(())
     })
     .await;
@@ -910,12 +915,7 @@ async fn rolling_update(fleet: &Fleet, pushclusters: &Api<PushCluster>) {
         || async {
             clients
                 .iter()
-                .all(|(_, s, _)| {
-                    s.lock()
-                        .expect("sessions")
-                        .last()
-                        .is_some_and(|s| s.closed_at.is_none() && s.received.contains(&last))
-                })
+                .all(|(_, s, _)| on_open_connection(s, |s| s.received.contains(&last)))
                 .then_some(())
         },
     )

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::bus::{Bus, BusMetrics, Subscription};
-use crate::conformance::{self, SHORT_TTL, body, next};
+use crate::conformance::{self, SHORT_TTL, body, next, room};
 use crate::testing::NatsServer;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -38,16 +38,6 @@ async fn connect(config: &NatsConfig) -> Nats {
     Nats::connect(config, "test", NatsMetrics::unregistered())
         .await
         .expect("connect")
-}
-
-fn room(room: &str, body: &str) -> PushMsg {
-    PushMsg {
-        r#type: PushType::Room as i32,
-        operation: 1000,
-        room: room.into(),
-        msg: body.to_string().into(),
-        ..Default::default()
-    }
 }
 
 async fn publisher(config: &NatsConfig, stop: &CancellationToken) -> NatsBus {
