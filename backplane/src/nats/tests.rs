@@ -4,8 +4,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use pushcluster_api::config::NatsConfig;
-use pushcluster_api::pb::logic::PushMsg;
-use pushcluster_api::pb::logic::push_msg::Type as PushType;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
