@@ -36,7 +36,8 @@ fi
 promtool --version | head -n 1
 
 cargo fmt --check
-cargo clippy --all-targets -- -D warnings
+# Every member crate and its tests, not only the root package.
+cargo clippy --workspace --all-targets -- -D warnings
 # The fuzz targets are their own crate (they need cargo-fuzz to run); keep them compiling.
 cargo check --manifest-path fuzz/Cargo.toml --target-dir target
 cargo test --workspace

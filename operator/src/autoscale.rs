@@ -260,7 +260,10 @@ mod tests {
 
     #[test]
     fn table() {
-        let cases: &[(&str, Policy, i32, &[(f64, bool)], &[i32])] = &[
+        // (name, policy, replicas at start, (load, draining) per decision,
+        // replicas after each decision)
+        type Case<'a> = (&'a str, Policy, i32, &'a [(f64, bool)], &'a [i32]);
+        let cases: &[Case] = &[
             (
                 "up at once, by at most the step",
                 policy(),
