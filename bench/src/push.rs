@@ -2,7 +2,7 @@
 //! Pusher HTTP events API with its HMAC-SHA256 request signature.
 
 use std::net::SocketAddr;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::bail;
 use hmac::{Hmac, KeyInit, Mac};
@@ -18,6 +18,9 @@ pub struct PusherApp {
     pub key: String,
     pub secret: String,
 }
+
+/// How long one push may take before it counts as refused.
+pub const PUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 pub struct Publisher {
@@ -59,11 +62,29 @@ impl Publisher {
         rooms: usize,
         concurrency: usize,
     ) -> anyhow::Result<Publisher> {
+        Publisher::with_timeout(server, http, app, total, rooms, concurrency, PUSH_TIMEOUT)
+    }
+
+    /// As [`Publisher::new`], with each push bounded by `timeout`.
+    pub fn with_timeout(
+        server: ServerKind,
+        http: Vec<SocketAddr>,
+        app: PusherApp,
+        total: usize,
+        rooms: usize,
+        concurrency: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Publisher> {
         if http.is_empty() {
             bail!("no HTTP address to push to");
         }
+        // A server out of file descriptors can take a connection into its
+        // backlog and never answer: without a bound, the pushers waited
+        // forever and the run printed "pushes 0" until it was killed.
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(concurrency.max(16))
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .timeout(timeout)
             .build()?;
         Ok(Publisher {
             client,
@@ -140,6 +161,45 @@ impl Publisher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_server_that_never_answers_refuses_the_push_in_bounded_time() {
+        // Takes the connection and the request, never answers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let publisher = Publisher::with_timeout(
+            ServerKind::Goim,
+            vec![addr],
+            PusherApp {
+                id: "1".into(),
+                key: "k".into(),
+                secret: "s".into(),
+            },
+            10,
+            1,
+            1,
+            Duration::from_millis(300),
+        )
+        .expect("publisher");
+        let started = std::time::Instant::now();
+        let accepted = tokio::time::timeout(
+            Duration::from_secs(10),
+            publisher.push(0, Fanout::Room, "x".into()),
+        )
+        .await
+        .expect("the push gave up instead of waiting forever");
+        assert!(!accepted, "a push without an answer is not counted as sent");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        silent.abort();
+    }
 
     /// The example of Pusher's HTTP API reference ("Generating
     /// authentication signatures").
