@@ -1175,11 +1175,17 @@ async fn autoscaling(fleet: &Fleet, pushclusters: &Api<PushCluster>) {
     assert_eq!(scaling.desired_replicas, 2);
     assert!(scaling.last_scale_time.is_some());
 
-    // Every client that stayed got every push, in order.
+    // Every client that stayed got every push, in order. Pushes may come
+    // late, not lost: a job's call to a comet that has just exited can
+    // wait out `job.delivery.timeout` before discovery drops it, and a
+    // room's pushes keep their order behind it.
     for client in &mut stayed {
         let mut got = Vec::new();
         while got.len() < pushed as usize {
-            let frame = client.recv().await;
+            let frame = client
+                .try_recv(Duration::from_secs(60))
+                .await
+                .unwrap_or_else(|| panic!("push {} of {pushed} never came: {got:?}", got.len()));
             if let Ok(n) = body(&frame).parse::<u64>() {
                 got.push(n);
             }
