@@ -147,6 +147,17 @@ mod tests {
         }
     }
 
+    /// The file's text, looked at every 10 ms.
+    fn watching(file: &std::path::Path) -> Arc<Reloading<String>> {
+        Reloading::start(
+            "test key",
+            vec![file.display().to_string()],
+            Duration::from_millis(10),
+            load_from(file),
+        )
+        .expect("loads")
+    }
+
     async fn wait_for(value: &Reloading<String>, want: &str) {
         tokio::time::timeout(Duration::from_secs(10), async {
             while *value.current() != want {
@@ -162,13 +173,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("key");
         std::fs::write(&file, "one").expect("write");
-        let value = Reloading::start(
-            "test key",
-            vec![file.display().to_string()],
-            Duration::from_millis(10),
-            load_from(&file),
-        )
-        .expect("loads");
+        let value = watching(&file);
         assert_eq!(*value.current(), "one");
         std::fs::write(&file, "two, longer").expect("write");
         wait_for(&value, "two, longer").await;
@@ -179,13 +184,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("key");
         std::fs::write(&file, "good").expect("write");
-        let value = Reloading::start(
-            "test key",
-            vec![file.display().to_string()],
-            Duration::from_millis(10),
-            load_from(&file),
-        )
-        .expect("loads");
+        let value = watching(&file);
         std::fs::write(&file, "bad and half-written").expect("write");
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(*value.current(), "good");

@@ -165,6 +165,18 @@ struct Harness {
     discovery: Arc<StaticDiscovery>,
 }
 
+/// A job delivering to comet "live" and to comet "dead", whose calls
+/// always fail; retries are fast.
+fn with_a_dead_comet() -> (Harness, Arc<RecordingComet>) {
+    let dead = Arc::new(RecordingComet::failing(u32::MAX));
+    let live = Arc::new(RecordingComet::default());
+    let mut config = JobConfig::default();
+    config.delivery.backoff_base = Duration::from_millis(1);
+    config.delivery.backoff_max = Duration::from_millis(2);
+    let harness = start(vec![("dead", dead), ("live", live.clone())], config);
+    (harness, live)
+}
+
 /// Room frames delivered over all calls so far.
 fn room_frames(calls: &[Call]) -> usize {
     calls
@@ -458,12 +470,7 @@ async fn idle_lanes_exit_without_losing_messages() {
 
 #[tokio::test]
 async fn a_dead_comet_is_skipped_and_does_not_hold_up_the_others() {
-    let dead = Arc::new(RecordingComet::failing(u32::MAX));
-    let live = Arc::new(RecordingComet::default());
-    let mut config = JobConfig::default();
-    config.delivery.backoff_base = Duration::from_millis(1);
-    config.delivery.backoff_max = Duration::from_millis(2);
-    let harness = start(vec![("dead", dead.clone()), ("live", live.clone())], config);
+    let (harness, live) = with_a_dead_comet();
     // Separate batches: each waits for the previous one on both comets, so
     // without the breaker every batch would wait out retry_for (30 s).
     for i in 0..10 {
@@ -494,12 +501,7 @@ async fn a_dead_comet_is_skipped_and_does_not_hold_up_the_others() {
 
 #[tokio::test]
 async fn a_down_comet_that_leaves_discovery_is_no_longer_counted_unavailable() {
-    let dead = Arc::new(RecordingComet::failing(u32::MAX));
-    let live = Arc::new(RecordingComet::default());
-    let mut config = JobConfig::default();
-    config.delivery.backoff_base = Duration::from_millis(1);
-    config.delivery.backoff_max = Duration::from_millis(2);
-    let harness = start(vec![("dead", dead.clone()), ("live", live.clone())], config);
+    let (harness, _live) = with_a_dead_comet();
     harness.publish(room("live://1", "0")).await;
     tokio::time::timeout(Duration::from_secs(10), async {
         while harness.metrics.comets_down.get() != 1 {
