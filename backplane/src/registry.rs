@@ -6,8 +6,8 @@
 //! still names the disconnecting comet, and a comet that stops reporting
 //! leaves the counts after the freshness window (no ghost counts).
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
@@ -79,19 +79,54 @@ pub struct MemoryRegistry {
     state: Mutex<MemoryState>,
 }
 
+/// Compact on purpose: standalone holds a session per connection, so this
+/// is part of every connection's memory. A key's string is shared by both
+/// maps, and comet names are shared by all their sessions.
 #[derive(Default)]
 struct MemoryState {
-    /// key → (server, mid, expiry)
-    keys: HashMap<String, KeyEntry>,
-    /// mid → key → (server, expiry)
-    mids: HashMap<i64, HashMap<String, (String, Instant)>>,
+    keys: HashMap<Arc<str>, KeyEntry>,
+    /// mid → its keys (usually one); `keys` says where and until when.
+    mids: HashMap<i64, Vec<Arc<str>>>,
+    servers: HashSet<Arc<str>>,
     reports: HashMap<String, (CometReport, Instant)>,
     operations: u64,
 }
 
 struct KeyEntry {
-    server: String,
+    server: Arc<str>,
+    mid: i64,
     expires: Instant,
+}
+
+impl MemoryState {
+    fn server(&mut self, name: &str) -> Arc<str> {
+        if let Some(server) = self.servers.get(name) {
+            return server.clone();
+        }
+        let server: Arc<str> = Arc::from(name);
+        self.servers.insert(server.clone());
+        server
+    }
+
+    /// Takes `key` out of `mid`'s list.
+    fn unlink(&mut self, mid: i64, key: &str) {
+        if let Some(keys) = self.mids.get_mut(&mid) {
+            keys.retain(|k| &**k != key);
+            if keys.is_empty() {
+                self.mids.remove(&mid);
+            }
+        }
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        self.keys.retain(|_, entry| entry.expires > now);
+        let keys = &self.keys;
+        self.mids.retain(|mid, list| {
+            list.retain(|key| keys.get(key).is_some_and(|entry| entry.mid == *mid));
+            !list.is_empty()
+        });
+        self.servers = self.keys.values().map(|e| e.server.clone()).collect();
+    }
 }
 
 impl MemoryRegistry {
@@ -113,31 +148,37 @@ impl MemoryRegistry {
         // Sweep expired entries now and then so abandoned sessions do not pile up.
         state.operations += 1;
         if state.operations.is_multiple_of(4096) {
-            let now = Instant::now();
-            state.keys.retain(|_, entry| entry.expires > now);
-            state.mids.retain(|_, keys| {
-                keys.retain(|_, (_, expires)| *expires > now);
-                !keys.is_empty()
-            });
+            state.sweep(Instant::now());
         }
         Ok(state)
     }
 
     fn insert(&self, state: &mut MemoryState, session: &Session) {
         let expires = Instant::now() + self.session_ttl;
-        state.keys.insert(
-            session.key.clone(),
-            KeyEntry {
-                server: session.server.clone(),
-                expires,
-            },
-        );
+        let server = state.server(&session.server);
+        let entry = KeyEntry {
+            server,
+            mid: session.mid,
+            expires,
+        };
+        let key = match state.keys.get_key_value(session.key.as_str()) {
+            Some((key, old)) => {
+                let (key, old_mid) = (key.clone(), old.mid);
+                state.keys.insert(key.clone(), entry);
+                if old_mid == session.mid {
+                    return;
+                }
+                state.unlink(old_mid, &session.key);
+                key
+            }
+            None => {
+                let key: Arc<str> = Arc::from(session.key.as_str());
+                state.keys.insert(key.clone(), entry);
+                key
+            }
+        };
         if session.mid > 0 {
-            state
-                .mids
-                .entry(session.mid)
-                .or_default()
-                .insert(session.key.clone(), (session.server.clone(), expires));
+            state.mids.entry(session.mid).or_default().push(key);
         }
     }
 }
@@ -158,30 +199,18 @@ impl Registry for MemoryRegistry {
 
     async fn remove_session(&self, session: &Session) -> Result<bool, RegistryError> {
         let mut state = self.state()?;
-        let mut removed = false;
-        if state
-            .keys
-            .get(&session.key)
-            .is_some_and(|entry| entry.server == session.server)
-        {
-            state.keys.remove(&session.key);
-            removed = true;
+        let Some(entry) = state.keys.get(session.key.as_str()) else {
+            return Ok(false);
+        };
+        // A late Disconnect from a comet the key has since moved away from
+        // leaves the newer mapping alone.
+        if *entry.server != *session.server {
+            return Ok(false);
         }
-        if session.mid > 0
-            && let Some(keys) = state.mids.get_mut(&session.mid)
-        {
-            if keys
-                .get(&session.key)
-                .is_some_and(|(server, _)| *server == session.server)
-            {
-                keys.remove(&session.key);
-                removed = true;
-            }
-            if keys.is_empty() {
-                state.mids.remove(&session.mid);
-            }
-        }
-        Ok(removed)
+        let mid = entry.mid;
+        state.keys.remove(session.key.as_str());
+        state.unlink(mid, &session.key);
+        Ok(true)
     }
 
     async fn servers_by_keys(
@@ -193,8 +222,8 @@ impl Registry for MemoryRegistry {
         Ok(keys
             .iter()
             .filter_map(|key| {
-                let entry = state.keys.get(key)?;
-                (entry.expires > now).then(|| (key.clone(), entry.server.clone()))
+                let entry = state.keys.get(key.as_str())?;
+                (entry.expires > now).then(|| (key.clone(), entry.server.to_string()))
             })
             .collect())
     }
@@ -207,11 +236,12 @@ impl Registry for MemoryRegistry {
         let now = Instant::now();
         let mut found = HashMap::new();
         for mid in mids {
-            if let Some(keys) = state.mids.get(mid) {
-                for (key, (server, expires)) in keys {
-                    if *expires > now {
-                        found.insert(key.clone(), server.clone());
-                    }
+            for key in state.mids.get(mid).into_iter().flatten() {
+                if let Some(entry) = state.keys.get(key)
+                    && entry.mid == *mid
+                    && entry.expires > now
+                {
+                    found.insert(key.to_string(), entry.server.to_string());
                 }
             }
         }
@@ -262,6 +292,37 @@ mod tests {
     async fn sessions_expire_unless_refreshed() {
         let registry = MemoryRegistry::new(SHORT_TTL, Duration::from_secs(60));
         conformance::sessions_expire_unless_refreshed(&registry).await;
+    }
+
+    #[tokio::test]
+    async fn a_key_that_changes_user_is_found_only_under_the_new_one() {
+        let registry = registry();
+        let session = |mid| Session {
+            mid,
+            key: "k".into(),
+            server: "comet-a".into(),
+        };
+        registry.add_session(&session(1)).await.expect("add");
+        registry.add_session(&session(2)).await.expect("add");
+        assert!(
+            registry
+                .servers_by_mids(&[1])
+                .await
+                .expect("mids")
+                .is_empty()
+        );
+        let found = registry.servers_by_mids(&[2]).await.expect("mids");
+        assert_eq!(found.get("k").map(String::as_str), Some("comet-a"));
+        assert!(registry.remove_session(&session(2)).await.expect("remove"));
+        assert!(
+            registry
+                .servers_by_mids(&[2])
+                .await
+                .expect("mids")
+                .is_empty()
+        );
+        let state = registry.state.lock().expect("state");
+        assert!(state.keys.is_empty() && state.mids.is_empty());
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -129,6 +130,12 @@ pub struct Channel {
     pub(crate) room: Mutex<Option<Arc<Room>>>,
     queue: Mutex<QueueState>,
     wake: Notify,
+    /// When the client's next heartbeat is due, and when a write that
+    /// waits for the socket must have finished (0: none waits), in ms of
+    /// the comet's clock. The comet's sweeper closes the connection when
+    /// either passes: no timer per connection.
+    heartbeat_due_ms: AtomicU64,
+    write_due_ms: AtomicU64,
 }
 
 impl Channel {
@@ -156,6 +163,8 @@ impl Channel {
                 closing: None,
             }),
             wake: Notify::new(),
+            heartbeat_due_ms: AtomicU64::new(u64::MAX),
+            write_due_ms: AtomicU64::new(0),
         };
         channel.watch(accepts);
         channel
@@ -285,6 +294,28 @@ impl Channel {
             queue.frames = VecDeque::new();
             queue.published_us = VecDeque::new();
         }
+    }
+
+    /// The client's next heartbeat is due at `due_ms` (comet clock).
+    pub fn heartbeat_due(&self, due_ms: u64) {
+        self.heartbeat_due_ms.store(due_ms, Ordering::Relaxed);
+    }
+
+    /// A write waits for the socket and must finish by `due_ms`; `None`
+    /// when no write waits.
+    pub fn write_due(&self, due_ms: Option<u64>) {
+        self.write_due_ms
+            .store(due_ms.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Why the connection must close at `now_ms`, if a deadline passed.
+    pub fn overdue(&self, now_ms: u64) -> Option<CloseReason> {
+        let write_due = self.write_due_ms.load(Ordering::Relaxed);
+        if write_due != 0 && now_ms >= write_due {
+            return Some(CloseReason::SlowConsumer);
+        }
+        (now_ms >= self.heartbeat_due_ms.load(Ordering::Relaxed))
+            .then_some(CloseReason::HeartbeatTimeout)
     }
 
     /// Resolves when frames were queued or a close was requested since the

@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,7 +17,7 @@ use pushcluster_api::pb::logic::{
     ConnectReply, ConnectReq, DisconnectReq, HeartbeatReq, ReceiveReq,
 };
 use pushcluster_api::protocol::{self, Frame, FrameError, op};
-use tokio::time::{Instant, sleep_until, timeout, timeout_at};
+use tokio::time::{Instant, timeout, timeout_at};
 
 use crate::channel::{Channel, CloseReason, Drained, Queued, TransportKind};
 use crate::limits::{FrameBudget, Limit};
@@ -187,67 +188,55 @@ async fn authenticate<T: Transport>(
 
 /// Drives one accepted connection to its end. `started` is when it was
 /// accepted: the handshake timeout counts from there.
-pub(crate) async fn run<T: Transport>(
+///
+/// An async block rather than an async fn, so the arguments are not held
+/// twice, and the handshake and the teardown run in boxed futures: their
+/// logic calls and timers would otherwise size every connection's task
+/// (the largest share of an idle connection's memory) for its whole life.
+pub(crate) fn run<T: Transport>(
     comet: Arc<Comet>,
     mut transport: T,
     ip: IpAddr,
     cookie: String,
     started: Instant,
-) {
-    let kind = transport.kind();
-    let deadline = started + comet.config().protocol.handshake_timeout;
-    let mut budget = FrameBudget::new(comet.config().limits.frames_per_second_per_connection);
-    let outcome = tokio::select! {
-        result = timeout_at(deadline, authenticate(&comet, &mut transport, cookie, &mut budget)) => {
-            result.unwrap_or(Err(HandshakeFailure::Timeout))
-        }
-        _ = comet.drain_started.cancelled() => Err(HandshakeFailure::Drain),
-    };
-    let (auth, reply) = match outcome {
-        Ok(done) => done,
-        Err(failure) => {
-            comet
-                .metrics
-                .handshake_failures
-                .with_label_values(&[kind.label(), failure.reason()])
-                .inc();
-            match &failure {
-                HandshakeFailure::Read(error) if error.is_bad_input() => {
-                    comet
-                        .metrics
-                        .bad_frames
-                        .with_label_values(&[kind.label(), error.reason()])
-                        .inc();
-                    log_bad_input(kind, ip, error);
-                }
-                HandshakeFailure::Rejected(error) => {
-                    log_refused(kind, ip, "auth_rejected", &error.to_string());
-                }
-                HandshakeFailure::Timeout => {
-                    log_refused(kind, ip, "handshake_timeout", "no successful auth in time");
-                }
-                HandshakeFailure::LogicUnavailable(error) => log_logic_error("Connect", error),
-                HandshakeFailure::FrameRate => count_frame_limit(&comet, kind, ip),
-                _ => {}
+) -> impl Future<Output = ()> + Send {
+    async move {
+        let mut session = match Box::pin(open(&comet, &mut transport, ip, cookie, started)).await {
+            Some(session) => session,
+            None => {
+                Box::pin(transport.shutdown()).await;
+                return;
             }
-            transport.shutdown().await;
-            return;
-        }
-    };
+        };
+        let reason = session.serve(&mut transport).await;
+        Box::pin(teardown(&comet, &session.channel, reason, &mut transport)).await;
+    }
+}
 
+/// The handshake, then the connection joins the comet with the auth reply
+/// as its first queued frame. `None`: refused (counted and logged).
+async fn open<'a, T: Transport>(
+    comet: &'a Arc<Comet>,
+    transport: &mut T,
+    ip: IpAddr,
+    cookie: String,
+    started: Instant,
+) -> Option<Session<'a>> {
+    let mut budget = FrameBudget::new(comet.config().limits.frames_per_second_per_connection);
+    let (auth, reply) = handshake(comet, transport, ip, cookie, started, &mut budget).await?;
+    let kind = transport.kind();
     let channel = Arc::new(Channel::new(
         comet.next_channel_id(),
-        reply.key.clone(),
+        reply.key,
         reply.mid,
         ip,
         kind,
         comet.config().protocol.send_queue,
         &reply.accepts,
     ));
-    // The auth reply is queued before the channel becomes reachable, so it
-    // is the first frame the client sees.
-    let auth_reply = auth.reply(op::AUTH_REPLY, Bytes::new()).encode();
-    channel.push_bytes(auth_reply);
+    // Queued before the channel becomes reachable, so it is the first
+    // frame the client sees.
+    channel.push_bytes(auth.reply(op::AUTH_REPLY, Bytes::new()).encode());
     comet.register(&channel, &reply.room_id);
     comet
         .metrics
@@ -259,17 +248,74 @@ pub(crate) async fn run<T: Transport>(
         .filter(|nanos| *nanos > 0)
         .map(Duration::from_nanos)
         .unwrap_or(FALLBACK_HEARTBEAT);
-
-    let mut session = Session {
-        comet: &comet,
-        channel: &channel,
+    Some(Session {
+        comet,
+        channel,
         heartbeat,
         next_renew: Instant::now() + renew_interval(),
         budget,
-    };
-    let reason = session.serve(&mut transport).await;
+    })
+}
 
-    comet.unregister(&channel);
+/// Authenticates within the handshake timeout (or until the comet drains);
+/// counts and logs a failure, which the caller answers by closing.
+async fn handshake<T: Transport>(
+    comet: &Comet,
+    transport: &mut T,
+    ip: IpAddr,
+    cookie: String,
+    started: Instant,
+    budget: &mut FrameBudget,
+) -> Option<(Frame, ConnectReply)> {
+    let kind = transport.kind();
+    let deadline = started + comet.config().protocol.handshake_timeout;
+    let outcome = tokio::select! {
+        result = timeout_at(deadline, authenticate(comet, transport, cookie, budget)) => {
+            result.unwrap_or(Err(HandshakeFailure::Timeout))
+        }
+        _ = comet.drain_started.cancelled() => Err(HandshakeFailure::Drain),
+    };
+    let failure = match outcome {
+        Ok(done) => return Some(done),
+        Err(failure) => failure,
+    };
+    comet
+        .metrics
+        .handshake_failures
+        .with_label_values(&[kind.label(), failure.reason()])
+        .inc();
+    match &failure {
+        HandshakeFailure::Read(error) if error.is_bad_input() => {
+            comet
+                .metrics
+                .bad_frames
+                .with_label_values(&[kind.label(), error.reason()])
+                .inc();
+            log_bad_input(kind, ip, error);
+        }
+        HandshakeFailure::Rejected(error) => {
+            log_refused(kind, ip, "auth_rejected", &error.to_string());
+        }
+        HandshakeFailure::Timeout => {
+            log_refused(kind, ip, "handshake_timeout", "no successful auth in time");
+        }
+        HandshakeFailure::LogicUnavailable(error) => log_logic_error("Connect", error),
+        HandshakeFailure::FrameRate => count_frame_limit(comet, kind, ip),
+        _ => {}
+    }
+    None
+}
+
+/// Takes the connection out of the comet, counts what it leaves unwritten,
+/// closes the socket and tells logic the session ended.
+async fn teardown<T: Transport>(
+    comet: &Comet,
+    channel: &Arc<Channel>,
+    reason: CloseReason,
+    transport: &mut T,
+) {
+    let kind = transport.kind();
+    comet.unregister(channel);
     channel.close(reason);
     let left = channel.drain().frames.len();
     if left > 0 {
@@ -325,7 +371,7 @@ fn renew_interval() -> Duration {
 /// An authenticated connection's loop.
 struct Session<'a> {
     comet: &'a Arc<Comet>,
-    channel: &'a Arc<Channel>,
+    channel: Arc<Channel>,
     heartbeat: Duration,
     next_renew: Instant,
     budget: FrameBudget,
@@ -345,9 +391,11 @@ impl Session<'_> {
 
     async fn serve<T: Transport>(&mut self, transport: &mut T) -> CloseReason {
         let kind = transport.kind();
-        let heartbeat_due = tokio::time::sleep(self.heartbeat);
-        tokio::pin!(heartbeat_due);
+        self.channel
+            .heartbeat_due(self.comet.deadline_ms(self.heartbeat));
         let mut drained = Drained::default();
+        // The first write is the auth reply; most connections then idle.
+        let mut first_write = true;
         loop {
             self.channel.drain_into(&mut drained);
             if let Some(reason) = drained.closing
@@ -357,22 +405,9 @@ impl Session<'_> {
             }
             if !drained.frames.is_empty() {
                 let frames = drained.frames.len();
-                let write_due = Instant::now() + self.comet.config().protocol.write_timeout;
-                let write = transport.write(&mut drained.frames);
-                tokio::pin!(write);
-                let written = loop {
-                    tokio::select! {
-                        result = &mut write => break result,
-                        _ = &mut heartbeat_due => return CloseReason::HeartbeatTimeout,
-                        _ = sleep_until(write_due) => return CloseReason::SlowConsumer,
-                        _ = self.channel.wait() => {
-                            if self.channel.closing() == Some(CloseReason::SlowConsumer) {
-                                return CloseReason::SlowConsumer;
-                            }
-                        }
-                    }
-                };
+                let written = self.write(transport, &mut drained).await;
                 match written {
+                    Err(reason) => return reason,
                     Ok(bytes) => {
                         self.comet
                             .metrics
@@ -381,8 +416,11 @@ impl Session<'_> {
                             .inc_by(bytes);
                         self.comet.metrics.write_batch_frames.observe(frames as f64);
                         self.observe_delivery(&drained.published_us);
+                        if std::mem::take(&mut first_write) {
+                            drained.release();
+                            self.channel.release_spare();
+                        }
                     }
-                    Err(_) => return CloseReason::IoError,
                 }
                 continue;
             }
@@ -393,7 +431,6 @@ impl Session<'_> {
             tokio::select! {
                 biased;
                 _ = self.channel.wait() => {}
-                _ = &mut heartbeat_due => return CloseReason::HeartbeatTimeout,
                 read = transport.read_frame() => match read {
                     Ok(Some(_)) if !self.budget.take() => {
                         count_frame_limit(self.comet, kind, self.channel.ip);
@@ -401,14 +438,22 @@ impl Session<'_> {
                     }
                     Ok(Some(frame)) => {
                         if frame.op == op::HEARTBEAT {
-                            heartbeat_due.as_mut().reset(Instant::now() + self.heartbeat);
+                            self.channel
+                                .heartbeat_due(self.comet.deadline_ms(self.heartbeat));
                             // Between bursts a connection keeps its write
                             // buffers; each heartbeat gives them back, so
                             // idle connections hold none.
                             drained.release();
                             self.channel.release_spare();
                         }
-                        if let Err(reason) = self.handle(frame).await {
+                        let handled = match frame.op {
+                            op::HEARTBEAT | op::CHANGE_ROOM | op::SUB | op::UNSUB => {
+                                self.handle(frame)
+                            }
+                            // Boxed for the same reason as the handshake.
+                            _ => Box::pin(self.receive(frame)).await,
+                        };
+                        if let Err(reason) = handled {
                             return reason;
                         }
                     }
@@ -425,6 +470,51 @@ impl Session<'_> {
                     Err(_) => return CloseReason::IoError,
                 },
             }
+        }
+    }
+
+    /// Writes what was drained. Most writes finish at once; a write that
+    /// waits for the socket gets a deadline, which the comet's sweeper
+    /// enforces by closing the connection as a slow consumer. A final
+    /// flush (drain, replaced) enforces it here: the sweeper may no longer
+    /// see the connection.
+    async fn write<T: Transport>(
+        &self,
+        transport: &mut T,
+        drained: &mut Drained,
+    ) -> Result<u64, CloseReason> {
+        let write = transport.write(&mut drained.frames);
+        tokio::pin!(write);
+        if let Poll::Ready(result) =
+            std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await
+        {
+            return result.map_err(|_| CloseReason::IoError);
+        }
+        let write_timeout = self.comet.config().protocol.write_timeout;
+        let write_due = Instant::now() + write_timeout;
+        self.channel
+            .write_due(Some(self.comet.deadline_ms(write_timeout)));
+        let mut flushing = drained.closing.is_some();
+        while !flushing {
+            tokio::select! {
+                result = &mut write => {
+                    self.channel.write_due(None);
+                    return result.map_err(|_| CloseReason::IoError);
+                }
+                _ = self.channel.wait() => match self.channel.closing() {
+                    Some(reason) if !reason.flushes() => return Err(reason),
+                    Some(_) => flushing = true,
+                    None => {}
+                },
+            }
+        }
+        // Rare (a close while the socket is full): a timer of its own.
+        match Box::pin(timeout_at(write_due, &mut write)).await {
+            Ok(result) => {
+                self.channel.write_due(None);
+                result.map_err(|_| CloseReason::IoError)
+            }
+            Err(_) => Err(CloseReason::SlowConsumer),
         }
     }
 
@@ -445,8 +535,9 @@ impl Session<'_> {
             .inc();
     }
 
-    /// Answers one client frame (PROTOCOL.md §1.5, §1.7).
-    async fn handle(&mut self, frame: Frame) -> Result<(), CloseReason> {
+    /// Answers a heartbeat, change-room or (un)subscribe frame
+    /// (PROTOCOL.md §1.5, §1.7).
+    fn handle(&mut self, frame: Frame) -> Result<(), CloseReason> {
         match frame.op {
             op::HEARTBEAT => {
                 self.count_upstream("heartbeat");
@@ -463,7 +554,7 @@ impl Session<'_> {
             op::CHANGE_ROOM => {
                 self.count_upstream("change_room");
                 let room = String::from_utf8_lossy(&frame.body);
-                self.comet.rooms.change(self.channel, &room);
+                self.comet.rooms.change(&self.channel, &room);
                 self.reply(&frame, op::CHANGE_ROOM_REPLY, frame.body.clone())
             }
             op::SUB => {
@@ -480,24 +571,26 @@ impl Session<'_> {
                 }
                 self.reply(&frame, op::UNSUB_REPLY, frame.body.clone())
             }
-            other => {
-                self.count_upstream("other");
-                let request = ReceiveReq {
-                    mid: self.channel.mid,
-                    proto: Some((&frame).into()),
-                };
-                let call = self.comet.logic().receive(request);
-                match timeout(self.comet.config().logic_timeout, call).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(error)) => log_logic_error("Receive", &error),
-                    Err(_) => {
-                        log_logic_error("Receive", &LinkError::Unavailable("timed out".into()))
-                    }
-                }
-                // goim answers every other op with the same op and no body.
-                self.reply(&frame, other, Bytes::new())
-            }
+            // `serve` sends every other op to `receive`.
+            other => self.reply(&frame, other, Bytes::new()),
         }
+    }
+
+    /// Any other op goes to logic's Receive; goim answers it with the same
+    /// op and no body.
+    async fn receive(&mut self, frame: Frame) -> Result<(), CloseReason> {
+        self.count_upstream("other");
+        let request = ReceiveReq {
+            mid: self.channel.mid,
+            proto: Some((&frame).into()),
+        };
+        let call = self.comet.logic().receive(request);
+        match timeout(self.comet.config().logic_timeout, call).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => log_logic_error("Receive", &error),
+            Err(_) => log_logic_error("Receive", &LinkError::Unavailable("timed out".into())),
+        }
+        self.reply(&frame, frame.op, Bytes::new())
     }
 
     /// Refreshes the session in logic every 10–30 minutes of heartbeats.

@@ -65,6 +65,10 @@ const ROOM_SHARDS: usize = 64;
 
 /// The comet core shared by its listeners, its gRPC service and, in
 /// standalone mode, job.
+/// How often connection deadlines (heartbeat, pending write) are checked:
+/// a connection closes at most this much after its deadline.
+pub(crate) const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
 pub struct Comet {
     me: Weak<Comet>,
     id: String,
@@ -75,6 +79,8 @@ pub struct Comet {
     guard: StreamGuard,
     ips: Mutex<HashMap<IpAddr, u32>>,
     next_channel_id: AtomicU64,
+    /// The zero of the connections' deadlines (`now_ms`).
+    epoch: Instant,
     pub(crate) metrics: CometMetrics,
     draining: AtomicBool,
     /// Cancelled when draining starts: connections still authenticating stop.
@@ -117,6 +123,7 @@ impl Comet {
             logic,
             ips: Mutex::new(HashMap::new()),
             next_channel_id: AtomicU64::new(1),
+            epoch: Instant::now(),
             metrics,
             draining: AtomicBool::new(false),
             drain_started: CancellationToken::new(),
@@ -143,6 +150,36 @@ impl Comet {
 
     pub fn connection_count(&self) -> usize {
         self.buckets.len()
+    }
+
+    /// Milliseconds since the comet started: the clock of connection
+    /// deadlines.
+    pub(crate) fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// `after` from now on the clock of connection deadlines.
+    pub(crate) fn deadline_ms(&self, after: Duration) -> u64 {
+        self.now_ms()
+            .saturating_add(u64::try_from(after.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// Closes the connections whose heartbeat or pending write is overdue;
+    /// returns how many. Run every [`SWEEP_INTERVAL`] by the server.
+    pub(crate) fn sweep(&self) -> usize {
+        let now = self.now_ms();
+        let mut closed = 0;
+        for index in 0..self.buckets.shard_count() {
+            for channel in self.buckets.shard_channels(index) {
+                if channel.closing().is_none()
+                    && let Some(reason) = channel.overdue(now)
+                {
+                    channel.close(reason);
+                    closed += 1;
+                }
+            }
+        }
+        closed
     }
 
     pub(crate) fn next_channel_id(&self) -> u64 {

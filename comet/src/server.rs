@@ -149,6 +149,7 @@ impl CometServer {
             stop_grpc.clone(),
             reported,
         ));
+        tasks.spawn(sweep(comet.clone(), stop_grpc.clone()));
         let started = tokio::select! {
             result = first_report => result.is_ok(),
             _ = shutdown.cancelled() => false,
@@ -187,6 +188,20 @@ impl CometServer {
             Ok(Err(error)) => tracing::error!(%error, "comet gRPC server failed"),
             Err(error) => tracing::error!(%error, "comet gRPC task failed"),
         }
+    }
+}
+
+/// Closes connections whose heartbeat or pending write is overdue, until
+/// `stop`.
+async fn sweep(comet: Arc<Comet>, stop: CancellationToken) {
+    let mut every = tokio::time::interval(crate::SWEEP_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        comet.sweep();
     }
 }
 

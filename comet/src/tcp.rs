@@ -2,7 +2,9 @@
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 
 use bytes::{Buf, Bytes};
 use pushcluster_api::config::TcpConfig;
@@ -101,36 +103,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for TcpTransp
     }
 
     async fn write(&mut self, frames: &mut VecDeque<Bytes>) -> std::io::Result<u64> {
+        // A poll function, not an async block: the slices live only within
+        // one poll, so the connection's task does not carry them.
         let mut written = 0u64;
-        while !frames.is_empty() {
-            let mut slices = [IoSlice::new(&[]); MAX_IOV];
-            let mut count = 0;
-            for (slot, frame) in slices.iter_mut().zip(frames.iter()) {
-                *slot = IoSlice::new(frame);
-                count += 1;
-            }
-            let mut n = self.stream.write_vectored(&slices[..count]).await?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
-            }
-            written += n as u64;
-            while n > 0 {
-                let Some(front) = frames.front_mut() else {
-                    break;
-                };
-                if n >= front.len() {
-                    n -= front.len();
+        std::future::poll_fn(|cx| {
+            while !frames.is_empty() {
+                let mut slices = [IoSlice::new(&[]); MAX_IOV];
+                let mut count = 0;
+                for (slot, frame) in slices.iter_mut().zip(frames.iter()) {
+                    *slot = IoSlice::new(frame);
+                    count += 1;
+                }
+                let mut n = std::task::ready!(
+                    Pin::new(&mut self.stream).poll_write_vectored(cx, &slices[..count])
+                )?;
+                if n == 0 {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                written += n as u64;
+                while n > 0 {
+                    let Some(front) = frames.front_mut() else {
+                        break;
+                    };
+                    if n >= front.len() {
+                        n -= front.len();
+                        frames.pop_front();
+                    } else {
+                        front.advance(n);
+                        n = 0;
+                    }
+                }
+                while frames.front().is_some_and(|f| f.is_empty()) {
                     frames.pop_front();
-                } else {
-                    front.advance(n);
-                    n = 0;
                 }
             }
-            while frames.front().is_some_and(|f| f.is_empty()) {
-                frames.pop_front();
-            }
-        }
-        Ok(written)
+            Poll::Ready(Ok(written))
+        })
+        .await
     }
 
     async fn shutdown(&mut self) {

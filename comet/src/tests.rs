@@ -44,6 +44,8 @@ struct FakeLogic {
     hold_reports: AtomicBool,
     reports_released: Notify,
     reports: AtomicUsize,
+    /// The heartbeat timeout handed to clients; 0: 60 s.
+    heartbeat_ms: std::sync::atomic::AtomicU64,
 }
 
 #[async_trait]
@@ -59,7 +61,11 @@ impl LogicLink for FakeLogic {
                 key: key.to_string(),
                 room_id: room.to_string(),
                 accepts: vec![1000, 1001],
-                heartbeat: Duration::from_secs(60).as_nanos() as i64,
+                heartbeat: match self.heartbeat_ms.load(Ordering::SeqCst) {
+                    0 => Duration::from_secs(60),
+                    ms => Duration::from_millis(ms),
+                }
+                .as_nanos() as i64,
             }),
             _ => Err(LinkError::Rejected(format!("refused {body:?}"))),
         }
@@ -176,6 +182,7 @@ impl Harness {
             "bad_frames" => metrics.bad_frames.with_label_values(labels).get(),
             "handshake_failures" => metrics.handshake_failures.with_label_values(labels).get(),
             "frames_before_auth" => metrics.frames_before_auth.get(),
+            "disconnects" => metrics.disconnects.with_label_values(labels).get(),
             other => panic!("no metric {other}"),
         }
     }
@@ -618,4 +625,131 @@ async fn the_tcp_reader_agrees_with_the_codec_however_the_bytes_arrive() {
     let (frames, error) = crate::read_tcp_frames(&bad, &[2]).await;
     assert!(frames.is_empty());
     assert!(error.is_some(), "a header length other than 16 is refused");
+}
+
+/// A connection's task is most of an idle connection's memory
+/// (docs/benchmarks.md, "Memory per connection"): the handshake, the
+/// teardown and rare paths are boxed so they do not size it for the
+/// connection's whole life. Debug-build sizes; before: 2,344 (TCP) and
+/// 1,992 (WebSocket) bytes.
+#[tokio::test]
+async fn a_connection_task_stays_small() {
+    let harness = start(|_| {}).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accept = async || {
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        listener.accept().await.expect("accept")
+    };
+    let (stream, peer) = accept().await;
+    let tcp = crate::conn::run(
+        harness.comet.clone(),
+        crate::tcp::TcpTransport::new(stream),
+        peer.ip(),
+        String::new(),
+        Instant::now(),
+    );
+    let tcp_size = std::mem::size_of_val(&tcp);
+    let (stream, peer) = accept().await;
+    let ws = crate::ws::upgrade_and_run(harness.comet.clone(), stream, peer.ip(), Instant::now());
+    let ws_size = std::mem::size_of_val(&ws);
+    assert!(tcp_size <= 1024, "TCP connection future: {tcp_size} bytes");
+    assert!(
+        ws_size <= 1536,
+        "WebSocket connection future: {ws_size} bytes"
+    );
+    drop((tcp, ws));
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_heartbeating_is_closed_and_its_neighbour_is_not() {
+    let logic = Arc::new(FakeLogic::default());
+    logic.heartbeat_ms.store(400, Ordering::SeqCst);
+    let harness = start_with(config(|_| {}), logic).await;
+    let mut beating = Tcp::auth(harness.tcp, "1 k1 live://1").await;
+    let mut silent = Tcp::auth(harness.tcp, "2 k2 live://1").await;
+    let started = Instant::now();
+    let closed = async {
+        assert!(silent.recv().await.is_none(), "closed");
+        started.elapsed()
+    };
+    tokio::pin!(closed);
+    let mut seq = 1;
+    let waited = loop {
+        tokio::select! {
+            waited = &mut closed => break waited,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                seq += 1;
+                beating.send(&frame(op::HEARTBEAT, seq, "")).await;
+                let reply = beating.recv().await.expect("heartbeat reply");
+                assert_eq!(reply.seq, seq);
+            }
+        }
+    };
+    // Closed after its deadline, within one sweep of it.
+    assert!(waited >= Duration::from_millis(400), "{waited:?}");
+    assert!(
+        waited < Duration::from_millis(400) + crate::SWEEP_INTERVAL * 2,
+        "{waited:?}"
+    );
+    assert_eq!(
+        harness.metric("disconnects", &["tcp", "heartbeat_timeout"]),
+        1
+    );
+    beating.send(&frame(op::HEARTBEAT, 99, "")).await;
+    assert_eq!(beating.recv().await.expect("still served").seq, 99);
+    harness.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_after_the_write_timeout() {
+    let write_timeout = Duration::from_millis(300);
+    let harness = start(|c| {
+        c.protocol.write_timeout = write_timeout;
+        c.protocol.send_queue = 100_000;
+    })
+    .await;
+    // A client with a small receive buffer that never reads.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let stream = socket.connect(harness.tcp).await.expect("connect");
+    let mut stuck = Tcp {
+        stream,
+        buf: BytesMut::new(),
+    };
+    stuck.send(&frame(op::AUTH, 1, "1 k1 live://1")).await;
+    let mut reader = Tcp::auth(harness.tcp, "2 k2 live://1").await;
+    // 8 MiB for the stuck client: far more than the sockets' buffers, far
+    // less than its queue, so only the write deadline can close it.
+    let body = Bytes::from(vec![b'x'; 4096]);
+    let started = Instant::now();
+    for _ in 0..2048 {
+        let push = pushcluster_api::pb::comet::PushMsgReq {
+            keys: vec!["k1".into()],
+            proto_op: 1000,
+            proto: Some(pushcluster_api::pb::protocol::Proto {
+                ver: 1,
+                op: 1000,
+                seq: 0,
+                body: body.clone(),
+            }),
+            ..Default::default()
+        };
+        harness.comet.push_msg(push).await.expect("push");
+    }
+    tokio::time::timeout(WAIT, async {
+        while harness.metric("disconnects", &["tcp", "slow_consumer"]) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the stuck client is closed in time");
+    assert!(started.elapsed() >= write_timeout);
+    // The neighbour is served throughout.
+    reader.send(&frame(op::HEARTBEAT, 7, "")).await;
+    assert_eq!(reader.recv().await.expect("served").seq, 7);
+    harness.stop().await;
 }

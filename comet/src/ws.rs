@@ -26,10 +26,12 @@ use crate::conn::{self, ReadError, Transport};
 pub(crate) const PATH: &str = "/sub";
 
 /// Small buffers: most connections are idle, and client frames are at most
-/// 4112 bytes. Writes are buffered up to 8 KiB between flushes.
+/// 4112 bytes. The read buffer is every connection's (a heartbeat is a
+/// 22-byte WebSocket frame; a larger frame grows it as needed). Writes are
+/// buffered up to 8 KiB between flushes.
 fn websocket_config() -> WebSocketConfig {
     let mut config = WebSocketConfig::default();
-    config.read_buffer_size = 512;
+    config.read_buffer_size = 128;
     config.write_buffer_size = 8 * 1024;
     config.max_write_buffer_size = usize::MAX;
     config.max_message_size = Some(MAX_CLIENT_FRAME);
@@ -174,7 +176,9 @@ where
     let deadline = started + comet.config().protocol.handshake_timeout;
     let upgrade =
         tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(websocket_config()));
-    let ws = match timeout_at(deadline, upgrade).await {
+    // Boxed: the upgrade's state would otherwise size the task for the
+    // connection's whole life.
+    let ws = match Box::pin(timeout_at(deadline, upgrade)).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(error)) => {
             comet
