@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use pushcluster_api::protocol::{self, Frame, FrameError, op};
 use tokio::time::{Instant, timeout, timeout_at};
 
 use crate::channel::{Channel, CloseReason, Drained, Queued, TransportKind};
-use crate::limits::{FrameBudget, Limit};
+use crate::limits::{Admitted, FrameBudget, Limit};
 use crate::{Comet, count_reply};
 use pushcluster_api::log_budget::LogBudget;
 
@@ -186,21 +187,32 @@ async fn authenticate<T: Transport>(
     }
 }
 
+/// How an accepted socket becomes a goim frame stream: at once for TCP;
+/// after the TLS handshake and the WebSocket upgrade for WS and WSS. Gives
+/// the transport and the cookie for logic Connect, or `None` (refused,
+/// counted and logged). Boxed, so its state is freed once it is done.
+pub(crate) type Opening<T> = Pin<Box<dyn Future<Output = Option<(T, String)>> + Send>>;
+
 /// Drives one accepted connection to its end. `started` is when it was
-/// accepted: the handshake timeout counts from there.
+/// accepted: the handshake timeout counts from there; `admitted` is its
+/// place under `comet.limits`, given back when it ends.
 ///
-/// An async block rather than an async fn, so the arguments are not held
-/// twice, and the handshake and the teardown run in boxed futures: their
-/// logic calls and timers would otherwise size every connection's task
-/// (the largest share of an idle connection's memory) for its whole life.
+/// The task of every connection is most of an idle connection's memory,
+/// so everything that happens once (opening, handshake, teardown) or
+/// rarely runs in boxed futures, freed when done, and the transport is
+/// held once, here.
 pub(crate) fn run<T: Transport>(
     comet: Arc<Comet>,
-    mut transport: T,
+    opening: Opening<T>,
     ip: IpAddr,
-    cookie: String,
     started: Instant,
+    admitted: Option<Admitted>,
 ) -> impl Future<Output = ()> + Send {
     async move {
+        let _admitted = admitted;
+        let Some((mut transport, cookie)) = opening.await else {
+            return;
+        };
         let mut session = match Box::pin(open(&comet, &mut transport, ip, cookie, started)).await {
             Some(session) => session,
             None => {

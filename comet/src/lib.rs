@@ -527,7 +527,9 @@ pub async fn serve_websocket<S>(comet: Arc<Comet>, stream: S, ip: IpAddr)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    ws::upgrade_and_run(comet, stream, ip, Instant::now()).await;
+    let started = Instant::now();
+    let opening = ws::opening(comet.clone(), stream, ip, started);
+    conn::run(comet, opening, ip, started, None).await;
 }
 
 /// What job calls, in process (standalone) or through [`grpc`].

@@ -226,33 +226,33 @@ pub(crate) async fn accept_loop(
         };
         configure(&stream, &comet.config().tcp);
         let task_comet = comet.clone();
+        let ip = peer.ip();
+        let admitted = Some(admitted);
         match &serve {
             Serve::Tcp => {
-                comet.tasks.spawn(async move {
-                    let _admitted = admitted;
-                    conn::run(
-                        task_comet,
-                        TcpTransport::new(stream),
-                        peer.ip(),
-                        String::new(),
-                        started,
-                    )
-                    .await
-                });
+                let opening: conn::Opening<TcpTransport> =
+                    Box::pin(async move { Some((TcpTransport::new(stream), String::new())) });
+                comet
+                    .tasks
+                    .spawn(conn::run(task_comet, opening, ip, started, admitted));
             }
             Serve::WebSocket => {
-                comet.tasks.spawn(async move {
-                    let _admitted = admitted;
-                    crate::ws::upgrade_and_run(task_comet, stream, peer.ip(), started).await
-                });
+                let opening = crate::ws::opening(task_comet.clone(), stream, ip, started);
+                comet
+                    .tasks
+                    .spawn(conn::run(task_comet, opening, ip, started, admitted));
             }
             Serve::WebSocketTls(acceptor) => {
-                let acceptor = acceptor.clone();
-                comet.tasks.spawn(async move {
-                    let _admitted = admitted;
-                    crate::ws::tls_upgrade_and_run(task_comet, acceptor, stream, peer.ip(), started)
-                        .await
-                });
+                let opening = crate::ws::tls_opening(
+                    task_comet.clone(),
+                    acceptor.clone(),
+                    stream,
+                    ip,
+                    started,
+                );
+                comet
+                    .tasks
+                    .spawn(conn::run(task_comet, opening, ip, started, admitted));
             }
         }
     }

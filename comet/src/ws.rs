@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::{self, Message, http};
 
 use crate::Comet;
 use crate::channel::TransportKind;
-use crate::conn::{self, ReadError, Transport};
+use crate::conn::{self, Opening, ReadError, Transport};
 
 /// The only path goim serves WebSocket clients on.
 pub(crate) const PATH: &str = "/sub";
@@ -119,42 +119,64 @@ fn refuse(status: http::StatusCode, message: &str) -> ErrorResponse {
 }
 
 /// WSS: the TLS handshake (within the handshake timeout), then as WS.
-pub(crate) async fn tls_upgrade_and_run(
+pub(crate) fn tls_opening(
     comet: Arc<Comet>,
     acceptor: TlsAcceptor,
     stream: TcpStream,
     ip: IpAddr,
     started: Instant,
-) {
-    let deadline = started + comet.config().protocol.handshake_timeout;
-    match timeout_at(deadline, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => upgrade_and_run(comet, tls, ip, started).await,
-        Ok(Err(error)) => {
-            comet
-                .metrics
-                .handshake_failures
-                .with_label_values(&["websocket", "tls_failed"])
-                .inc();
-            conn::log_refused(
-                TransportKind::WebSocket,
-                ip,
-                "tls_failed",
-                &error.to_string(),
-            );
+) -> Opening<WsTransport<tokio_rustls::server::TlsStream<TcpStream>>> {
+    Box::pin(async move {
+        let deadline = started + comet.config().protocol.handshake_timeout;
+        match timeout_at(deadline, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => upgrade(&comet, tls, ip, started).await,
+            Ok(Err(error)) => {
+                comet
+                    .metrics
+                    .handshake_failures
+                    .with_label_values(&["websocket", "tls_failed"])
+                    .inc();
+                conn::log_refused(
+                    TransportKind::WebSocket,
+                    ip,
+                    "tls_failed",
+                    &error.to_string(),
+                );
+                None
+            }
+            Err(_) => {
+                comet
+                    .metrics
+                    .handshake_failures
+                    .with_label_values(&["websocket", "timeout"])
+                    .inc();
+                None
+            }
         }
-        Err(_) => {
-            comet
-                .metrics
-                .handshake_failures
-                .with_label_values(&["websocket", "timeout"])
-                .inc();
-        }
-    }
+    })
 }
 
-/// Upgrades the socket (within the handshake timeout), then runs the
-/// connection. The upgrade request's Cookie header goes to logic Connect.
-pub(crate) async fn upgrade_and_run<S>(comet: Arc<Comet>, stream: S, ip: IpAddr, started: Instant)
+/// WS: the upgrade (within the handshake timeout).
+pub(crate) fn opening<S>(
+    comet: Arc<Comet>,
+    stream: S,
+    ip: IpAddr,
+    started: Instant,
+) -> Opening<WsTransport<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    Box::pin(async move { upgrade(&comet, stream, ip, started).await })
+}
+
+/// Upgrades the socket (within the handshake timeout). The upgrade
+/// request's Cookie header goes to logic Connect.
+async fn upgrade<S>(
+    comet: &Comet,
+    stream: S,
+    ip: IpAddr,
+    started: Instant,
+) -> Option<(WsTransport<S>, String)>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -176,10 +198,8 @@ where
     let deadline = started + comet.config().protocol.handshake_timeout;
     let upgrade =
         tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(websocket_config()));
-    // Boxed: the upgrade's state would otherwise size the task for the
-    // connection's whole life.
-    let ws = match Box::pin(timeout_at(deadline, upgrade)).await {
-        Ok(Ok(ws)) => ws,
+    match timeout_at(deadline, upgrade).await {
+        Ok(Ok(ws)) => Some((WsTransport { ws }, cookie)),
         Ok(Err(error)) => {
             comet
                 .metrics
@@ -192,7 +212,7 @@ where
                 "upgrade_failed",
                 &error.to_string(),
             );
-            return;
+            None
         }
         Err(_) => {
             comet
@@ -200,8 +220,7 @@ where
                 .handshake_failures
                 .with_label_values(&["websocket", "timeout"])
                 .inc();
-            return;
+            None
         }
-    };
-    conn::run(comet, WsTransport { ws }, ip, cookie, started).await;
+    }
 }
