@@ -367,7 +367,14 @@ impl Servers {
             if let (Some(Some(idle)), Some(Some(connected))) =
                 (self.rss_idle.get(i), self.rss_connected.get(i))
             {
-                growth_total += connected.saturating_sub(*idle);
+                let growth = connected.saturating_sub(*idle);
+                growth_total += growth;
+                if self.pids.len() > 1 {
+                    // A fleet: each process's share (in --pid order).
+                    report.add(format!("server_{i}_pid"), u64::from(*pid));
+                    report.add(format!("server_{i}_rss_growth_bytes"), growth);
+                    report.add(format!("server_{i}_cpu_seconds"), cpu);
+                }
             }
         }
         if self.pids.is_empty() {

