@@ -7,11 +7,13 @@
 #   cargo build --release -p pushcluster -p pushcluster-bench
 #   bench/fleet.sh room --connections 100000 --rooms 1 --rate 1 --duration 20
 #   COMETS=2 TRANSPORT=ws bench/fleet.sh idle --connections 30000 --hold 5
+#   COMETS=1 bench/fleet.sh --run bench/latency-under-load.sh
 #
 # Each comet holds at most ~19,900 sockets here (20,000 open files per
 # process), so the default of 7 comets carries 100,000 clients with room to
 # spare. The bench's --connect and --pid are filled in (comets, then logic,
-# job and nats last), its --http is logic's.
+# job and nats last), its --http is logic's. With `--run CMD...`, CMD runs
+# instead, with those arguments in the environment as TARGET_ARGS.
 #
 # Env: COMETS (7), TRANSPORT (tcp|ws), NATS_SERVER_BIN (nats-server on
 # PATH), BIN (target/release), KEEP=1 keeps the work dir with the logs.
@@ -124,7 +126,14 @@ pid_args=()
 for pid in "${comet_pids[@]}" "$logic_pid" "$job_pid" "$nats_pid"; do
     pid_args+=(--pid "$pid")
 done
-scenario="$1"
-shift
-"$bin/pushcluster-bench" "$scenario" --transport "$transport" "${connect[@]}" \
-    --http 127.0.0.1:3111 "${pid_args[@]}" "$@"
+target_args=(--transport "$transport" "${connect[@]}" --http 127.0.0.1:3111 "${pid_args[@]}")
+if [[ "$1" == --run ]]; then
+    # Another command (a script running several bench processes) gets the
+    # fleet's bench arguments in TARGET_ARGS.
+    shift
+    TARGET_ARGS="${target_args[*]}" "$@"
+else
+    scenario="$1"
+    shift
+    "$bin/pushcluster-bench" "$scenario" "${target_args[@]}" "$@"
+fi

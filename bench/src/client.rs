@@ -47,17 +47,20 @@ pub fn source_for(target: SocketAddr, index: usize) -> Option<Ipv4Addr> {
 pub struct Identity {
     pub index: usize,
     pub room: usize,
+    /// Room type, key and channel prefix (`--namespace`).
+    pub namespace: String,
     /// goim only: its own key (PUSH by key) and mid.
     pub key: String,
     pub mid: u64,
 }
 
 impl Identity {
-    pub fn new(index: usize, room: usize) -> Identity {
+    pub fn new(namespace: &str, index: usize, room: usize) -> Identity {
         Identity {
             index,
             room,
-            key: format!("bench-{index}"),
+            namespace: namespace.to_string(),
+            key: format!("{namespace}-{index}"),
             mid: mid_of(index),
         }
     }
@@ -81,8 +84,8 @@ async fn tcp(addr: SocketAddr, source: Option<Ipv4Addr>) -> std::io::Result<TcpS
 
 fn auth_frame(identity: &Identity) -> Bytes {
     let body = format!(
-        r#"{{"mid":{},"key":"{}","room_id":"bench://{}","platform":"bench","accepts":[{PUSH_OP}]}}"#,
-        identity.mid, identity.key, identity.room
+        r#"{{"mid":{},"key":"{}","room_id":"{}://{}","platform":"bench","accepts":[{PUSH_OP}]}}"#,
+        identity.mid, identity.key, identity.namespace, identity.room
     );
     Frame {
         ver: 1,
@@ -204,7 +207,7 @@ impl Connection {
                         "pusher:connection_established" if !subscribed => {
                             let subscribe = serde_json::json!({
                                 "event": "pusher:subscribe",
-                                "data": {"channel": format!("bench-{}", identity.room)}
+                                "data": {"channel": format!("{}-{}", identity.namespace, identity.room)}
                             });
                             ws.send(Message::Text(subscribe.to_string().into())).await?;
                             subscribed = true;

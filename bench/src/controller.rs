@@ -543,7 +543,8 @@ pub async fn fanout(plan: &Plan, load: &Load) -> anyhow::Result<Report> {
         plan.connections,
         rooms,
         load.concurrency,
-    )?;
+    )?
+    .in_namespace(&plan.client.namespace);
     let controller_cpu_start = cpu_seconds(None).unwrap_or(0.0);
     let sent = Arc::new(AtomicU64::new(0));
     let ticker = progress_ticker(&workers, sent.clone(), plan.quiet);
@@ -708,7 +709,8 @@ pub async fn lone(
         plan.connections,
         1,
         1,
-    )?;
+    )?
+    .in_namespace(&plan.client.namespace);
     let connected = workers.connected;
     let mut refused = Vec::new();
     for n in 0..count as u64 {

@@ -101,6 +101,11 @@ struct TargetArgs {
     /// open files on the reference machine).
     #[arg(long, default_value_t = 15_000)]
     per_worker: usize,
+    /// Room type and key prefix (`NAMESPACE://0`, `NAMESPACE-0`): two runs
+    /// in different namespaces share a server without sharing rooms or
+    /// keys (a quiet room's latency beside a busy one).
+    #[arg(long, default_value = "bench")]
+    namespace: String,
 }
 
 impl TargetArgs {
@@ -134,6 +139,7 @@ impl TargetArgs {
                 transport,
                 addrs: connect,
                 pusher_key: self.app_key.clone(),
+                namespace: self.namespace.clone(),
             },
             http,
             app: PusherApp {

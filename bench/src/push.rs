@@ -30,6 +30,7 @@ pub struct Publisher {
     app: PusherApp,
     total: usize,
     rooms: usize,
+    namespace: String,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -93,7 +94,14 @@ impl Publisher {
             app,
             total,
             rooms: rooms.max(1),
+            namespace: "bench".into(),
         })
+    }
+
+    /// Pushes to the rooms of `namespace` (`--namespace`).
+    pub fn in_namespace(mut self, namespace: &str) -> Publisher {
+        self.namespace = namespace.to_string();
+        self
     }
 
     /// Publishes push `seq`; true when the server accepted it.
@@ -102,7 +110,8 @@ impl Publisher {
         let room = seq % self.rooms as u64;
         let request = match (self.server, fanout) {
             (ServerKind::Goim, Fanout::Room) => self.client.post(format!(
-                "http://{http}/goim/push/room?operation={PUSH_OP}&type=bench&room={room}"
+                "http://{http}/goim/push/room?operation={PUSH_OP}&type={}&room={room}",
+                self.namespace
             )),
             (ServerKind::Goim, Fanout::Broadcast) => self
                 .client
@@ -118,7 +127,7 @@ impl Publisher {
                 let path = format!("/apps/{}/events", self.app.id);
                 let event = serde_json::json!({
                     "name": PUSHER_EVENT,
-                    "channel": format!("bench-{room}"),
+                    "channel": format!("{}-{room}", self.namespace),
                     "data": body,
                 })
                 .to_string();

@@ -36,6 +36,9 @@ pub struct ClientSpec {
     pub addrs: Vec<SocketAddr>,
     /// Pusher application key (the `/app/<key>` path).
     pub pusher_key: String,
+    /// Room type, key and channel prefix: runs in different namespaces
+    /// share a server without sharing rooms or keys.
+    pub namespace: String,
 }
 
 /// Who receives a push.

@@ -87,7 +87,7 @@ impl Worker {
             let worker = self.clone();
             opening.push(tokio::spawn(async move {
                 let index = worker.spec.first + offset;
-                let identity = Identity::new(index, worker.spec.room_of(index));
+                let identity = Identity::new(&worker.spec.client.namespace, index, worker.spec.room_of(index));
                 let addr = worker.spec.client.addrs[index % worker.spec.client.addrs.len()];
                 match Connection::open(&worker.spec.client, &identity, source_for(addr, index))
                     .await
@@ -165,7 +165,11 @@ impl Worker {
                 tokio::spawn(async move {
                     // Beyond the stable connections' indices and keys.
                     let index = worker.spec.total + worker.spec.worker * 100_000_000 + n;
-                    let mut identity = Identity::new(index, n % worker.spec.rooms.max(1));
+                    let mut identity = Identity::new(
+                        &worker.spec.client.namespace,
+                        index,
+                        n % worker.spec.rooms.max(1),
+                    );
                     identity.key = format!("churn-{}-{n}", worker.spec.worker);
                     let addr = worker.spec.client.addrs[index % worker.spec.client.addrs.len()];
                     // Churned sockets linger in TIME_WAIT: rotate sources.
