@@ -148,6 +148,7 @@ pub async fn run_logic(config: Config) -> anyhow::Result<()> {
         Arc::new(bus.clone()),
         LogicMetrics::new(&registry)?,
     )?);
+    tokio::spawn(logic.clone().watch_backpressure(stop_background.clone()));
     let grpc_tls = GrpcTls::from_config(config.grpc_tls.as_ref())?.map(|tls| tls.server());
     let http = bind("logic.http.bind", &config.logic.http.bind).await?;
     let grpc = bind("logic.grpc.bind", &config.logic.grpc.bind).await?;

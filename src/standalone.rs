@@ -88,6 +88,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         stop_admin.clone(),
     );
     let stop_http = CancellationToken::new();
+    tokio::spawn(logic.clone().watch_backpressure(stop_http.clone()));
     let http_task = supervisor.spawn(
         "logic HTTP server",
         Box::pin(

@@ -102,6 +102,12 @@ impl Config {
                 "must be > 0",
             ));
         }
+        if logic.backpressure.interval.is_zero() {
+            return Err(invalid("logic.backpressure.interval", "must be > 0"));
+        }
+        if logic.backpressure.retry_after.is_zero() {
+            return Err(invalid("logic.backpressure.retry_after", "must be > 0"));
+        }
         if logic.session_expire.is_zero() {
             return Err(invalid("logic.session_expire", "must be > 0"));
         }
@@ -588,6 +594,36 @@ pub struct LogicConfig {
     /// and the node list.
     #[serde(with = "humantime_serde")]
     pub online_expire: Duration,
+    pub backpressure: BackpressureConfig,
+}
+
+/// `logic.backpressure`: bounded lag. A push whose partition already holds
+/// more than `max_lag` messages not yet delivered is refused with HTTP 429
+/// and `Retry-After`, so publishers slow down instead of every message
+/// getting later without limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackpressureConfig {
+    /// Most messages one partition may hold undelivered before pushes to
+    /// it are refused; 0 turns backpressure off. Size it from how fast a
+    /// room's messages are delivered times the delay you accept.
+    pub max_lag: u64,
+    /// The `Retry-After` of a refused push.
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
+    /// How often logic reads the lag from the bus.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for BackpressureConfig {
+    fn default() -> Self {
+        BackpressureConfig {
+            max_lag: 1000,
+            retry_after: Duration::from_secs(1),
+            interval: Duration::from_secs(1),
+        }
+    }
 }
 
 impl Default for LogicConfig {
@@ -604,6 +640,7 @@ impl Default for LogicConfig {
             regions: BTreeMap::new(),
             session_expire: Duration::from_secs(30 * 60),
             online_expire: Duration::from_secs(30),
+            backpressure: BackpressureConfig::default(),
         }
     }
 }

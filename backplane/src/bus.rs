@@ -53,6 +53,15 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Starts consuming. Deliveries with the same ordering key arrive in order.
     async fn subscribe(&self) -> Result<Subscription, BusError>;
+
+    /// The partition `msg` is published to (its ordering key's).
+    fn partition_of(&self, msg: &PushMsg) -> u32;
+
+    /// Each partition's lag, measured now: messages published and not yet
+    /// settled by the consumers (`None`: not known, e.g. no consumer yet).
+    /// Publishers read it to push back before the backlog grows without
+    /// bound.
+    async fn lag(&self) -> Result<Vec<Option<u64>>, BusError>;
 }
 
 /// Where a message sits in the stream, handed to comets so they can drop
@@ -450,6 +459,15 @@ impl Bus for MemoryBus {
         }
         self.inner.metrics.published.inc();
         Ok(Published { duplicate: false })
+    }
+
+    fn partition_of(&self, _msg: &PushMsg) -> u32 {
+        0
+    }
+
+    async fn lag(&self) -> Result<Vec<Option<u64>>, BusError> {
+        let pending = self.inner.metrics.pending.get();
+        Ok(vec![Some(u64::try_from(pending).unwrap_or(0))])
     }
 
     async fn subscribe(&self) -> Result<Subscription, BusError> {

@@ -87,7 +87,11 @@ impl Worker {
             let worker = self.clone();
             opening.push(tokio::spawn(async move {
                 let index = worker.spec.first + offset;
-                let identity = Identity::new(&worker.spec.client.namespace, index, worker.spec.room_of(index));
+                let identity = Identity::new(
+                    &worker.spec.client.namespace,
+                    index,
+                    worker.spec.room_of(index),
+                );
                 let addr = worker.spec.client.addrs[index % worker.spec.client.addrs.len()];
                 match Connection::open(&worker.spec.client, &identity, source_for(addr, index))
                     .await

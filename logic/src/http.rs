@@ -12,13 +12,13 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, MatchedPath, Request, State};
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::{self, HeaderMap, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -33,6 +33,8 @@ use crate::{Logic, LogicError};
 pub const CODE_OK: i32 = 0;
 pub const CODE_REQUEST_ERR: i32 = -400;
 pub const CODE_SERVER_ERR: i32 = -500;
+/// A push refused by `logic.backpressure` (HTTP 429, with `Retry-After`).
+pub const CODE_TOO_MANY_REQUESTS: i32 = -429;
 pub const CODE_UNAUTHORIZED: i32 = -401;
 /// Idempotency keys longer than this are refused.
 const MAX_IDEMPOTENCY_KEY: usize = 256;
@@ -53,6 +55,8 @@ struct ApiCode(i32);
 struct ApiResponse {
     status: StatusCode,
     body: Body,
+    /// `Retry-After` of a refused push (backpressure).
+    retry_after: Option<Duration>,
 }
 
 impl ApiResponse {
@@ -64,6 +68,7 @@ impl ApiResponse {
                 message: String::new(),
                 data,
             },
+            retry_after: None,
         }
     }
 
@@ -75,6 +80,7 @@ impl ApiResponse {
                 message: message.into(),
                 data: None,
             },
+            retry_after: None,
         }
     }
 
@@ -87,6 +93,14 @@ impl From<LogicError> for ApiResponse {
     fn from(error: LogicError) -> Self {
         match error {
             LogicError::InvalidArgument(message) => ApiResponse::bad_request(message),
+            LogicError::Throttled(retry_after) => ApiResponse {
+                retry_after: Some(retry_after),
+                ..ApiResponse::error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    CODE_TOO_MANY_REQUESTS,
+                    error.to_string(),
+                )
+            },
             other => ApiResponse::error(StatusCode::OK, CODE_SERVER_ERR, other.to_string()),
         }
     }
@@ -95,7 +109,15 @@ impl From<LogicError> for ApiResponse {
 impl IntoResponse for ApiResponse {
     fn into_response(self) -> Response {
         let code = self.body.code;
+        let retry_after = self.retry_after;
         let mut response = (self.status, axum::Json(self.body)).into_response();
+        if let Some(after) = retry_after {
+            // Whole seconds, at least 1 (RFC 9110 delay-seconds).
+            let seconds = after.as_secs_f64().ceil().max(1.0) as u64;
+            response
+                .headers_mut()
+                .insert(http::header::RETRY_AFTER, http::HeaderValue::from(seconds));
+        }
         response.extensions_mut().insert(ApiCode(code));
         response
     }

@@ -10,6 +10,7 @@
 
 pub mod api_tokens;
 pub mod auth;
+pub mod backpressure;
 pub mod balancer;
 pub mod grpc;
 pub mod http;
@@ -31,9 +32,11 @@ use pushcluster_api::pb::logic::{
 };
 use pushcluster_backplane::bus::{Bus, BusError};
 use pushcluster_backplane::registry::{CometReport, Registry, RegistryError, Session};
+use tokio_util::sync::CancellationToken;
 
 use crate::api_tokens::ApiTokens;
 use crate::auth::{AuthSetupError, Authenticator};
+use crate::backpressure::Backpressure;
 use crate::balancer::{LoadBalancer, NodeInfo};
 use crate::metrics::LogicMetrics;
 
@@ -56,6 +59,10 @@ pub enum LogicError {
     Bus(#[from] BusError),
     #[error("registry: {0}")]
     Registry(#[from] RegistryError),
+    /// The target's partition is over `logic.backpressure.max_lag`: retry
+    /// after the duration (HTTP 429).
+    #[error("too many undelivered messages for this target (logic.backpressure.max_lag); retry in {}s", .0.as_secs_f64())]
+    Throttled(Duration),
 }
 
 /// One `/goim/online/top` entry.
@@ -99,6 +106,7 @@ pub struct Logic {
     deploy_env: String,
     auth: Authenticator,
     api_tokens: ApiTokens,
+    backpressure: Arc<Backpressure>,
 }
 
 impl Logic {
@@ -111,6 +119,7 @@ impl Logic {
         let auth = Authenticator::from_config(&config.auth)?;
         let api_tokens = ApiTokens::new(&config.api)?;
         Ok(Logic {
+            backpressure: Arc::new(Backpressure::new(config.backpressure.clone())),
             config,
             registry,
             bus,
@@ -121,6 +130,29 @@ impl Logic {
             auth,
             api_tokens,
         })
+    }
+
+    /// Reads the bus's lag for `logic.backpressure` until `stop`.
+    pub async fn watch_backpressure(self: Arc<Self>, stop: CancellationToken) {
+        self.backpressure
+            .clone()
+            .watch(self.bus.clone(), self.metrics.clone(), stop)
+            .await
+    }
+
+    /// Refuses pushes whose partition is over `logic.backpressure.max_lag`
+    /// (all or nothing: checked before any of them is published).
+    fn admit(&self, msgs: &[PushMsg]) -> Result<(), LogicError> {
+        for msg in msgs {
+            if let Err(retry_after) = self.backpressure.admit(self.bus.partition_of(msg)) {
+                self.metrics
+                    .throttled
+                    .with_label_values(&[kind_label(msg.r#type())])
+                    .inc();
+                return Err(LogicError::Throttled(retry_after));
+            }
+        }
+        Ok(())
     }
 
     pub fn api_tokens(&self) -> &ApiTokens {
@@ -195,17 +227,23 @@ impl Logic {
                 .with_label_values(&[target])
                 .inc_by(dead);
         }
-        for (server, mut keys) in by_server {
-            keys.sort();
-            let msg_id = idempotency_key.map(|id| format!("{id}/push/{server}"));
-            let push = PushMsg {
-                r#type: PushType::Push as i32,
-                operation: op,
-                server,
-                keys,
-                msg: msg.clone(),
-                ..Default::default()
-            };
+        let pushes: Vec<PushMsg> = by_server
+            .into_iter()
+            .map(|(server, mut keys)| {
+                keys.sort();
+                PushMsg {
+                    r#type: PushType::Push as i32,
+                    operation: op,
+                    server,
+                    keys,
+                    msg: msg.clone(),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        self.admit(&pushes)?;
+        for push in pushes {
+            let msg_id = idempotency_key.map(|id| format!("{id}/push/{}", push.server));
             self.publish(push, msg_id).await?;
         }
         Ok(())
@@ -273,6 +311,7 @@ impl Logic {
             ..Default::default()
         };
         let msg_id = idempotency_key.map(|id| format!("{id}/room"));
+        self.admit(std::slice::from_ref(&push))?;
         self.publish(push, msg_id).await
     }
 
@@ -295,6 +334,7 @@ impl Logic {
             ..Default::default()
         };
         let msg_id = idempotency_key.map(|id| format!("{id}/all"));
+        self.admit(std::slice::from_ref(&push))?;
         self.publish(push, msg_id).await
     }
 

@@ -1,7 +1,9 @@
 //! Prometheus metrics of logic. Labels are bounded: routes, codes, kinds and
 //! reasons, never a key, mid or room.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 #[derive(Clone)]
 pub struct LogicMetrics {
@@ -15,6 +17,8 @@ pub struct LogicMetrics {
     pub disconnects: IntCounterVec,
     pub upstream_frames: IntCounter,
     pub online_reports: IntCounter,
+    pub throttled: IntCounterVec,
+    pub bus_lag_max: IntGauge,
 }
 
 impl LogicMetrics {
@@ -87,6 +91,17 @@ impl LogicMetrics {
                 "pushcluster_logic_online_reports_total",
                 "RenewOnline reports received from comets.",
             )?,
+            throttled: IntCounterVec::new(
+                Opts::new(
+                    "pushcluster_logic_pushes_throttled_total",
+                    "Pushes refused with 429 because their partition's lag passed logic.backpressure.max_lag, by kind.",
+                ),
+                &["kind"],
+            )?,
+            bus_lag_max: IntGauge::new(
+                "pushcluster_logic_bus_lag_max_messages",
+                "The largest partition lag (messages published and not yet delivered) as logic last read it.",
+            )?,
         };
         metrics.init_series();
         registry.register(Box::new(metrics.http_requests.clone()))?;
@@ -99,6 +114,8 @@ impl LogicMetrics {
         registry.register(Box::new(metrics.disconnects.clone()))?;
         registry.register(Box::new(metrics.upstream_frames.clone()))?;
         registry.register(Box::new(metrics.online_reports.clone()))?;
+        registry.register(Box::new(metrics.throttled.clone()))?;
+        registry.register(Box::new(metrics.bus_lag_max.clone()))?;
         Ok(metrics)
     }
 
@@ -108,6 +125,7 @@ impl LogicMetrics {
             self.published.with_label_values(&[kind]);
             self.publish_failures.with_label_values(&[kind]);
             self.duplicates.with_label_values(&[kind]);
+            self.throttled.with_label_values(&[kind]);
         }
         for target in ["key", "mid"] {
             self.unknown_targets.with_label_values(&[target]);

@@ -48,6 +48,7 @@ pub struct Fleet {
     pub logics: Vec<Server>,
     pub comets: Vec<Server>,
     pub jobs: Vec<Server>,
+    job_config: serde_yaml_ng::Value,
 }
 
 impl Fleet {
@@ -96,7 +97,14 @@ impl Fleet {
             logics,
             comets,
             jobs,
+            job_config,
         }
+    }
+
+    /// Starts one more job process.
+    pub fn start_job(&mut self) {
+        self.jobs
+            .push(Server::spawn("job", &self.job_config, "job ready"));
     }
 
     /// A push through logic `i` that must succeed.
@@ -451,4 +459,86 @@ async fn the_fleet_links_run_over_mutual_tls_and_refuse_plain_peers() {
             .expect("an answer in time");
         assert!(answer.is_err(), "a plain-text peer was served: {answer:?}");
     }
+}
+
+/// Overload: with every job gone, a room's partition backs up. Past
+/// `logic.backpressure.max_lag` logic answers 429 with `Retry-After`
+/// instead of growing the backlog; once a job is back and has caught up,
+/// pushes are accepted again, and every accepted push is delivered in order.
+#[tokio::test]
+async fn pushes_are_refused_with_retry_after_while_the_backlog_is_over_its_bound() {
+    let mut fleet = Fleet::start_with(
+        "logic: { backpressure: { max_lag: 20, interval: 100ms, retry_after: 2s } }",
+    );
+    let mut client = TcpClient::auth(fleet.comets[0].tcp(), json!({"room_id": "live://bp"})).await;
+    let path = "/goim/push/room?operation=1000&type=live&room=bp";
+    fleet.push(0, path, "0").await;
+    assert_eq!(body(&client.recv().await), "0");
+    for job in &mut fleet.jobs {
+        job.kill9();
+    }
+    let http = reqwest::Client::new();
+    let url = format!("http://{}{path}", fleet.logics[0].addr("logic.http"));
+    let mut accepted = vec!["0".to_string()];
+    let mut refusal = None;
+    for i in 1..500 {
+        let response = http
+            .post(&url)
+            .body(i.to_string())
+            .send()
+            .await
+            .expect("push");
+        match response.status().as_u16() {
+            200 => accepted.push(i.to_string()),
+            429 => {
+                let retry_after = response.headers()["retry-after"]
+                    .to_str()
+                    .expect("header")
+                    .to_string();
+                let bytes = response.bytes().await.expect("body");
+                let json: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON body");
+                refusal = Some((retry_after, json));
+                break;
+            }
+            other => panic!("push {i}: HTTP {other}"),
+        }
+        // Logic reads the lag every 100 ms.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (retry_after, json) = refusal.expect("refused before 500 pushes");
+    assert_eq!(retry_after, "2");
+    assert_eq!(json["code"], -429, "{json}");
+    // Bounded: refused soon after the bound (20), allowing for the 100 ms
+    // between lag readings.
+    assert!(
+        accepted.len() > 20 && accepted.len() < 120,
+        "{}",
+        accepted.len()
+    );
+    assert!(
+        fleet.logics[0]
+            .metric(
+                "pushcluster_logic_pushes_throttled_total",
+                &[("kind", "room")]
+            )
+            .await
+            >= 1.0
+    );
+    // A job comes back and drains the backlog; pushes are accepted again.
+    fleet.start_job();
+    let after = accepted.len();
+    wait_until(|| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let response = http.post(&url).body(after.to_string()).send().await;
+            matches!(response, Ok(r) if r.status().as_u16() == 200)
+        }
+    })
+    .await;
+    accepted.push(after.to_string());
+    assert_eq!(
+        all_bodies(&mut client, accepted.len() - 1).await,
+        accepted[1..],
+        "every accepted push, in order"
+    );
 }

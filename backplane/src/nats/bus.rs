@@ -183,6 +183,33 @@ impl Bus for NatsBus {
         })
     }
 
+    fn partition_of(&self, msg: &PushMsg) -> u32 {
+        partition_of(msg, self.config().partitions)
+    }
+
+    async fn lag(&self) -> Result<Vec<Option<u64>>, BusError> {
+        if !self.inner.nats.is_connected() {
+            return Err(BusError::Unavailable("not connected to NATS".into()));
+        }
+        let config = self.config();
+        let stream = self
+            .inner
+            .nats
+            .jetstream()
+            .get_stream(&config.stream.name)
+            .await
+            .map_err(|e| BusError::Unavailable(e.to_string()))?;
+        let mut lag = Vec::with_capacity(config.partitions as usize);
+        for partition in 0..config.partitions {
+            let info = stream.consumer_info(consumer_name(config, partition)).await;
+            lag.push(
+                info.ok()
+                    .map(|info| info.num_pending + info.num_ack_pending as u64),
+            );
+        }
+        Ok(lag)
+    }
+
     async fn subscribe(&self) -> Result<Subscription, BusError> {
         let member = self
             .inner
