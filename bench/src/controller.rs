@@ -428,6 +428,35 @@ fn generator_figures(
 }
 
 /// Prints a progress line every second until dropped.
+/// Samples logic's largest partition lag every second from `url`.
+#[allow(clippy::type_complexity)]
+fn sample_lag(url: String) -> (tokio::task::JoinHandle<()>, Arc<Mutex<Vec<u64>>>) {
+    let samples: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let task = tokio::spawn({
+        let samples = samples.clone();
+        async move {
+            let http = reqwest::Client::new();
+            let mut ticks = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                ticks.tick().await;
+                let text = match http.get(&url).timeout(Duration::from_secs(1)).send().await {
+                    Ok(response) => response.text().await.unwrap_or_default(),
+                    Err(_) => String::new(),
+                };
+                let lag = text
+                    .lines()
+                    .find_map(|line| line.strip_prefix("pushcluster_logic_bus_lag_max_messages "))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .unwrap_or(0.0) as u64;
+                if let Ok(mut samples) = samples.lock() {
+                    samples.push(lag);
+                }
+            }
+        }
+    });
+    (task, samples)
+}
+
 fn progress_ticker(
     workers: &Workers,
     pushes: Arc<AtomicU64>,
@@ -494,6 +523,8 @@ pub struct Load {
     pub size: usize,
     pub settle: Duration,
     pub max_pushes: usize,
+    /// Sampled every second for the lag curve (`--lag-url`).
+    pub lag_url: Option<String>,
 }
 
 fn check_support(server: ServerKind, fanout: Fanout) -> anyhow::Result<()> {
@@ -552,6 +583,7 @@ pub async fn fanout(plan: &Plan, load: &Load) -> anyhow::Result<Report> {
     let refused = Arc::new(Mutex::new(Vec::new()));
     let expected = Arc::new(AtomicU64::new(0));
     let expected_of = Arc::new(expected_of);
+    let lag_curve = load.lag_url.clone().map(sample_lag);
     let started = Instant::now();
     let started_ns = now_nanos();
     let deadline = started + load.duration;
@@ -632,6 +664,13 @@ pub async fn fanout(plan: &Plan, load: &Load) -> anyhow::Result<Report> {
     if let Some(ticker) = ticker {
         ticker.abort();
     }
+    let lag_curve = match lag_curve {
+        Some((task, samples)) => {
+            task.abort();
+            samples.lock().map(|s| s.clone()).ok()
+        }
+        None => None,
+    };
     let attempted = sent.load(Ordering::Relaxed);
     let refused = refused.lock().map(|r| r.clone()).unwrap_or_default();
     let connected = workers.connected;
@@ -663,7 +702,17 @@ pub async fn fanout(plan: &Plan, load: &Load) -> anyhow::Result<Report> {
     report.add("rooms", rooms as u64);
     report.add("pushes_sent", attempted - refused.len() as u64);
     report.add("pushes_refused", refused.len() as u64);
+    report.add("pushes_throttled", publisher.throttled());
     report.add("push_rate_per_s", attempted as f64 / pushing.as_secs_f64());
+    report.add(
+        "accepted_push_rate_per_s",
+        (attempted - refused.len() as u64) as f64 / pushing.as_secs_f64(),
+    );
+    if let Some(curve) = lag_curve {
+        report.add("lag_max_messages", curve.iter().copied().max().unwrap_or(0));
+        let text: Vec<String> = curve.iter().map(u64::to_string).collect();
+        report.add("lag_curve_per_s", text.join(","));
+    }
     report.add("messages_expected", expected);
     report.add("messages_received", totals.received);
     report.add("messages_lost", totals.lost);

@@ -187,6 +187,11 @@ struct FanoutArgs {
     /// Stop after this many pushes (bounds the accounting's memory).
     #[arg(long, default_value_t = 2_000_000)]
     max_pushes: usize,
+    /// A logic `/metrics` URL (standalone: the admin port's): its
+    /// `pushcluster_logic_bus_lag_max_messages` is sampled every second and
+    /// reported as the lag curve.
+    #[arg(long)]
+    lag_url: Option<String>,
 }
 
 impl FanoutArgs {
@@ -199,6 +204,7 @@ impl FanoutArgs {
             size: self.size,
             settle: self.settle,
             max_pushes: self.max_pushes,
+            lag_url: self.lag_url.clone(),
         }
     }
 }

@@ -2,6 +2,8 @@
 //! Pusher HTTP events API with its HMAC-SHA256 request signature.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::bail;
@@ -31,6 +33,8 @@ pub struct Publisher {
     total: usize,
     rooms: usize,
     namespace: String,
+    /// Pushes the server refused with 429 (backpressure).
+    throttled: Arc<AtomicU64>,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -95,6 +99,7 @@ impl Publisher {
             total,
             rooms: rooms.max(1),
             namespace: "bench".into(),
+            throttled: Arc::default(),
         })
     }
 
@@ -151,10 +156,29 @@ impl Publisher {
         self.send(request.body(body), true).await
     }
 
+    /// Pushes refused with 429 so far.
+    pub fn throttled(&self) -> u64 {
+        self.throttled.load(Ordering::Relaxed)
+    }
+
     async fn send(&self, request: reqwest::RequestBuilder, goim: bool) -> bool {
         let Ok(response) = request.send().await else {
             return false;
         };
+        if response.status() == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            // Backpressure: this pusher waits as asked (at most 10 s), which
+            // is how a well-behaved publisher slows down.
+            self.throttled.fetch_add(1, Ordering::Relaxed);
+            let wait = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(1)
+                .min(10);
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+            return false;
+        }
         let success = response.status().is_success();
         let Ok(bytes) = response.bytes().await else {
             return false;

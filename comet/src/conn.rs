@@ -201,6 +201,8 @@ pub(crate) type Opening<T> = Pin<Box<dyn Future<Output = Option<(T, String)>> + 
 /// so everything that happens once (opening, handshake, teardown) or
 /// rarely runs in boxed futures, freed when done, and the transport is
 /// held once, here.
+// An async fn would hold its arguments twice (as arguments and as locals).
+#[allow(clippy::manual_async_fn)]
 pub(crate) fn run<T: Transport>(
     comet: Arc<Comet>,
     opening: Opening<T>,
