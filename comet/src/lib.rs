@@ -292,7 +292,7 @@ impl Comet {
     }
 
     /// BroadcastRoom: to every member of the room on this comet.
-    pub fn push_room(
+    pub async fn push_room(
         &self,
         room: &str,
         frame: &Frame,
@@ -304,11 +304,8 @@ impl Comet {
         let Some(room) = self.rooms.get(room) else {
             return Ok(Fanout::default());
         };
-        let (fanout, seen) = room.push(
-            &EncodedPush::new(frame).published_at(publish_unix_micros),
-            frame,
-            mark,
-        );
+        let push = EncodedPush::new(frame).published_at(publish_unix_micros);
+        let (fanout, seen) = room.push(&push, frame, mark).await;
         if seen > 0 {
             self.metrics
                 .duplicates
@@ -597,7 +594,8 @@ impl CometLink for Comet {
                 "seqs must have one entry per frame".into(),
             ));
         }
-        self.push_room(&req.room_id, &frame, mark.as_ref(), req.publish_unix_micros)?;
+        self.push_room(&req.room_id, &frame, mark.as_ref(), req.publish_unix_micros)
+            .await?;
         Ok(BroadcastRoomReply {})
     }
 

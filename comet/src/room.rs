@@ -2,6 +2,13 @@
 //! one room. Rooms are sharded by id; a room push holds only that room's
 //! member lock, and queueing to a member never waits, so one busy room never
 //! stalls another and every member sees a room's pushes in the same order.
+//!
+//! Fairness between rooms: queueing to a member wakes its connection task,
+//! and tokio runs woken tasks in order. A room larger than
+//! [`FANOUT_CHUNK`] is therefore fanned out a chunk at a time, going to the
+//! back of the run queue in between, so a message for a quiet room waits
+//! behind at most about a chunk of a busy room's writes, not all of them.
+//! A room's pushes take turns (`turn`), so they stay in order.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -11,6 +18,25 @@ use std::sync::{Arc, Mutex};
 use pushcluster_api::protocol::{EncodedPush, Frame, op, skip_frames};
 
 use crate::channel::{Channel, Queued};
+
+/// Members queued to before a room push lets the tasks it woke run.
+pub(crate) const FANOUT_CHUNK: usize = 64;
+
+/// Goes to the back of the run queue once, behind the tasks this one just
+/// woke (tokio's `yield_now` waits for the next I/O poll instead).
+async fn yield_to_woken() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            std::task::Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+    .await
+}
 use crate::stream_guard::{HighWater, StreamMark};
 
 #[derive(Default)]
@@ -27,6 +53,9 @@ pub struct Room {
     online: AtomicI32,
     /// Members in the whole cluster, as last reported by logic (0 = unknown).
     all_online: AtomicI32,
+    /// One push at a time, so pushes stay in order while a large room's
+    /// fan-out yields.
+    turn: tokio::sync::Mutex<()>,
 }
 
 /// What happened to one room push.
@@ -54,6 +83,7 @@ impl Room {
             members: Mutex::new(Members::default()),
             online: AtomicI32::new(0),
             all_online: AtomicI32::new(0),
+            turn: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -71,45 +101,60 @@ impl Room {
         self.online.load(Ordering::Relaxed)
     }
 
-    /// Queues the push to every member (room pushes ignore the watch set).
-    /// With a stream mark, frames this room already got are left out; the
-    /// number left out is returned with the fan-out.
-    pub fn push(
+    /// Queues the push to every member (room pushes ignore the watch set),
+    /// a chunk at a time for a large room. With a stream mark, frames this
+    /// room already got are left out; the number left out is returned with
+    /// the fan-out.
+    pub async fn push(
         &self,
         push: &EncodedPush,
         frame: &Frame,
         mark: Option<&StreamMark>,
     ) -> (Fanout, usize) {
         let mut fanout = Fanout::default();
-        let Ok(mut members) = self.members.lock() else {
-            return (fanout, 0);
-        };
-        let seen = mark.map(|m| members.high_water.admit(m)).unwrap_or(0);
-        let total = mark.map(|m| m.seqs.len()).unwrap_or(1);
-        if seen >= total {
-            return (fanout, seen);
-        }
-        let partial;
-        let push = if seen == 0 {
-            push
-        } else {
-            // Only the tail of the batch is new: rebuild it (rare).
-            match (frame.op == op::RAW)
-                .then(|| skip_frames(&frame.body, seen))
-                .flatten()
-            {
-                Some(rest) => {
-                    partial = EncodedPush {
+        let _turn = self.turn.lock().await;
+        let (members, partial, seen) = {
+            let Ok(mut members) = self.members.lock() else {
+                return (fanout, 0);
+            };
+            let seen = mark.map(|m| members.high_water.admit(m)).unwrap_or(0);
+            let total = mark.map(|m| m.seqs.len()).unwrap_or(1);
+            if seen >= total {
+                return (fanout, seen);
+            }
+            let partial = if seen == 0 {
+                None
+            } else {
+                // Only the tail of the batch is new: rebuild it (rare).
+                match (frame.op == op::RAW)
+                    .then(|| skip_frames(&frame.body, seen))
+                    .flatten()
+                {
+                    Some(rest) => Some(EncodedPush {
                         published_us: push.published_us,
                         ..EncodedPush::new(&Frame::server(op::RAW, rest))
-                    };
-                    &partial
+                    }),
+                    None => return (fanout, total),
                 }
-                None => return (fanout, total),
+            };
+            let push = partial.as_ref().unwrap_or(push);
+            if members.channels.len() <= FANOUT_CHUNK {
+                for channel in members.channels.values() {
+                    fanout.record(channel.push(push));
+                }
+                return (fanout, seen);
             }
+            // Who is a member now: later joiners miss this push, leavers
+            // are closed and skip it.
+            let members: Vec<Arc<Channel>> = members.channels.values().cloned().collect();
+            (members, partial, seen)
         };
-        for channel in members.channels.values() {
-            fanout.record(channel.push(push));
+        let push = partial.as_ref().unwrap_or(push);
+        for chunk in members.chunks(FANOUT_CHUNK) {
+            for channel in chunk {
+                fanout.record(channel.push(push));
+            }
+            yield_to_woken().await;
         }
         (fanout, seen)
     }
@@ -285,8 +330,8 @@ mod tests {
         assert_eq!(a.room_id().as_deref(), Some("live://1"));
     }
 
-    #[test]
-    fn redelivered_frames_reach_members_once() {
+    #[tokio::test]
+    async fn redelivered_frames_reach_members_once() {
         use pushcluster_api::protocol::RawBatch;
         let rooms = Rooms::new(1);
         let a = channel(1);
@@ -306,11 +351,15 @@ mod tests {
             seqs: seqs.to_vec(),
         };
         let first = batch(&["1", "2"]);
-        let (fanout, seen) = room.push(&EncodedPush::new(&first), &first, Some(&mark(&[1, 2])));
+        let (fanout, seen) = room
+            .push(&EncodedPush::new(&first), &first, Some(&mark(&[1, 2])))
+            .await;
         assert_eq!((fanout.queued, seen), (1, 0));
         // 2 again, with 3: only 3 goes out.
         let again = batch(&["2", "3"]);
-        let (fanout, seen) = room.push(&EncodedPush::new(&again), &again, Some(&mark(&[2, 3])));
+        let (fanout, seen) = room
+            .push(&EncodedPush::new(&again), &again, Some(&mark(&[2, 3])))
+            .await;
         assert_eq!((fanout.queued, seen), (1, 1));
         let queued = a.drain().frames;
         assert_eq!(queued.len(), 2);
@@ -318,8 +367,58 @@ mod tests {
         assert_eq!(&queued[1][16..], b"3");
         // Wholly seen: nothing queued.
         let old = batch(&["1"]);
-        let (fanout, seen) = room.push(&EncodedPush::new(&old), &old, Some(&mark(&[1])));
+        let (fanout, seen) = room
+            .push(&EncodedPush::new(&old), &old, Some(&mark(&[1])))
+            .await;
         assert_eq!((fanout.queued, seen), (0, 1));
+    }
+
+    /// A busy room's fan-out leaves room for a quiet room's push between
+    /// its chunks, and the busy room's own pushes stay in order.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_quiet_room_is_served_between_the_chunks_of_a_busy_one() {
+        let rooms = Arc::new(Rooms::new(4));
+        let busy: Vec<Arc<Channel>> = (0..FANOUT_CHUNK as u64 * 4).map(channel).collect();
+        for member in &busy {
+            rooms.change(member, "live://busy");
+        }
+        let quiet = channel(1_000_000);
+        rooms.change(&quiet, "live://quiet");
+        let frame = |body: &str| Frame::server(1000, bytes::Bytes::from(body.to_string()));
+        let fan_out = |room: &'static str, body: &'static str| {
+            let rooms = rooms.clone();
+            tokio::spawn(async move {
+                let frame = frame(body);
+                let room = rooms.get(room).expect("room");
+                room.push(&EncodedPush::new(&frame), &frame, None).await.0
+            })
+        };
+        let first = fan_out("live://busy", "1");
+        let second = fan_out("live://busy", "2");
+        // The first busy push has queued one chunk and yielded.
+        tokio::task::yield_now().await;
+        let quiet_push = fan_out("live://quiet", "q").await.expect("quiet push");
+        assert_eq!(quiet_push.queued, 1);
+        let bodies = |member: &Channel| -> Vec<Vec<u8>> {
+            member
+                .drain()
+                .frames
+                .iter()
+                .map(|tcp| tcp[16..].to_vec())
+                .collect()
+        };
+        let mut received: Vec<Vec<Vec<u8>>> = busy.iter().map(|m| bodies(m)).collect();
+        let reached = received.iter().filter(|r| !r.is_empty()).count();
+        assert!(
+            reached < busy.len(),
+            "the quiet push waited for the whole busy room ({reached} reached)"
+        );
+        assert_eq!(first.await.expect("first").queued, busy.len() as u64);
+        assert_eq!(second.await.expect("second").queued, busy.len() as u64);
+        for (member, so_far) in busy.iter().zip(&mut received) {
+            so_far.extend(bodies(member));
+            assert_eq!(*so_far, [b"1".to_vec(), b"2".to_vec()], "in order");
+        }
     }
 
     #[test]
