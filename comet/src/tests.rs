@@ -763,3 +763,33 @@ async fn a_client_that_stops_reading_is_closed_after_the_write_timeout() {
     assert_eq!(reader.recv().await.expect("served").seq, 7);
     harness.stop().await;
 }
+
+#[tokio::test]
+async fn a_websocket_client_that_vanishes_is_not_counted_as_bad_input() {
+    let harness = start(|_| {}).await;
+    let stream = TcpStream::connect(harness.ws).await.expect("connect");
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{}/sub", harness.ws), stream)
+        .await
+        .expect("upgrade");
+    ws.send(Message::Binary(
+        frame(op::AUTH, 1, "1 k1 live://1").encode(),
+    ))
+    .await
+    .expect("auth");
+    let reply = ws.next().await.expect("reply").expect("message");
+    assert!(matches!(reply, Message::Binary(_)));
+    // Gone without a close frame, as a phone that lost its network.
+    drop(ws);
+    tokio::time::timeout(WAIT, async {
+        while harness.metric("disconnects", &["websocket", "io_error"]) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the disconnect is counted");
+    assert_eq!(
+        harness.metric("bad_frames", &["websocket", "websocket_protocol"]),
+        0
+    );
+    harness.stop().await;
+}

@@ -101,6 +101,11 @@ fn read_error(error: tungstenite::Error) -> ReadError {
         tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
             ReadError::Io(std::io::ErrorKind::ConnectionAborted.into())
         }
+        // A client that went away without a close frame (a phone losing
+        // its network, a killed process) is not bad input.
+        tungstenite::Error::Protocol(
+            tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+        ) => ReadError::Io(std::io::ErrorKind::ConnectionReset.into()),
         other => ReadError::Protocol(other.to_string()),
     }
 }
