@@ -16,7 +16,8 @@
 # instead, with those arguments in the environment as TARGET_ARGS.
 #
 # Env: COMETS (7), TRANSPORT (tcp|ws), NATS_SERVER_BIN (nats-server on
-# PATH), BIN (target/release), KEEP=1 keeps the work dir with the logs.
+# PATH), BIN (target/release), KEEP=1 keeps the work dir with the logs,
+# LOGIC_EXTRA more `logic` settings (e.g. 'backpressure: { max_lag: 0 }').
 # Ports: nats 4333, logic 3111/3119/3191, job 3192, comet i 4100+i (TCP),
 # 4200+i (WebSocket), 4300+i (gRPC), 4400+i (metrics).
 set -euo pipefail
@@ -80,7 +81,7 @@ for ((i = 0; i < comets; i++)); do
     comet_list+="{ id: comet-$i, addr: \"127.0.0.1:$((4300 + i))\" }, "
 done
 common="nats: { url: \"nats://127.0.0.1:$nats_port\" }
-logic: { auth: { mode: none }, api: { allow_unauthenticated: true } }
+logic: { auth: { mode: none }, api: { allow_unauthenticated: true }${LOGIC_EXTRA:+, $LOGIC_EXTRA} }
 discovery: { kind: static, logics: [\"127.0.0.1:3119\"], comets: [${comet_list%, }] }"
 
 connect=()

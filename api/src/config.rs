@@ -597,16 +597,19 @@ pub struct LogicConfig {
     pub backpressure: BackpressureConfig,
 }
 
-/// `logic.backpressure`: bounded lag. A push whose partition already holds
-/// more than `max_lag` messages not yet delivered is refused with HTTP 429
-/// and `Retry-After`, so publishers slow down instead of every message
-/// getting later without limit.
+/// `logic.backpressure`: bounded lag. A push whose partition's backlog
+/// would take longer than `max_delay` to deliver (at the rate it drains),
+/// or holds more than `max_lag` messages, is refused with HTTP 429 and
+/// `Retry-After`, so publishers slow down instead of every message getting
+/// later without limit.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BackpressureConfig {
-    /// Most messages one partition may hold undelivered before pushes to
-    /// it are refused; 0 turns backpressure off. Size it from how fast a
-    /// room's messages are delivered times the delay you accept.
+    /// Longest a partition's backlog may take to deliver; 0: no limit.
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+    /// Most messages one partition may hold undelivered; 0: no limit.
+    /// Both 0 turn backpressure off (goim's behaviour).
     pub max_lag: u64,
     /// The `Retry-After` of a refused push.
     #[serde(with = "humantime_serde")]
@@ -619,9 +622,10 @@ pub struct BackpressureConfig {
 impl Default for BackpressureConfig {
     fn default() -> Self {
         BackpressureConfig {
-            max_lag: 1000,
+            max_delay: Duration::from_secs(2),
+            max_lag: 10_000,
             retry_after: Duration::from_secs(1),
-            interval: Duration::from_secs(1),
+            interval: Duration::from_millis(250),
         }
     }
 }

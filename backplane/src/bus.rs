@@ -57,11 +57,19 @@ pub trait Bus: Send + Sync + 'static {
     /// The partition `msg` is published to (its ordering key's).
     fn partition_of(&self, msg: &PushMsg) -> u32;
 
-    /// Each partition's lag, measured now: messages published and not yet
-    /// settled by the consumers (`None`: not known, e.g. no consumer yet).
-    /// Publishers read it to push back before the backlog grows without
-    /// bound.
-    async fn lag(&self) -> Result<Vec<Option<u64>>, BusError>;
+    /// Each partition's lag, measured now (`None`: not known, e.g. no
+    /// consumer yet). Publishers read it to push back before the backlog
+    /// grows without bound.
+    async fn lag(&self) -> Result<Vec<Option<PartitionLag>>, BusError>;
+}
+
+/// One partition's backlog.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PartitionLag {
+    /// Messages published and not yet settled by the consumers.
+    pub pending: u64,
+    /// Messages settled so far (a counter: its growth is the drain rate).
+    pub settled: u64,
 }
 
 /// Where a message sits in the stream, handed to comets so they can drop
@@ -465,9 +473,13 @@ impl Bus for MemoryBus {
         0
     }
 
-    async fn lag(&self) -> Result<Vec<Option<u64>>, BusError> {
-        let pending = self.inner.metrics.pending.get();
-        Ok(vec![Some(u64::try_from(pending).unwrap_or(0))])
+    async fn lag(&self) -> Result<Vec<Option<PartitionLag>>, BusError> {
+        let pending = u64::try_from(self.inner.metrics.pending.get()).unwrap_or(0);
+        let published = self.inner.metrics.published.get();
+        Ok(vec![Some(PartitionLag {
+            pending,
+            settled: published.saturating_sub(pending),
+        })])
     }
 
     async fn subscribe(&self) -> Result<Subscription, BusError> {

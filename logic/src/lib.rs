@@ -180,6 +180,7 @@ impl Logic {
 
     async fn publish(&self, msg: PushMsg, msg_id: Option<String>) -> Result<(), LogicError> {
         let kind = kind_label(msg.r#type());
+        let partition = self.bus.partition_of(&msg);
         match self.bus.publish(msg, msg_id).await {
             Ok(published) if published.duplicate => {
                 self.metrics.duplicates.with_label_values(&[kind]).inc();
@@ -187,6 +188,7 @@ impl Logic {
             }
             Ok(_) => {
                 self.metrics.published.with_label_values(&[kind]).inc();
+                self.backpressure.published(partition);
                 Ok(())
             }
             Err(error) => {

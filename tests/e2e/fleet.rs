@@ -468,7 +468,7 @@ async fn the_fleet_links_run_over_mutual_tls_and_refuse_plain_peers() {
 #[tokio::test]
 async fn pushes_are_refused_with_retry_after_while_the_backlog_is_over_its_bound() {
     let mut fleet = Fleet::start_with(
-        "logic: { backpressure: { max_lag: 20, interval: 100ms, retry_after: 2s } }",
+        "logic: { backpressure: { max_lag: 20, max_delay: 0s, interval: 100ms, retry_after: 2s } }",
     );
     let mut client = TcpClient::auth(fleet.comets[0].tcp(), json!({"room_id": "live://bp"})).await;
     let path = "/goim/push/room?operation=1000&type=live&room=bp";

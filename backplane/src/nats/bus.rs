@@ -34,7 +34,8 @@ use tokio_util::sync::CancellationToken;
 use super::lease::{self, LeaseEvent};
 use super::{Nats, NatsError, retry, stable_hash, storage_type};
 use crate::bus::{
-    Acker, Bus, BusError, BusMetrics, Delivery, Position, Published, Subscription, ordering_key,
+    Acker, Bus, BusError, BusMetrics, Delivery, PartitionLag, Position, Published, Subscription,
+    ordering_key,
 };
 
 /// How often consumer lag is read.
@@ -187,7 +188,7 @@ impl Bus for NatsBus {
         partition_of(msg, self.config().partitions)
     }
 
-    async fn lag(&self) -> Result<Vec<Option<u64>>, BusError> {
+    async fn lag(&self) -> Result<Vec<Option<PartitionLag>>, BusError> {
         if !self.inner.nats.is_connected() {
             return Err(BusError::Unavailable("not connected to NATS".into()));
         }
@@ -199,13 +200,22 @@ impl Bus for NatsBus {
             .get_stream(&config.stream.name)
             .await
             .map_err(|e| BusError::Unavailable(e.to_string()))?;
-        let mut lag = Vec::with_capacity(config.partitions as usize);
-        for partition in 0..config.partitions {
-            let info = stream.consumer_info(consumer_name(config, partition)).await;
-            lag.push(
-                info.ok()
-                    .map(|info| info.num_pending + info.num_ack_pending as u64),
-            );
+        // One listing (paged by the server) instead of a request per
+        // partition: logic reads this every few hundred milliseconds.
+        let mut lag = vec![None; config.partitions as usize];
+        let mut consumers = stream.consumers();
+        while let Some(info) = consumers.next().await {
+            let info = info.map_err(|e| BusError::Unavailable(e.to_string()))?;
+            let partition = info
+                .name
+                .strip_prefix(&format!("{}-", config.consumer_prefix))
+                .and_then(|p| p.parse::<usize>().ok());
+            if let Some(slot) = partition.and_then(|p| lag.get_mut(p)) {
+                *slot = Some(PartitionLag {
+                    pending: info.num_pending + info.num_ack_pending as u64,
+                    settled: info.ack_floor.consumer_sequence,
+                });
+            }
         }
         Ok(lag)
     }
