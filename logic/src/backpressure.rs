@@ -140,17 +140,15 @@ impl Backpressure {
         largest
     }
 
-    /// Reads the bus's lag every `interval` until `stop`. A failed read
-    /// keeps the last one (the bus refuses publishes itself then).
+    /// Reads the bus's lag every `interval` until `stop` (also with the
+    /// bounds off: the lag gauge shows it). A failed read keeps the last
+    /// one (the bus refuses publishes itself then).
     pub async fn watch(
         self: Arc<Self>,
         bus: Arc<dyn Bus>,
         metrics: LogicMetrics,
         stop: CancellationToken,
     ) {
-        if !self.enabled() {
-            return;
-        }
         let mut every = tokio::time::interval(self.config.interval);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
