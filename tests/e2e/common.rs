@@ -209,9 +209,18 @@ impl Server {
         (status, serde_json::from_slice(&bytes).expect("JSON body"))
     }
 
-    /// A push that must succeed with code 0.
+    /// A push that must succeed with code 0. Refused with 429 (backpressure:
+    /// e.g. while a killed job's partition waits for its new owner), it is
+    /// sent again after a second, as a publisher honouring `Retry-After`.
     pub async fn push(&self, path: &str, body: &str) {
-        let (status, json) = self.post(path, body.to_string()).await;
+        let deadline = std::time::Instant::now() + 3 * WAIT;
+        let (status, json) = loop {
+            let (status, json) = self.post(path, body.to_string()).await;
+            if status != 429 || std::time::Instant::now() > deadline {
+                break (status, json);
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
         assert_eq!(
             (status, &json["code"]),
             (200, &Value::from(0)),

@@ -146,8 +146,18 @@ impl Fleet {
         ))
     }
 
+    /// A push that must be accepted; a 429 (backpressure, e.g. while a job
+    /// waits out a call to a comet that just went away) is retried after
+    /// its `Retry-After`, for up to 30 s.
     async fn push_ok(&self, path: &str, body: &str) {
-        let (status, answer) = self.push(path, body).await.expect("push API reachable");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (status, answer) = loop {
+            let (status, answer) = self.push(path, body).await.expect("push API reachable");
+            if status != 429 || Instant::now() > deadline {
+                break (status, answer);
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
         assert_eq!(
             (status, answer["code"].as_i64()),
             (200, Some(0)),
