@@ -59,9 +59,9 @@ pub enum LogicError {
     Bus(#[from] BusError),
     #[error("registry: {0}")]
     Registry(#[from] RegistryError),
-    /// The target's partition is over `logic.backpressure.max_lag`: retry
-    /// after the duration (HTTP 429).
-    #[error("too many undelivered messages for this target (logic.backpressure.max_lag); retry in {}s", .0.as_secs_f64())]
+    /// The target's partition is over a `logic.backpressure` bound
+    /// (`max_delay`, `max_lag`): retry after the duration (HTTP 429).
+    #[error("too many undelivered messages for this target (logic.backpressure); retry in {}s", .0.as_secs_f64())]
     Throttled(Duration),
 }
 
@@ -140,7 +140,7 @@ impl Logic {
             .await
     }
 
-    /// Refuses pushes whose partition is over `logic.backpressure.max_lag`
+    /// Refuses pushes whose partition is over a `logic.backpressure` bound
     /// (all or nothing: checked before any of them is published).
     fn admit(&self, msgs: &[PushMsg]) -> Result<(), LogicError> {
         for msg in msgs {
