@@ -135,28 +135,8 @@ pub(crate) fn tls_opening(
         let deadline = started + comet.config().protocol.handshake_timeout;
         match timeout_at(deadline, acceptor.accept(stream)).await {
             Ok(Ok(tls)) => upgrade(&comet, tls, ip, started).await,
-            Ok(Err(error)) => {
-                comet
-                    .metrics
-                    .handshake_failures
-                    .with_label_values(&["websocket", "tls_failed"])
-                    .inc();
-                conn::log_refused(
-                    TransportKind::WebSocket,
-                    ip,
-                    "tls_failed",
-                    &error.to_string(),
-                );
-                None
-            }
-            Err(_) => {
-                comet
-                    .metrics
-                    .handshake_failures
-                    .with_label_values(&["websocket", "timeout"])
-                    .inc();
-                None
-            }
+            Ok(Err(error)) => opening_failed(&comet, ip, "tls_failed", Some(error.to_string())),
+            Err(_) => opening_failed(&comet, ip, "timeout", None),
         }
     })
 }
@@ -205,27 +185,26 @@ where
         tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(websocket_config()));
     match timeout_at(deadline, upgrade).await {
         Ok(Ok(ws)) => Some((WsTransport { ws }, cookie)),
-        Ok(Err(error)) => {
-            comet
-                .metrics
-                .handshake_failures
-                .with_label_values(&["websocket", "upgrade_failed"])
-                .inc();
-            conn::log_refused(
-                TransportKind::WebSocket,
-                ip,
-                "upgrade_failed",
-                &error.to_string(),
-            );
-            None
-        }
-        Err(_) => {
-            comet
-                .metrics
-                .handshake_failures
-                .with_label_values(&["websocket", "timeout"])
-                .inc();
-            None
-        }
+        Ok(Err(error)) => opening_failed(comet, ip, "upgrade_failed", Some(error.to_string())),
+        Err(_) => opening_failed(comet, ip, "timeout", None),
     }
+}
+
+/// Counts a WebSocket opening that failed, and logs why (a timeout says
+/// nothing more than its count).
+fn opening_failed<T>(
+    comet: &Comet,
+    ip: IpAddr,
+    reason: &'static str,
+    error: Option<String>,
+) -> Option<T> {
+    comet
+        .metrics
+        .handshake_failures
+        .with_label_values(&["websocket", reason])
+        .inc();
+    if let Some(error) = error {
+        conn::log_refused(TransportKind::WebSocket, ip, reason, &error);
+    }
+    None
 }

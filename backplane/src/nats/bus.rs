@@ -117,6 +117,17 @@ impl NatsBus {
         self.inner.stream_ready.load(Ordering::SeqCst) && self.inner.nats.is_connected()
     }
 
+    /// The push stream.
+    async fn stream(
+        &self,
+    ) -> Result<jetstream::stream::Stream, jetstream::context::GetStreamError> {
+        self.inner
+            .nats
+            .jetstream()
+            .get_stream(&self.config().stream.name)
+            .await
+    }
+
     pub fn subject(&self, partition: u32) -> String {
         format!("{}.{partition}", self.config().stream.subject_prefix)
     }
@@ -194,10 +205,7 @@ impl Bus for NatsBus {
         }
         let config = self.config();
         let stream = self
-            .inner
-            .nats
-            .jetstream()
-            .get_stream(&config.stream.name)
+            .stream()
             .await
             .map_err(|e| BusError::Unavailable(e.to_string()))?;
         // One listing (paged by the server) instead of a request per
@@ -304,13 +312,7 @@ impl NatsBus {
     /// Messages not yet acked in the partitions this member owns.
     async fn report_lag(&self, workers: &HashMap<u32, Worker>, lag: &Mutex<HashMap<u32, u64>>) {
         let config = self.config();
-        let Ok(stream) = self
-            .inner
-            .nats
-            .jetstream()
-            .get_stream(&config.stream.name)
-            .await
-        else {
+        let Ok(stream) = self.stream().await else {
             return;
         };
         for partition in workers.keys() {
@@ -367,13 +369,7 @@ impl NatsBus {
         stop: &CancellationToken,
     ) -> Result<(), NatsError> {
         let config = self.config();
-        let stream = self
-            .inner
-            .nats
-            .jetstream()
-            .get_stream(&config.stream.name)
-            .await
-            .map_err(NatsError::request)?;
+        let stream = self.stream().await.map_err(NatsError::request)?;
         let name = consumer_name(config, partition);
         let start = match stream.consumer_info(&name).await {
             Ok(info) => Some(info.ack_floor.stream_sequence + 1),
