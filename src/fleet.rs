@@ -134,6 +134,7 @@ pub async fn run_logic(config: Config) -> anyhow::Result<()> {
     let bus = NatsBus::publisher(
         nats.clone(),
         BusMetrics::new(&registry)?,
+        config.history.clone(),
         stop_background.clone(),
     );
     let sessions = NatsRegistry::new(
@@ -142,12 +143,15 @@ pub async fn run_logic(config: Config) -> anyhow::Result<()> {
         config.logic.online_expire,
         stop_background.clone(),
     );
-    let logic = Arc::new(Logic::new(
-        config.logic.clone(),
-        Arc::new(sessions),
-        Arc::new(bus.clone()),
-        LogicMetrics::new(&registry)?,
-    )?);
+    let logic = Arc::new(
+        Logic::new(
+            config.logic.clone(),
+            Arc::new(sessions),
+            Arc::new(bus.clone()),
+            LogicMetrics::new(&registry)?,
+        )?
+        .with_replay(config.history.replay),
+    );
     tokio::spawn(logic.clone().watch_backpressure(stop_background.clone()));
     let grpc_tls = GrpcTls::from_config(config.grpc_tls.as_ref())?.map(|tls| tls.server());
     let http = bind("logic.http.bind", &config.logic.http.bind).await?;
@@ -206,6 +210,7 @@ pub async fn run_job(config: Config) -> anyhow::Result<()> {
     let bus = NatsBus::consumer(
         nats.clone(),
         BusMetrics::new(&registry)?,
+        config.history.clone(),
         member.clone(),
         stop_background.clone(),
     );

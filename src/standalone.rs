@@ -27,14 +27,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let readiness = Readiness::new();
     let registry = metrics_registry("standalone", &readiness)?;
 
-    let bus = MemoryBus::with_metrics(MemoryBusConfig::default(), BusMetrics::new(&registry)?);
+    let bus = MemoryBus::with_metrics(
+        MemoryBusConfig {
+            history: config.history.clone(),
+            ..MemoryBusConfig::default()
+        },
+        BusMetrics::new(&registry)?,
+    );
     let sessions = MemoryRegistry::new(config.logic.session_expire, config.logic.online_expire);
-    let logic = Arc::new(Logic::new(
-        config.logic.clone(),
-        Arc::new(sessions),
-        Arc::new(bus.clone()),
-        LogicMetrics::new(&registry)?,
-    )?);
+    let logic = Arc::new(
+        Logic::new(
+            config.logic.clone(),
+            Arc::new(sessions),
+            Arc::new(bus.clone()),
+            LogicMetrics::new(&registry)?,
+        )?
+        .with_replay(config.history.replay),
+    );
 
     let id = comet_id(&config);
     let comet = Comet::new(

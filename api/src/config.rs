@@ -41,6 +41,8 @@ pub struct Config {
     /// Mutual TLS on the gRPC links between comet, logic and job; off when
     /// absent.
     pub grpc_tls: Option<GrpcTlsConfig>,
+    /// Room history: what a reconnecting client can get back.
+    pub history: HistoryConfig,
 }
 
 impl Config {
@@ -189,6 +191,7 @@ impl Config {
             ));
         }
         self.validate_auth()?;
+        self.history.validate()?;
         if let Some(tls) = &self.grpc_tls
             && [
                 &tls.cert_file,
@@ -1007,7 +1010,7 @@ impl Default for StreamConfig {
         StreamConfig {
             name: "PUSHCLUSTER".into(),
             subject_prefix: "pushcluster.push".into(),
-            retention: Retention::Workqueue,
+            retention: Retention::Limits,
             storage: Storage::File,
             replicas: 1,
             max_age: Duration::from_secs(24 * 3600),
@@ -1021,9 +1024,11 @@ impl Default for StreamConfig {
 #[serde(rename_all = "lowercase")]
 pub enum Retention {
     /// A message is removed once acked (goim's Kafka topic was read once).
-    #[default]
+    /// Leaves no room history to resume from.
     Workqueue,
-    /// Messages stay until `max_age` / `max_bytes`.
+    /// Messages stay until their time-to-live (`history`), `max_age` or
+    /// `max_bytes`: the room history reconnecting clients resume from.
+    #[default]
     Limits,
 }
 
@@ -1279,5 +1284,154 @@ discovery:
             let error = Config::from_yaml(yaml).expect_err(yaml).to_string();
             assert!(error.contains(key), "{yaml}: {error}");
         }
+    }
+}
+
+/// `history`: how long each room's messages stay available to clients that
+/// reconnect and resume (`docs/recovery.md`). Standalone keeps them in a
+/// ring per room in memory; a fleet in the JetStream push stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistoryConfig {
+    /// Off: resuming clients always get `recovered: false`, nothing is kept.
+    pub enabled: bool,
+    /// Rooms no rule below matches.
+    pub default: RoomHistory,
+    /// Per room type, by room id prefix (`live://`, `chat://`); the longest
+    /// matching prefix wins.
+    pub rooms: Vec<RoomHistoryRule>,
+    /// A fleet never lets a message leave the stream sooner than this,
+    /// delivered or not (it is also how long an undelivered message waits
+    /// for a job to come back). A room's shorter `max_age` still bounds
+    /// what is replayed.
+    #[serde(with = "humantime_serde")]
+    pub min_ttl: Duration,
+    pub replay: ReplayConfig,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            enabled: true,
+            default: RoomHistory::default(),
+            rooms: Vec::new(),
+            min_ttl: Duration::from_secs(15 * 60),
+            replay: ReplayConfig::default(),
+        }
+    }
+}
+
+/// How much of one room's history is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoomHistory {
+    /// Messages older than this are not replayed.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// At most this many of the room's latest messages are replayed; a
+    /// client that missed more gets `recovered: false`.
+    pub max_messages: usize,
+}
+
+impl Default for RoomHistory {
+    fn default() -> Self {
+        RoomHistory {
+            max_age: Duration::from_secs(5 * 60),
+            max_messages: 1000,
+        }
+    }
+}
+
+/// `history.rooms[]`: the history of rooms whose id starts with `prefix`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoomHistoryRule {
+    pub prefix: String,
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    pub max_messages: usize,
+}
+
+/// `history.replay`: bounds on one resume and on resumes at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplayConfig {
+    /// Bytes of message bodies one resume may replay; past it the client
+    /// gets `recovered: false` and reloads.
+    pub max_bytes: usize,
+    /// History reads one logic runs at once; more wait their turn, so a
+    /// reconnect storm cannot starve live pushes or NATS.
+    pub concurrency: usize,
+    /// One history read, waiting included; past it `recovered: false`.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        ReplayConfig {
+            max_bytes: 1 << 20,
+            concurrency: 16,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl HistoryConfig {
+    /// The history kept for `room`: the longest matching prefix's rule.
+    pub fn for_room(&self, room: &str) -> RoomHistory {
+        self.rooms
+            .iter()
+            .filter(|rule| room.starts_with(&rule.prefix))
+            .max_by_key(|rule| rule.prefix.len())
+            .map(|rule| RoomHistory {
+                max_age: rule.max_age,
+                max_messages: rule.max_messages,
+            })
+            .unwrap_or(self.default)
+    }
+
+    /// How long a fleet stores a message of `room` (NATS `Nats-TTL`).
+    pub fn ttl_for_room(&self, room: &str) -> Duration {
+        self.for_room(room).max_age.max(self.min_ttl)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (key, max_age, max_messages) in std::iter::once((
+            "history.default",
+            self.default.max_age,
+            self.default.max_messages,
+        ))
+        .chain(
+            self.rooms
+                .iter()
+                .map(|rule| ("history.rooms[]", rule.max_age, rule.max_messages)),
+        ) {
+            if max_age < Duration::from_secs(1) {
+                return Err(invalid(key, "max_age must be at least 1s"));
+            }
+            if max_messages == 0 {
+                return Err(invalid(key, "max_messages must be > 0"));
+            }
+        }
+        if self.rooms.iter().any(|rule| rule.prefix.is_empty()) {
+            return Err(invalid(
+                "history.rooms[].prefix",
+                "must not be empty (use history.default)",
+            ));
+        }
+        if self.min_ttl < Duration::from_secs(1) {
+            return Err(invalid("history.min_ttl", "must be at least 1s"));
+        }
+        if self.replay.concurrency == 0 || self.replay.max_bytes == 0 {
+            return Err(invalid(
+                "history.replay",
+                "concurrency and max_bytes must be > 0",
+            ));
+        }
+        if self.replay.timeout.is_zero() {
+            return Err(invalid("history.replay.timeout", "must be > 0"));
+        }
+        Ok(())
     }
 }

@@ -12,7 +12,7 @@ use crate::pb::comet::{
 };
 use crate::pb::logic::{
     ConnectReply, ConnectReq, DisconnectReply, DisconnectReq, HeartbeatReply, HeartbeatReq,
-    OnlineReply, OnlineReq, ReceiveReply, ReceiveReq,
+    HistoryReply, HistoryReq, OnlineReply, OnlineReq, ReceiveReply, ReceiveReq,
 };
 
 /// Why a call over a link failed.
@@ -104,4 +104,6 @@ pub trait LogicLink: Send + Sync + 'static {
     async fn heartbeat(&self, req: HeartbeatReq) -> Result<HeartbeatReply, LinkError>;
     async fn renew_online(&self, req: OnlineReq) -> Result<OnlineReply, LinkError>;
     async fn receive(&self, req: ReceiveReq) -> Result<ReceiveReply, LinkError>;
+    /// A room's history after a position (pushcluster extension).
+    async fn history(&self, req: HistoryReq) -> Result<HistoryReply, LinkError>;
 }

@@ -46,6 +46,10 @@ pub mod op {
     pub const SUB_REPLY: i32 = 15;
     pub const UNSUB: i32 = 16;
     pub const UNSUB_REPLY: i32 = 17;
+    /// pushcluster: sent to a connection that opted in to positions after
+    /// it joined a room (auth or op 12), once any replay is written and
+    /// before live messages; the body is JSON (`docs/recovery.md`).
+    pub const RESUME_REPLY: i32 = 20;
 }
 
 /// A decoded frame.
@@ -222,6 +226,57 @@ fn decode_stream_within(buf: &mut BytesMut, max_frame: usize) -> Result<Option<F
     Ok(Some(header.into_frame(body)))
 }
 
+/// Where a positioned frame sits in its stream (the header extension).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FramePosition {
+    pub offset: u64,
+    pub epoch: u64,
+    /// The room id.
+    pub stream: String,
+}
+
+/// Decodes one frame as a client that opted in to positions reads it:
+/// `headerLen` may exceed 16, and then the header carries a position.
+pub fn decode_positioned_stream(
+    buf: &mut BytesMut,
+) -> Result<Option<(Frame, Option<FramePosition>)>, FrameError> {
+    let Some(raw) = buf.first_chunk::<HEADER_LEN>() else {
+        return Ok(None);
+    };
+    let header = Header::parse(raw);
+    let header_len = usize::try_from(header.header_len)
+        .ok()
+        .filter(|len| *len >= HEADER_LEN)
+        .ok_or(FrameError::BadHeaderLen(header.header_len))?;
+    let pack_len = usize::try_from(header.pack_len)
+        .ok()
+        .filter(|len| *len >= header_len)
+        .ok_or(FrameError::PackLenTooSmall(header.pack_len))?;
+    if buf.len() < pack_len {
+        return Ok(None);
+    }
+    let mut whole = buf.split_to(pack_len).freeze();
+    let body = whole.split_off(header_len);
+    let position = if header_len > HEADER_LEN {
+        let ext = &whole[HEADER_LEN..];
+        let fixed = ext
+            .first_chunk::<18>()
+            .ok_or(FrameError::BadHeaderLen(header.header_len))?;
+        let name_len = usize::from(u16::from_be_bytes([fixed[16], fixed[17]]));
+        let name = ext
+            .get(18..18 + name_len)
+            .ok_or(FrameError::BadHeaderLen(header.header_len))?;
+        Some(FramePosition {
+            offset: u64::from_be_bytes(fixed[0..8].try_into().unwrap_or_default()),
+            epoch: u64::from_be_bytes(fixed[8..16].try_into().unwrap_or_default()),
+            stream: String::from_utf8_lossy(name).into_owned(),
+        })
+    } else {
+        None
+    };
+    Ok(Some((header.into_frame(body), position)))
+}
+
 /// Writes a header for a body of `body_len` bytes.
 pub fn put_header(buf: &mut BytesMut, body_len: usize, ver: i16, op: i32, seq: i32) {
     // Server frames are not capped, but a pack length must fit an int32.
@@ -332,6 +387,65 @@ pub fn skip_frames(batch: &Bytes, count: usize) -> Option<Bytes> {
     Some(batch.slice(offset..))
 }
 
+/// The frames inside an op-9 batch body, as (op, body); stops at the first
+/// malformed one.
+pub fn inner_frames(batch: &Bytes) -> impl Iterator<Item = (i32, Bytes)> + '_ {
+    let mut offset = 0usize;
+    std::iter::from_fn(move || {
+        let header = Header::parse(batch.get(offset..)?.first_chunk::<HEADER_LEN>()?);
+        let pack_len = usize::try_from(header.pack_len).ok()?;
+        let header_len = usize::try_from(header.header_len).ok()?;
+        let end = offset.checked_add(pack_len)?;
+        if header_len < HEADER_LEN || pack_len < header_len || end > batch.len() {
+            return None;
+        }
+        let body = batch.slice(offset + header_len..end);
+        offset = end;
+        Some((header.op, body))
+    })
+}
+
+/// Longest stream name a positioned header carries (a longer room id is
+/// cut; `headerLen` is an int16).
+pub const MAX_STREAM_NAME: usize = 1024;
+
+fn stream_name(stream: &str) -> &[u8] {
+    &stream.as_bytes()[..stream.len().min(MAX_STREAM_NAME)]
+}
+
+/// A positioned frame's header length for `stream`.
+pub fn positioned_header_len(stream: &str) -> usize {
+    HEADER_LEN + 8 + 8 + 2 + stream_name(stream).len()
+}
+
+/// Appends a server frame carrying its position, for connections that
+/// opted in (`docs/goim-compatibility.md`): the header grows past 16 bytes
+/// with `offset` (u64), `epoch` (u64), the stream name's length (u16) and
+/// the name (the room id), all big-endian; `headerLen` says where the body
+/// starts, so a reader that skips `headerLen` bytes still finds the body.
+pub fn put_positioned_frame(
+    buf: &mut BytesMut,
+    op: i32,
+    body: &[u8],
+    offset: u64,
+    epoch: u64,
+    stream: &str,
+) {
+    let name = stream_name(stream);
+    let header_len = positioned_header_len(stream);
+    let pack_len = i32::try_from(header_len + body.len()).unwrap_or(i32::MAX);
+    buf.put_i32(pack_len);
+    buf.put_i16(header_len as i16);
+    buf.put_i16(SERVER_VERSION);
+    buf.put_i32(op);
+    buf.put_i32(0);
+    buf.put_u64(offset);
+    buf.put_u64(epoch);
+    buf.put_u16(name.len() as u16);
+    buf.put_slice(name);
+    buf.put_slice(body);
+}
+
 /// Parses goim's comma-separated op list ("1000,1001") used by op 14 / 16.
 /// Like goim, one bad item makes the whole list invalid.
 pub fn parse_op_list(body: &[u8]) -> Option<Vec<i32>> {
@@ -358,6 +472,46 @@ mod tests {
             .step_by(2)
             .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex"))
             .collect()
+    }
+
+    // docs/goim-compatibility.md: a positioned frame, op 1000, body "a",
+    // offset 7, epoch 2, room "r".
+    #[test]
+    fn positioned_frame_bytes() {
+        let mut buf = BytesMut::new();
+        put_positioned_frame(&mut buf, 1000, b"a", 7, 2, "r");
+        assert_eq!(
+            &buf[..],
+            &unhex(
+                "00000024 0023 0001 000003E8 00000000 \
+                 0000000000000007 0000000000000002 0001 72 61"
+            )[..]
+        );
+        let (frame, position) = decode_positioned_stream(&mut buf)
+            .expect("valid")
+            .expect("whole");
+        assert_eq!((frame.op, &frame.body[..]), (1000, &b"a"[..]));
+        assert_eq!(
+            position,
+            Some(FramePosition {
+                offset: 7,
+                epoch: 2,
+                stream: "r".into()
+            })
+        );
+        // A plain frame decodes the same way, without a position.
+        let mut plain = BytesMut::from(&Frame::server(1000, Bytes::from_static(b"a")).encode()[..]);
+        let (frame, position) = decode_positioned_stream(&mut plain)
+            .expect("valid")
+            .expect("whole");
+        assert_eq!((&frame.body[..], position), (&b"a"[..], None));
+        // Inside a batch, the frames are found by their pack lengths.
+        let mut batch = BytesMut::new();
+        put_positioned_frame(&mut batch, 1000, b"x", 1, 2, "room");
+        put_positioned_frame(&mut batch, 1001, b"yz", 2, 2, "room");
+        let batch = batch.freeze();
+        let ops: Vec<i32> = inner_frames(&batch).map(|(op, _)| op).collect();
+        assert_eq!(ops, [1000, 1001]);
     }
 
     // PROTOCOL.md §1.10: client heartbeat, seq 1.

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
+use pushcluster_api::config::HistoryConfig;
 use pushcluster_api::pb::logic::PushMsg;
 use pushcluster_api::pb::logic::push_msg::Type as PushType;
 use tokio::sync::mpsc;
@@ -61,6 +62,80 @@ pub trait Bus: Send + Sync + 'static {
     /// consumer yet). Publishers read it to push back before the backlog
     /// grows without bound.
     async fn lag(&self) -> Result<Vec<Option<PartitionLag>>, BusError>;
+
+    /// What a client that last saw `since` in `room` missed, within the
+    /// room's history limits; with no `since`, only the current position.
+    async fn room_history(
+        &self,
+        room: &str,
+        since: Option<Since>,
+        max_bytes: usize,
+    ) -> Result<RoomHistory, BusError>;
+}
+
+/// A place in a room's history, as clients keep it: the stream's epoch and
+/// the offset (stream sequence) of the last message seen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Since {
+    pub epoch: u64,
+    pub offset: u64,
+}
+
+/// One message of a room's history.
+#[derive(Debug, Clone)]
+pub struct HistoryEntry {
+    pub offset: u64,
+    pub published_at: SystemTime,
+    pub msg: PushMsg,
+}
+
+/// Why a resume could not give a client everything it missed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unrecovered {
+    /// The client asked for nothing to resume from.
+    Fresh,
+    /// The history the client's position belongs to is gone (a new stream,
+    /// a restarted standalone).
+    EpochChanged,
+    /// Some of what the client missed has expired.
+    Expired,
+    /// More messages were missed than the room's `max_messages`.
+    TooMany,
+    /// What was missed is larger than `history.replay.max_bytes`.
+    TooLarge,
+    /// History is off (`history.enabled`, or a work-queue stream).
+    Disabled,
+    /// History could not be read in time.
+    Unavailable,
+}
+
+impl Unrecovered {
+    pub fn label(self) -> &'static str {
+        match self {
+            Unrecovered::Fresh => "fresh",
+            Unrecovered::EpochChanged => "epoch_changed",
+            Unrecovered::Expired => "expired",
+            Unrecovered::TooMany => "too_many",
+            Unrecovered::TooLarge => "too_large",
+            Unrecovered::Disabled => "disabled",
+            Unrecovered::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// What a room's history holds for a resuming client.
+#[derive(Debug, Clone, Default)]
+pub struct RoomHistory {
+    /// The history's epoch now.
+    pub epoch: u64,
+    /// Messages after the client's offset, oldest first (empty unless
+    /// recovered).
+    pub messages: Vec<HistoryEntry>,
+    /// `None`: `messages` is everything the client missed.
+    pub gap: Option<Unrecovered>,
+    /// Where the client is once `messages` are written: live messages at or
+    /// below it are already covered.
+    pub offset: u64,
 }
 
 /// One partition's backlog.
@@ -251,6 +326,8 @@ pub struct MemoryBusConfig {
     pub max_deliveries: u32,
     /// How long message ids are remembered for deduplication.
     pub dedupe_window: Duration,
+    /// Room history kept for resuming clients (a ring per room).
+    pub history: HistoryConfig,
 }
 
 impl Default for MemoryBusConfig {
@@ -259,6 +336,7 @@ impl Default for MemoryBusConfig {
             capacity: 65_536,
             max_deliveries: 5,
             dedupe_window: Duration::from_secs(120),
+            history: HistoryConfig::default(),
         }
     }
 }
@@ -281,6 +359,123 @@ struct MemoryBusInner {
     /// The next sequence number, locked from numbering to enqueueing so
     /// sequence order is queue order even with concurrent publishers.
     next_seq: tokio::sync::Mutex<u64>,
+    /// The last sequence number given out (read without the lock above).
+    last_seq: std::sync::atomic::AtomicU64,
+    history: Mutex<MemoryHistory>,
+}
+
+/// Publishes between sweeps of every room's expired history.
+const HISTORY_SWEEP_EVERY: u64 = 4096;
+
+/// Standalone's room history: a ring per room, bounded by the room's
+/// `max_messages` and `max_age`.
+#[derive(Default)]
+struct MemoryHistory {
+    rooms: HashMap<String, RoomRing>,
+    /// Highest sequence of a room ring swept away whole: a room without a
+    /// ring may have lost messages up to here.
+    swept_up_to: u64,
+    publishes: u64,
+}
+
+#[derive(Default)]
+struct RoomRing {
+    entries: VecDeque<HistoryEntry>,
+    /// Highest sequence this ring let go of.
+    evicted_up_to: u64,
+    /// Highest sequence it let go of to stay within `max_messages`.
+    overflowed_up_to: u64,
+}
+
+impl RoomRing {
+    fn expire(&mut self, max_age: Duration, now: SystemTime) {
+        while let Some(oldest) = self.entries.front() {
+            let age = now.duration_since(oldest.published_at).unwrap_or_default();
+            if age < max_age {
+                break;
+            }
+            self.evicted_up_to = oldest.offset;
+            self.entries.pop_front();
+        }
+    }
+}
+
+impl MemoryHistory {
+    fn record(&mut self, config: &HistoryConfig, entry: HistoryEntry) {
+        let limits = config.for_room(&entry.msg.room);
+        let ring = self.rooms.entry(entry.msg.room.clone()).or_default();
+        ring.entries.push_back(entry);
+        while ring.entries.len() > limits.max_messages {
+            if let Some(oldest) = ring.entries.pop_front() {
+                ring.evicted_up_to = oldest.offset;
+                ring.overflowed_up_to = oldest.offset;
+            }
+        }
+        self.publishes += 1;
+        if self.publishes.is_multiple_of(HISTORY_SWEEP_EVERY) {
+            self.sweep(config, SystemTime::now());
+        }
+    }
+
+    /// Expires old entries everywhere and forgets empty rings.
+    fn sweep(&mut self, config: &HistoryConfig, now: SystemTime) {
+        let mut swept = self.swept_up_to;
+        self.rooms.retain(|room, ring| {
+            ring.expire(config.for_room(room).max_age, now);
+            if ring.entries.is_empty() {
+                swept = swept.max(ring.evicted_up_to);
+                false
+            } else {
+                true
+            }
+        });
+        self.swept_up_to = swept;
+    }
+
+    fn read(
+        &mut self,
+        config: &HistoryConfig,
+        room: &str,
+        after: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<HistoryEntry>, Unrecovered> {
+        let limits = config.for_room(room);
+        let Some(ring) = self.rooms.get_mut(room) else {
+            return if after >= self.swept_up_to {
+                Ok(Vec::new())
+            } else {
+                Err(Unrecovered::Expired)
+            };
+        };
+        ring.expire(limits.max_age, SystemTime::now());
+        // Lost: what this ring let go of, and what an earlier ring of the
+        // room swept away held (all older than this ring's first entry).
+        let earlier_ring = self.swept_up_to.min(ring.first_offset().saturating_sub(1));
+        if after < ring.overflowed_up_to {
+            return Err(Unrecovered::TooMany);
+        }
+        if after < ring.evicted_up_to.max(earlier_ring) {
+            return Err(Unrecovered::Expired);
+        }
+        let missed: Vec<HistoryEntry> = ring
+            .entries
+            .iter()
+            .filter(|entry| entry.offset > after)
+            .cloned()
+            .collect();
+        let bytes: usize = missed.iter().map(|entry| entry.msg.msg.len()).sum();
+        if bytes > max_bytes {
+            return Err(Unrecovered::TooLarge);
+        }
+        Ok(missed)
+    }
+}
+
+impl RoomRing {
+    /// The oldest sequence held (u64::MAX when empty).
+    fn first_offset(&self) -> u64 {
+        self.entries.front().map_or(u64::MAX, |entry| entry.offset)
+    }
 }
 
 #[derive(Default)]
@@ -333,6 +528,8 @@ impl MemoryBus {
                     .unwrap_or(1)
                     | 1,
                 next_seq: tokio::sync::Mutex::new(1),
+                last_seq: std::sync::atomic::AtomicU64::new(0),
+                history: Mutex::new(MemoryHistory::default()),
             }),
         }
     }
@@ -448,6 +645,23 @@ impl Bus for MemoryBus {
             seq: *next_seq,
         };
         *next_seq += 1;
+        self.inner
+            .last_seq
+            .store(position.seq, std::sync::atomic::Ordering::SeqCst);
+        let history = &self.inner.config.history;
+        if history.enabled
+            && msg.r#type() == PushType::Room
+            && let Ok(mut rings) = self.inner.history.lock()
+        {
+            rings.record(
+                history,
+                HistoryEntry {
+                    offset: position.seq,
+                    published_at,
+                    msg: msg.clone(),
+                },
+            );
+        }
         let acker = MemoryAcker {
             bus: self.inner.clone(),
             msg: Some(msg.clone()),
@@ -480,6 +694,50 @@ impl Bus for MemoryBus {
             pending,
             settled: published.saturating_sub(pending),
         })])
+    }
+
+    async fn room_history(
+        &self,
+        room: &str,
+        since: Option<Since>,
+        max_bytes: usize,
+    ) -> Result<RoomHistory, BusError> {
+        let epoch = self.inner.epoch;
+        let head = self
+            .inner
+            .last_seq
+            .load(std::sync::atomic::Ordering::SeqCst);
+        let unrecovered = |gap| RoomHistory {
+            epoch,
+            messages: Vec::new(),
+            gap: Some(gap),
+            offset: head,
+        };
+        let Some(since) = since else {
+            return Ok(unrecovered(Unrecovered::Fresh));
+        };
+        if since.epoch != epoch {
+            return Ok(unrecovered(Unrecovered::EpochChanged));
+        }
+        let history = &self.inner.config.history;
+        if !history.enabled {
+            return Ok(unrecovered(Unrecovered::Disabled));
+        }
+        let read = self
+            .inner
+            .history
+            .lock()
+            .map_err(|_| BusError::Other("history poisoned".into()))?
+            .read(history, room, since.offset, max_bytes);
+        Ok(match read {
+            Ok(messages) => RoomHistory {
+                epoch,
+                offset: messages.last().map_or(since.offset, |m| m.offset),
+                messages,
+                gap: None,
+            },
+            Err(gap) => unrecovered(gap),
+        })
     }
 
     async fn subscribe(&self) -> Result<Subscription, BusError> {

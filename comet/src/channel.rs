@@ -15,6 +15,7 @@ use bytes::Bytes;
 use pushcluster_api::protocol::EncodedPush;
 use tokio::sync::Notify;
 
+use crate::resume::{PositionedBatch, PositionedState};
 use crate::room::Room;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +85,9 @@ pub enum Queued {
     },
     /// The connection is already closing.
     Closed,
+    /// Nothing to queue: the connection already had these frames (a
+    /// resumed connection's live copy of replayed messages).
+    Skipped,
 }
 
 struct QueueState {
@@ -136,6 +140,8 @@ pub struct Channel {
     /// either passes: no timer per connection.
     heartbeat_due_ms: AtomicU64,
     write_due_ms: AtomicU64,
+    /// Set for connections that opted in to positions.
+    positioned: Option<Box<PositionedState>>,
 }
 
 impl Channel {
@@ -165,9 +171,28 @@ impl Channel {
             wake: Notify::new(),
             heartbeat_due_ms: AtomicU64::new(u64::MAX),
             write_due_ms: AtomicU64::new(0),
+            positioned: None,
         };
         channel.watch(accepts);
         channel
+    }
+
+    /// This connection gets room messages with their positions.
+    pub fn with_positions(mut self) -> Self {
+        self.positioned = Some(Box::default());
+        self
+    }
+
+    pub fn positioned(&self) -> Option<&PositionedState> {
+        self.positioned.as_deref()
+    }
+
+    /// Queues a positioned room batch (positioned connections only).
+    pub fn push_positioned(&self, batch: &Arc<PositionedBatch>) -> Queued {
+        match &self.positioned {
+            Some(state) => state.push(self, batch, self.capacity),
+            None => self.push(&batch.push),
+        }
     }
 
     /// Adds ops to the watch set (auth `accepts`, op 14).
@@ -232,13 +257,8 @@ impl Channel {
             return Queued::Closed;
         }
         if queue.frames.len() >= self.capacity {
-            let dropped = queue.frames.len() + 1;
-            queue.frames = VecDeque::new();
-            queue.published_us = VecDeque::new();
-            queue.closing = Some(CloseReason::SlowConsumer);
             drop(queue);
-            self.wake.notify_one();
-            return Queued::Overflow { dropped };
+            return self.overflow();
         }
         let was_empty = queue.frames.is_empty();
         queue.frames.push_back(bytes);
@@ -248,6 +268,24 @@ impl Channel {
             self.wake.notify_one();
         }
         Queued::Yes
+    }
+
+    /// Closes the connection as a slow consumer: what it has queued, and
+    /// the frame that did not fit, are dropped.
+    pub fn overflow(&self) -> Queued {
+        let Ok(mut queue) = self.queue.lock() else {
+            return Queued::Closed;
+        };
+        if queue.closing.is_some() {
+            return Queued::Closed;
+        }
+        let dropped = queue.frames.len() + 1;
+        queue.frames = VecDeque::new();
+        queue.published_us = VecDeque::new();
+        queue.closing = Some(CloseReason::SlowConsumer);
+        drop(queue);
+        self.wake.notify_one();
+        Queued::Overflow { dropped }
     }
 
     /// Asks the connection to close. The first reason wins.

@@ -22,6 +22,7 @@ use tokio::time::{Instant, timeout, timeout_at};
 
 use crate::channel::{Channel, CloseReason, Drained, Queued, TransportKind};
 use crate::limits::{Admitted, FrameBudget, Limit};
+use crate::resume;
 use crate::{Comet, count_reply};
 use pushcluster_api::log_budget::LogBudget;
 
@@ -239,7 +240,7 @@ async fn open<'a, T: Transport>(
     let mut budget = FrameBudget::new(comet.config().limits.frames_per_second_per_connection);
     let (auth, reply) = handshake(comet, transport, ip, cookie, started, &mut budget).await?;
     let kind = transport.kind();
-    let channel = Arc::new(Channel::new(
+    let mut channel = Channel::new(
         comet.next_channel_id(),
         reply.key,
         reply.mid,
@@ -247,11 +248,22 @@ async fn open<'a, T: Transport>(
         kind,
         comet.config().protocol.send_queue,
         &reply.accepts,
-    ));
+    );
+    if reply.positions {
+        channel = channel.with_positions();
+    }
+    let channel = Arc::new(channel);
     // Queued before the channel becomes reachable, so it is the first
     // frame the client sees.
     channel.push_bytes(auth.reply(op::AUTH_REPLY, Bytes::new()).encode());
+    let resuming = channel.positioned().filter(|_| !reply.room_id.is_empty());
+    if let Some(state) = resuming {
+        state.hold();
+    }
     comet.register(&channel, &reply.room_id);
+    if let Some(state) = resuming {
+        resume::resume(comet, &channel, state, &reply.room_id, reply.since).await;
+    }
     comet
         .metrics
         .connects
@@ -461,6 +473,9 @@ impl Session<'_> {
                             self.channel.release_spare();
                         }
                         let handled = match frame.op {
+                            op::CHANGE_ROOM if self.channel.positioned().is_some() => {
+                                Box::pin(self.change_room_with_positions(frame)).await
+                            }
                             op::HEARTBEAT | op::CHANGE_ROOM | op::SUB | op::UNSUB => {
                                 self.handle(frame)
                             }
@@ -537,7 +552,7 @@ impl Session<'_> {
         count_reply(&self.comet.metrics, outcome);
         match outcome {
             Queued::Overflow { .. } => Err(CloseReason::SlowConsumer),
-            Queued::Yes | Queued::Closed => Ok(()),
+            Queued::Yes | Queued::Closed | Queued::Skipped => Ok(()),
         }
     }
 
@@ -588,6 +603,28 @@ impl Session<'_> {
             // `serve` sends every other op to `receive`.
             other => self.reply(&frame, other, Bytes::new()),
         }
+    }
+
+    /// Op 12 of a connection with positions: the body may carry where the
+    /// client left off in the new room (`resume::Join`); the op-13 reply
+    /// comes first, then the replay and the op-20 reply.
+    async fn change_room_with_positions(&mut self, frame: Frame) -> Result<(), CloseReason> {
+        self.count_upstream("change_room");
+        let join = resume::Join::parse_change_room(&frame.body);
+        let Some(state) = self.channel.positioned() else {
+            return Ok(());
+        };
+        let moving =
+            !join.room.is_empty() && self.channel.room_id().as_deref() != Some(&*join.room);
+        if moving {
+            state.hold();
+        }
+        self.comet.rooms.change(&self.channel, &join.room);
+        self.reply(&frame, op::CHANGE_ROOM_REPLY, frame.body.clone())?;
+        if moving {
+            resume::resume(self.comet, &self.channel, state, &join.room, join.since).await;
+        }
+        Ok(())
     }
 
     /// Any other op goes to logic's Receive; goim answers it with the same

@@ -19,6 +19,7 @@ pub mod limits;
 pub mod logic_client;
 pub mod metrics;
 mod report;
+pub mod resume;
 pub mod room;
 pub mod server;
 pub mod stream_guard;

@@ -10,7 +10,7 @@ use pushcluster_api::link::{LinkError, LogicLink};
 use pushcluster_api::pb::logic::logic_client::LogicClient;
 use pushcluster_api::pb::logic::{
     ConnectReply, ConnectReq, DisconnectReply, DisconnectReq, HeartbeatReply, HeartbeatReq,
-    OnlineReply, OnlineReq, ReceiveReply, ReceiveReq,
+    HistoryReply, HistoryReq, OnlineReply, OnlineReq, ReceiveReply, ReceiveReq,
 };
 use tokio::sync::watch;
 use tonic::transport::channel::Change;
@@ -146,4 +146,24 @@ impl LogicLink for GrpcLogic {
         let mut client = self.client.clone();
         self.call(client.receive(self.request(req))).await
     }
+
+    async fn history(&self, req: HistoryReq) -> Result<HistoryReply, LinkError> {
+        let mut client = self.client.clone();
+        // Logic answers within its own `history.replay.timeout`, queueing
+        // included; this bound is only against a logic that never answers.
+        let timeout = self.timeout + HISTORY_GRACE;
+        let mut request = tonic::Request::new(req);
+        request.set_timeout(timeout);
+        match tokio::time::timeout(timeout, client.history(request)).await {
+            Ok(result) => result
+                .map(tonic::Response::into_inner)
+                .map_err(LinkError::from),
+            Err(_) => Err(LinkError::Unavailable(
+                "logic did not answer History in time".into(),
+            )),
+        }
+    }
 }
+
+/// How much longer than other calls a History call may take.
+const HISTORY_GRACE: Duration = Duration::from_secs(10);

@@ -21,6 +21,7 @@ pub struct CometMetrics {
     pub keys_not_found: IntCounter,
     pub duplicates: IntCounterVec,
     pub stale_owners: IntCounter,
+    pub replayed: IntCounter,
     pub sent_bytes: IntCounterVec,
     pub write_batch_frames: Histogram,
     pub delivery_latency: Histogram,
@@ -101,6 +102,10 @@ impl CometMetrics {
                 "Redelivered messages this comet had already delivered, left out, by kind (keys, room, broadcast).",
                 &["kind"],
             )?,
+            replayed: IntCounter::new(
+                "pushcluster_comet_replayed_messages_total",
+                "History messages written to resuming connections (positions opted in).",
+            )?,
             stale_owners: IntCounter::new(
                 "pushcluster_comet_stale_owner_rejected_total",
                 "Pushes refused because a newer job owner of their stream partition had delivered (fencing).",
@@ -157,6 +162,7 @@ impl CometMetrics {
         registry.register(Box::new(metrics.keys_not_found.clone()))?;
         registry.register(Box::new(metrics.duplicates.clone()))?;
         registry.register(Box::new(metrics.stale_owners.clone()))?;
+        registry.register(Box::new(metrics.replayed.clone()))?;
         registry.register(Box::new(metrics.sent_bytes.clone()))?;
         registry.register(Box::new(metrics.write_batch_frames.clone()))?;
         registry.register(Box::new(metrics.delivery_latency.clone()))?;

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use pushcluster_api::protocol::{EncodedPush, Frame, op, skip_frames};
 
 use crate::channel::{Channel, Queued};
+use crate::resume::PositionedBatch;
 
 /// Members queued to before a room push lets the tasks it woke run.
 pub(crate) const FANOUT_CHUNK: usize = 64;
@@ -42,6 +43,9 @@ use crate::stream_guard::{HighWater, StreamMark};
 #[derive(Default)]
 struct Members {
     channels: HashMap<u64, Arc<Channel>>,
+    /// Members that opted in to positions: they get the room's messages
+    /// encoded with their offsets.
+    positioned: HashMap<u64, Arc<Channel>>,
     /// Last stream sequence pushed to this room (duplicate detection).
     high_water: HighWater,
 }
@@ -71,7 +75,7 @@ impl Fanout {
         match outcome {
             Queued::Yes => self.queued += 1,
             Queued::Overflow { dropped } => self.dropped += dropped as u64,
-            Queued::Closed => {}
+            Queued::Closed | Queued::Skipped => {}
         }
     }
 }
@@ -138,21 +142,47 @@ impl Room {
                 }
             };
             let push = partial.as_ref().unwrap_or(push);
-            if members.channels.len() <= FANOUT_CHUNK {
+            // Encoded once more, with offsets, when someone opted in.
+            let positioned = match mark {
+                Some(mark) if !members.positioned.is_empty() => {
+                    PositionedBatch::from_push(&self.id, frame, mark, seen, push.published_us)
+                        .map(Arc::new)
+                }
+                _ => None,
+            };
+            let send = |channel: &Channel, fanout: &mut Fanout, with_positions: bool| {
+                fanout.record(match (&positioned, with_positions) {
+                    (Some(batch), true) => channel.push_positioned(batch),
+                    _ => channel.push(push),
+                })
+            };
+            if members.channels.len() + members.positioned.len() <= FANOUT_CHUNK {
                 for channel in members.channels.values() {
-                    fanout.record(channel.push(push));
+                    send(channel, &mut fanout, false);
+                }
+                for channel in members.positioned.values() {
+                    send(channel, &mut fanout, true);
                 }
                 return (fanout, seen);
             }
             // Who is a member now: later joiners miss this push, leavers
             // are closed and skip it.
-            let members: Vec<Arc<Channel>> = members.channels.values().cloned().collect();
-            (members, partial, seen)
+            let members: Vec<(Arc<Channel>, bool)> = members
+                .channels
+                .values()
+                .map(|c| (c.clone(), false))
+                .chain(members.positioned.values().map(|c| (c.clone(), true)))
+                .collect();
+            (members, (partial, positioned), seen)
         };
+        let (partial, positioned) = partial;
         let push = partial.as_ref().unwrap_or(push);
         for chunk in members.chunks(FANOUT_CHUNK) {
-            for channel in chunk {
-                fanout.record(channel.push(push));
+            for (channel, with_positions) in chunk {
+                fanout.record(match (&positioned, with_positions) {
+                    (Some(batch), true) => channel.push_positioned(batch),
+                    _ => channel.push(push),
+                });
             }
             yield_to_woken().await;
         }
@@ -191,13 +221,15 @@ impl Rooms {
             .entry(Arc::from(id))
             .or_insert_with_key(|key| Arc::new(Room::new(key.clone())))
             .clone();
-        if let Ok(mut members) = room.members.lock()
-            && members
-                .channels
-                .insert(channel.id, channel.clone())
-                .is_none()
-        {
-            room.online.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut members) = room.members.lock() {
+            let members = if channel.positioned().is_some() {
+                &mut members.positioned
+            } else {
+                &mut members.channels
+            };
+            if members.insert(channel.id, channel.clone()).is_none() {
+                room.online.fetch_add(1, Ordering::Relaxed);
+            }
         }
         Some(room)
     }
@@ -210,10 +242,13 @@ impl Rooms {
         let Ok(mut members) = room.members.lock() else {
             return;
         };
-        if members.channels.remove(&channel_id).is_some() {
+        if members.channels.remove(&channel_id).is_some()
+            || members.positioned.remove(&channel_id).is_some()
+        {
             room.online.fetch_sub(1, Ordering::Relaxed);
         }
         if members.channels.is_empty()
+            && members.positioned.is_empty()
             && shard
                 .get(&room.id)
                 .is_some_and(|current| Arc::ptr_eq(current, room))

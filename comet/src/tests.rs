@@ -17,7 +17,7 @@ use pushcluster_api::link::{CometLink, LinkError, LogicLink};
 use pushcluster_api::pb::comet::BroadcastReq;
 use pushcluster_api::pb::logic::{
     ConnectReply, ConnectReq, DisconnectReply, DisconnectReq, HeartbeatReply, HeartbeatReq,
-    OnlineReply, OnlineReq, ReceiveReply, ReceiveReq,
+    HistoryReply, HistoryReq, OnlineReply, OnlineReq, ReceiveReply, ReceiveReq,
 };
 use pushcluster_api::protocol::{Frame, decode_server_stream, op};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -46,6 +46,10 @@ struct FakeLogic {
     reports: AtomicUsize,
     /// The heartbeat timeout handed to clients; 0: 60 s.
     heartbeat_ms: std::sync::atomic::AtomicU64,
+    /// History calls: each says it started, then waits for a reply here.
+    history_calls: Mutex<Vec<HistoryReq>>,
+    history_started: Notify,
+    history_replies: Mutex<Option<tokio::sync::mpsc::Receiver<HistoryReply>>>,
 }
 
 #[async_trait]
@@ -53,8 +57,14 @@ impl LogicLink for FakeLogic {
     async fn connect(&self, req: ConnectReq) -> Result<ConnectReply, LinkError> {
         let body = String::from_utf8_lossy(&req.token).into_owned();
         let parts: Vec<&str> = body.split_whitespace().collect();
+        let (parts, positions) = match parts.as_slice() {
+            [rest @ .., "positions"] => (rest.to_vec(), true),
+            _ => (parts.clone(), false),
+        };
         match parts.as_slice() {
             [mid, key, room] => Ok(ConnectReply {
+                positions,
+                since: None,
                 mid: mid
                     .parse()
                     .map_err(|_| LinkError::InvalidArgument("mid".into()))?,
@@ -95,6 +105,18 @@ impl LogicLink for FakeLogic {
     async fn receive(&self, req: ReceiveReq) -> Result<ReceiveReply, LinkError> {
         self.receives.lock().expect("lock").push(req);
         Ok(ReceiveReply::default())
+    }
+
+    async fn history(&self, req: HistoryReq) -> Result<HistoryReply, LinkError> {
+        self.history_calls.lock().expect("lock").push(req);
+        self.history_started.notify_one();
+        let replies = self.history_replies.lock().expect("lock").take();
+        let Some(mut replies) = replies else {
+            return Err(LinkError::Unavailable("no history here".into()));
+        };
+        let reply = replies.recv().await;
+        *self.history_replies.lock().expect("lock") = Some(replies);
+        reply.ok_or_else(|| LinkError::Unavailable("no history reply".into()))
     }
 }
 

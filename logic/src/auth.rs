@@ -30,6 +30,49 @@ pub struct AuthBody {
     pub token: String,
 }
 
+/// pushcluster's resume fields of the auth body (`docs/recovery.md`):
+/// `"positions": true` opts in to positions; `"since"` maps a room id to
+/// the last position the client saw there. Read whatever the auth mode,
+/// since they only concern what the client is sent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct ResumeFields {
+    #[serde(default, deserialize_with = "null_is_default")]
+    pub positions: bool,
+    #[serde(default, deserialize_with = "null_is_default")]
+    pub since: std::collections::HashMap<String, SincePosition>,
+}
+
+/// A position as clients send it back: the epoch as a decimal string (it
+/// does not fit a JavaScript number) or a number, the offset as a number.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct SincePosition {
+    #[serde(deserialize_with = "u64_from_string_or_number")]
+    pub epoch: u64,
+    #[serde(deserialize_with = "u64_from_string_or_number")]
+    pub offset: u64,
+}
+
+fn u64_from_string_or_number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Number(u64),
+        Text(String),
+    }
+    match Either::deserialize(deserializer)? {
+        Either::Number(n) => Ok(n),
+        Either::Text(text) => text.parse().map_err(serde::de::Error::custom),
+    }
+}
+
+impl ResumeFields {
+    /// The fields of an auth or op-12 body; a body without them (or not
+    /// JSON) opts out.
+    pub fn parse(body: &[u8]) -> Result<ResumeFields, serde_json::Error> {
+        serde_json::from_slice(body)
+    }
+}
+
 fn null_is_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,

@@ -9,7 +9,8 @@ use pushcluster_api::link::LogicLink;
 use pushcluster_api::pb::logic::logic_server::{Logic as LogicService, LogicServer};
 use pushcluster_api::pb::logic::{
     ConnectReply, ConnectReq, DisconnectReply, DisconnectReq, HeartbeatReply, HeartbeatReq,
-    NodesReply, NodesReq, OnlineReply, OnlineReq, ReceiveReply, ReceiveReq,
+    HistoryReply, HistoryReq, NodesReply, NodesReq, OnlineReply, OnlineReq, ReceiveReply,
+    ReceiveReq,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -74,6 +75,10 @@ impl LogicService for LogicGrpc {
 
     async fn receive(&self, req: Request<ReceiveReq>) -> Result<Response<ReceiveReply>, Status> {
         Ok(Response::new(self.logic.receive(req.into_inner()).await?))
+    }
+
+    async fn history(&self, req: Request<HistoryReq>) -> Result<Response<HistoryReply>, Status> {
+        Ok(Response::new(self.logic.history(req.into_inner()).await?))
     }
 
     async fn nodes(&self, req: Request<NodesReq>) -> Result<Response<NodesReply>, Status> {

@@ -23,19 +23,20 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use pushcluster_api::config::LogicConfig;
+use pushcluster_api::config::{LogicConfig, ReplayConfig};
 use pushcluster_api::link::{LinkError, LogicLink};
 use pushcluster_api::pb::logic::push_msg::Type as PushType;
 use pushcluster_api::pb::logic::{
     Backoff, ConnectReply, ConnectReq, DisconnectReply, DisconnectReq, HeartbeatReply,
-    HeartbeatReq, NodesReply, OnlineReply, OnlineReq, PushMsg, ReceiveReply, ReceiveReq,
+    HeartbeatReq, HistoryMessage, HistoryReply, HistoryReq, NodesReply, OnlineReply, OnlineReq,
+    PushMsg, ReceiveReply, ReceiveReq, StreamPosition,
 };
-use pushcluster_backplane::bus::{Bus, BusError};
+use pushcluster_backplane::bus::{Bus, BusError, Since, Unrecovered};
 use pushcluster_backplane::registry::{CometReport, Registry, RegistryError, Session};
 use tokio_util::sync::CancellationToken;
 
 use crate::api_tokens::ApiTokens;
-use crate::auth::{AuthSetupError, Authenticator};
+use crate::auth::{AuthSetupError, Authenticator, ResumeFields};
 use crate::backpressure::Backpressure;
 use crate::balancer::{LoadBalancer, NodeInfo};
 use crate::metrics::LogicMetrics;
@@ -107,6 +108,9 @@ pub struct Logic {
     auth: Authenticator,
     api_tokens: ApiTokens,
     backpressure: Arc<Backpressure>,
+    replay: ReplayConfig,
+    /// History reads at once (`history.replay.concurrency`).
+    replay_slots: tokio::sync::Semaphore,
 }
 
 impl Logic {
@@ -129,7 +133,16 @@ impl Logic {
             deploy_env: std::env::var("DEPLOY_ENV").unwrap_or_default(),
             auth,
             api_tokens,
+            replay: ReplayConfig::default(),
+            replay_slots: tokio::sync::Semaphore::new(ReplayConfig::default().concurrency),
         })
+    }
+
+    /// Bounds on resumes (`history.replay`).
+    pub fn with_replay(mut self, replay: ReplayConfig) -> Self {
+        self.replay_slots = tokio::sync::Semaphore::new(replay.concurrency);
+        self.replay = replay;
+        self
     }
 
     /// Reads the bus's lag for `logic.backpressure` until `stop`.
@@ -592,12 +605,24 @@ impl LogicLink for Logic {
         }
         self.metrics.connects.with_label_values(&["ok"]).inc();
         tracing::debug!(mid = session.mid, server = %session.server, "session added");
+        // The body was valid JSON for the authenticator; resume fields of
+        // the wrong shape only turn resuming off.
+        let resume = ResumeFields::parse(&req.token).unwrap_or_default();
+        let since = resume
+            .since
+            .get(&identity.room_id)
+            .map(|since| StreamPosition {
+                epoch: since.epoch,
+                offset: since.offset,
+            });
         Ok(ConnectReply {
             mid: session.mid,
             key: session.key,
             room_id: identity.room_id,
             accepts: identity.accepts,
             heartbeat: self.heartbeat_nanos(),
+            positions: resume.positions,
+            since: since.filter(|_| resume.positions),
         })
     }
 
@@ -680,6 +705,84 @@ impl LogicLink for Logic {
         let op = req.proto.as_ref().map(|p| p.op).unwrap_or_default();
         tracing::debug!(mid = req.mid, op, "client frame received");
         Ok(ReceiveReply {})
+    }
+
+    /// A room's history for a client joining it with positions. Reads wait
+    /// for one of `history.replay.concurrency` slots, so a reconnect storm
+    /// queues here instead of flooding the bus; past
+    /// `history.replay.timeout` the client is told it was not recovered.
+    async fn history(&self, req: HistoryReq) -> Result<HistoryReply, LinkError> {
+        if req.room.is_empty() {
+            return Err(LinkError::InvalidArgument("room is empty".into()));
+        }
+        let started = Instant::now();
+        let since = req.since.map(|since| Since {
+            epoch: since.epoch,
+            offset: since.offset,
+        });
+        let read = tokio::time::timeout(self.replay.timeout, async {
+            let _slot = self
+                .replay_slots
+                .acquire()
+                .await
+                .map_err(|_| BusError::Closed)?;
+            self.bus
+                .room_history(&req.room, since, self.replay.max_bytes)
+                .await
+        })
+        .await;
+        self.metrics
+            .history_reads
+            .observe(started.elapsed().as_secs_f64());
+        let history = match read {
+            Ok(Ok(history)) => history,
+            failed => {
+                let why = match failed {
+                    Ok(Err(error)) => error.to_string(),
+                    _ => "timed out".to_string(),
+                };
+                tracing::warn!(room = %req.room, error = %why, "room history unavailable");
+                self.metrics
+                    .resumes
+                    .with_label_values(&[Unrecovered::Unavailable.label()])
+                    .inc();
+                let since = since.unwrap_or_default();
+                return Ok(HistoryReply {
+                    epoch: since.epoch,
+                    messages: Vec::new(),
+                    recovered: false,
+                    offset: since.offset,
+                    reason: Unrecovered::Unavailable.label().into(),
+                });
+            }
+        };
+        let result = history.gap.map_or("recovered", Unrecovered::label);
+        self.metrics.resumes.with_label_values(&[result]).inc();
+        self.metrics.replayed.inc_by(history.messages.len() as u64);
+        Ok(HistoryReply {
+            epoch: history.epoch,
+            recovered: history.gap.is_none(),
+            offset: history.offset,
+            reason: history
+                .gap
+                .map(Unrecovered::label)
+                .unwrap_or_default()
+                .into(),
+            messages: history
+                .messages
+                .into_iter()
+                .map(|entry| HistoryMessage {
+                    offset: entry.offset,
+                    op: entry.msg.operation,
+                    body: entry.msg.msg,
+                    publish_unix_micros: entry
+                        .published_at
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+                        .unwrap_or(0),
+                })
+                .collect(),
+        })
     }
 }
 

@@ -19,6 +19,9 @@ pub struct LogicMetrics {
     pub online_reports: IntCounter,
     pub throttled: IntCounterVec,
     pub bus_lag_max: IntGauge,
+    pub resumes: IntCounterVec,
+    pub replayed: IntCounter,
+    pub history_reads: prometheus::Histogram,
 }
 
 impl LogicMetrics {
@@ -102,6 +105,26 @@ impl LogicMetrics {
                 "pushcluster_logic_bus_lag_max_messages",
                 "The largest partition lag (messages published and not yet delivered) as logic last read it.",
             )?,
+            resumes: IntCounterVec::new(
+                Opts::new(
+                    "pushcluster_logic_resumes_total",
+                    "Room joins of clients with positions, by result: recovered, fresh (nothing to resume), or why not (epoch_changed, expired, too_many, too_large, disabled, unavailable).",
+                ),
+                &["result"],
+            )?,
+            replayed: IntCounter::new(
+                "pushcluster_logic_replayed_messages_total",
+                "History messages handed to comets for resuming clients.",
+            )?,
+            history_reads: prometheus::Histogram::with_opts(
+                HistogramOpts::new(
+                    "pushcluster_logic_history_read_seconds",
+                    "Time to answer a History call, waiting for a replay slot included.",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ]),
+            )?,
         };
         metrics.init_series();
         registry.register(Box::new(metrics.http_requests.clone()))?;
@@ -116,6 +139,9 @@ impl LogicMetrics {
         registry.register(Box::new(metrics.online_reports.clone()))?;
         registry.register(Box::new(metrics.throttled.clone()))?;
         registry.register(Box::new(metrics.bus_lag_max.clone()))?;
+        registry.register(Box::new(metrics.resumes.clone()))?;
+        registry.register(Box::new(metrics.replayed.clone()))?;
+        registry.register(Box::new(metrics.history_reads.clone()))?;
         Ok(metrics)
     }
 
@@ -148,6 +174,18 @@ impl LogicMetrics {
         }
         for result in ["removed", "kept"] {
             self.disconnects.with_label_values(&[result]);
+        }
+        for result in [
+            "recovered",
+            "fresh",
+            "epoch_changed",
+            "expired",
+            "too_many",
+            "too_large",
+            "disabled",
+            "unavailable",
+        ] {
+            self.resumes.with_label_values(&[result]);
         }
     }
 }

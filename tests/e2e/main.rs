@@ -11,6 +11,7 @@ mod lifecycle;
 mod observability;
 mod operator;
 mod push_api;
+mod resume;
 mod security;
 mod websocket;
 mod wire;

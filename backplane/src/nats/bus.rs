@@ -25,8 +25,9 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use prost::Message as _;
 use pushcluster_api::backoff::Backoff;
-use pushcluster_api::config::{NatsConfig, Retention};
+use pushcluster_api::config::{HistoryConfig, NatsConfig, Retention};
 use pushcluster_api::pb::logic::PushMsg;
+use pushcluster_api::pb::logic::push_msg::Type as PushType;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -34,8 +35,8 @@ use tokio_util::sync::CancellationToken;
 use super::lease::{self, LeaseEvent};
 use super::{Nats, NatsError, retry, stable_hash, storage_type};
 use crate::bus::{
-    Acker, Bus, BusError, BusMetrics, Delivery, PartitionLag, Position, Published, Subscription,
-    ordering_key,
+    Acker, Bus, BusError, BusMetrics, Delivery, HistoryEntry, PartitionLag, Position, Published,
+    RoomHistory, Since, Subscription, Unrecovered, ordering_key,
 };
 
 /// How often consumer lag is read.
@@ -50,6 +51,11 @@ struct Inner {
     stream_ready: AtomicBool,
     /// The stream's creation time in nanoseconds: identifies it in positions.
     epoch: AtomicU64,
+    history: HistoryConfig,
+    /// The stream keeps messages after they are acked.
+    limits_retention: AtomicBool,
+    /// The stream takes per-message TTLs (NATS 2.11+).
+    ttl_enabled: AtomicBool,
 }
 
 /// [`Bus`] on JetStream. Cheap to clone.
@@ -60,29 +66,40 @@ pub struct NatsBus {
 
 /// The partition of a message (stable across processes and versions).
 pub fn partition_of(msg: &PushMsg, partitions: u32) -> u32 {
-    (stable_hash(&[ordering_key(msg).as_bytes()]) % u64::from(partitions.max(1))) as u32
+    partition_of_key(&ordering_key(msg), partitions)
+}
+
+fn partition_of_key(key: &str, partitions: u32) -> u32 {
+    (stable_hash(&[key.as_bytes()]) % u64::from(partitions.max(1))) as u32
 }
 
 impl NatsBus {
     /// A bus for publishing (logic). The stream is created or updated in the
     /// background until it works; `stop` ends those attempts.
-    pub fn publisher(nats: Nats, metrics: BusMetrics, stop: CancellationToken) -> NatsBus {
-        Self::build(nats, metrics, None, stop)
+    pub fn publisher(
+        nats: Nats,
+        metrics: BusMetrics,
+        history: HistoryConfig,
+        stop: CancellationToken,
+    ) -> NatsBus {
+        Self::build(nats, metrics, history, None, stop)
     }
 
     /// A bus for consuming (job) as member `member_id` of the job group.
     pub fn consumer(
         nats: Nats,
         metrics: BusMetrics,
+        history: HistoryConfig,
         member_id: String,
         stop: CancellationToken,
     ) -> NatsBus {
-        Self::build(nats, metrics, Some(member_id), stop)
+        Self::build(nats, metrics, history, Some(member_id), stop)
     }
 
     fn build(
         nats: Nats,
         metrics: BusMetrics,
+        history: HistoryConfig,
         member_id: Option<String>,
         stop: CancellationToken,
     ) -> NatsBus {
@@ -93,6 +110,9 @@ impl NatsBus {
                 member_id,
                 stream_ready: AtomicBool::new(false),
                 epoch: AtomicU64::new(0),
+                history,
+                limits_retention: AtomicBool::new(false),
+                ttl_enabled: AtomicBool::new(false),
             }),
         };
         let ensure = bus.clone();
@@ -132,11 +152,38 @@ impl NatsBus {
         format!("{}.{partition}", self.config().stream.subject_prefix)
     }
 
+    /// A room's messages have a subject of their own under their partition's,
+    /// so its history can be read by subject: `<prefix>.<partition>.r.<room
+    /// id in unpadded base64url>`.
+    pub fn room_subject(&self, room: &str) -> String {
+        use base64::Engine as _;
+        let partition = partition_of_key(&format!("room.{room}"), self.config().partitions);
+        format!(
+            "{}.r.{}",
+            self.subject(partition),
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(room)
+        )
+    }
+
+    fn subject_of(&self, msg: &PushMsg) -> String {
+        if msg.r#type() == PushType::Room {
+            self.room_subject(&msg.room)
+        } else {
+            self.subject(partition_of(msg, self.config().partitions))
+        }
+    }
+
+    /// Whether resumes can be served (limits retention, history on).
+    pub fn history_ready(&self) -> bool {
+        self.inner.history.enabled && self.retention() == Retention::Limits
+    }
+
     fn stream_config(&self) -> stream::Config {
         let config = &self.config().stream;
         stream::Config {
             name: config.name.clone(),
-            subjects: vec![format!("{}.*", config.subject_prefix)],
+            subjects: vec![format!("{}.>", config.subject_prefix)],
+            allow_message_ttl: true,
             retention: match config.retention {
                 Retention::Workqueue => stream::RetentionPolicy::WorkQueue,
                 Retention::Limits => stream::RetentionPolicy::Limits,
@@ -151,16 +198,185 @@ impl NatsBus {
     }
 
     async fn ensure_stream(&self) -> Result<(), NatsError> {
-        let info = self
-            .inner
-            .nats
-            .jetstream()
-            .create_or_update_stream(self.stream_config())
+        let jetstream = self.inner.nats.jetstream();
+        let mut config = self.stream_config();
+        // JetStream cannot change a stream's retention: keep the one it has.
+        match jetstream.get_stream(&config.name).await {
+            Ok(existing) => {
+                let retention = existing.cached_info().config.retention;
+                if retention != config.retention {
+                    tracing::warn!(
+                        stream = %config.name,
+                        existing = ?retention,
+                        configured = ?config.retention,
+                        "the push stream keeps its retention; room history needs limits \
+                         retention (recreate the stream while it is empty to change it)"
+                    );
+                    config.retention = retention;
+                }
+            }
+            Err(error)
+                if matches!(error.kind(), jetstream::context::GetStreamErrorKind::JetStream(js)
+                    if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) => {}
+            Err(error) => return Err(NatsError::request(error)),
+        }
+        let info = jetstream
+            .create_or_update_stream(config)
             .await
             .map_err(NatsError::request)?;
         let epoch = info.created.unix_timestamp_nanos().max(1) as u64;
         self.inner.epoch.store(epoch, Ordering::SeqCst);
+        self.inner.limits_retention.store(
+            info.config.retention == stream::RetentionPolicy::Limits,
+            Ordering::SeqCst,
+        );
+        self.inner
+            .ttl_enabled
+            .store(info.config.allow_message_ttl, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// The retention the stream really has (an existing stream keeps its own).
+    fn retention(&self) -> Retention {
+        if self.inner.limits_retention.load(Ordering::SeqCst) {
+            Retention::Limits
+        } else {
+            Retention::Workqueue
+        }
+    }
+
+    /// How long the stream is sure to keep a message of `room`.
+    fn kept_for(&self, room: &str) -> Duration {
+        if self.inner.ttl_enabled.load(Ordering::SeqCst) {
+            self.inner.history.ttl_for_room(room)
+        } else {
+            self.config().stream.max_age
+        }
+    }
+
+    /// Reads `room`'s messages from `since` on (see [`Bus::room_history`]).
+    async fn read_history(
+        &self,
+        stream: &jetstream::stream::Stream,
+        room: &str,
+        since: Since,
+        max_bytes: usize,
+    ) -> Result<Result<(Vec<HistoryEntry>, u64), Unrecovered>, NatsError> {
+        let limits = self.inner.history.for_room(room);
+        // Start at the client's own offset: when that message is still
+        // there, everything of the room after it is too.
+        let consumer = stream
+            .create_consumer(consumer::pull::Config {
+                filter_subject: self.room_subject(room),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: since.offset.max(1),
+                },
+                ack_policy: consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(30),
+                memory_storage: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(NatsError::request)?;
+        let name = consumer.cached_info().name.clone();
+        let pending = consumer.cached_info().num_pending;
+        let outcome = self
+            .fetch_history(stream, &consumer, pending, room, since, max_bytes, limits)
+            .await;
+        let stream = stream.clone();
+        tokio::spawn(async move {
+            let _ = stream.delete_consumer(&name).await;
+        });
+        outcome
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_history(
+        &self,
+        stream: &jetstream::stream::Stream,
+        consumer: &jetstream::consumer::Consumer<consumer::pull::Config>,
+        pending: u64,
+        room: &str,
+        since: Since,
+        max_bytes: usize,
+        limits: pushcluster_api::config::RoomHistory,
+    ) -> Result<Result<(Vec<HistoryEntry>, u64), Unrecovered>, NatsError> {
+        if pending > limits.max_messages as u64 + 1 {
+            return Ok(Err(Unrecovered::TooMany));
+        }
+        let mut entries = Vec::with_capacity(pending as usize);
+        let mut position_time = None;
+        let mut bytes = 0usize;
+        if pending > 0 {
+            let mut batch = consumer
+                .batch()
+                .max_messages(pending as usize)
+                .expires(self.inner.history.replay.timeout)
+                .messages()
+                .await
+                .map_err(NatsError::request)?;
+            while let Some(message) = batch.next().await {
+                let message = message.map_err(NatsError::request)?;
+                let info = message.info().map_err(NatsError::request)?;
+                let offset = info.stream_sequence;
+                let published_at = SystemTime::UNIX_EPOCH
+                    + Duration::from_nanos(info.published.unix_timestamp_nanos().max(0) as u64);
+                if offset == since.offset {
+                    position_time = Some(published_at);
+                    continue;
+                }
+                let Ok(msg) = PushMsg::decode(message.payload.clone()) else {
+                    continue;
+                };
+                bytes += msg.msg.len();
+                if bytes > max_bytes {
+                    return Ok(Err(Unrecovered::TooLarge));
+                }
+                entries.push(HistoryEntry {
+                    offset,
+                    published_at,
+                    msg,
+                });
+                if entries.len() as u64 + 1 >= pending {
+                    break;
+                }
+            }
+        }
+        if entries.len() > limits.max_messages {
+            return Ok(Err(Unrecovered::TooMany));
+        }
+        // The client's last message was of another room (or the position it
+        // joined at): when it was stored tells whether the room's messages
+        // since are all still kept.
+        if position_time.is_none() && since.offset > 0 {
+            match stream.get_raw_message(since.offset).await {
+                Ok(message) => {
+                    position_time = Some(
+                        SystemTime::UNIX_EPOCH
+                            + Duration::from_nanos(
+                                message.time.unix_timestamp_nanos().max(0) as u64
+                            ),
+                    );
+                }
+                Err(error)
+                    if matches!(error.kind(), stream::RawMessageErrorKind::NoMessageFound) => {}
+                Err(error) => return Err(NatsError::request(error)),
+            }
+        }
+        let now = SystemTime::now();
+        let age = |at: SystemTime| now.duration_since(at).unwrap_or_default();
+        let Some(position_time) = position_time else {
+            return Ok(Err(Unrecovered::Expired));
+        };
+        if age(position_time) >= self.kept_for(room)
+            || entries
+                .first()
+                .is_some_and(|e| age(e.published_at) >= limits.max_age)
+        {
+            return Ok(Err(Unrecovered::Expired));
+        }
+        let offset = entries.last().map_or(since.offset, |e| e.offset);
+        Ok(Ok((entries, offset)))
     }
 }
 
@@ -172,11 +388,19 @@ impl Bus for NatsBus {
         if !self.inner.nats.is_connected() {
             return Err(BusError::Unavailable("not connected to NATS".into()));
         }
-        let subject = self.subject(partition_of(&msg, self.config().partitions));
+        let subject = self.subject_of(&msg);
         let payload = msg.encode_to_vec();
         let mut headers = async_nats::HeaderMap::new();
         if let Some(id) = msg_id {
             headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+        }
+        if self.inner.ttl_enabled.load(Ordering::SeqCst) {
+            let ttl = if msg.r#type() == PushType::Room {
+                self.inner.history.ttl_for_room(&msg.room)
+            } else {
+                self.inner.history.min_ttl
+            };
+            headers.insert("Nats-TTL", format!("{}s", ttl.as_secs().max(1)).as_str());
         }
         let ack = self
             .inner
@@ -226,6 +450,50 @@ impl Bus for NatsBus {
             }
         }
         Ok(lag)
+    }
+
+    async fn room_history(
+        &self,
+        room: &str,
+        since: Option<Since>,
+        max_bytes: usize,
+    ) -> Result<RoomHistory, BusError> {
+        if !self.inner.nats.is_connected() {
+            return Err(BusError::Unavailable("not connected to NATS".into()));
+        }
+        // Read after the client joined the room, so every message above
+        // the head it is given reaches it live.
+        let stream = self
+            .stream()
+            .await
+            .map_err(|e| BusError::Unavailable(e.to_string()))?;
+        let head = stream.cached_info().state.last_sequence;
+        let epoch = self.inner.epoch.load(Ordering::SeqCst);
+        let unrecovered = |gap| RoomHistory {
+            epoch,
+            messages: Vec::new(),
+            gap: Some(gap),
+            offset: head,
+        };
+        let Some(since) = since else {
+            return Ok(unrecovered(Unrecovered::Fresh));
+        };
+        if since.epoch != epoch {
+            return Ok(unrecovered(Unrecovered::EpochChanged));
+        }
+        if !self.history_ready() {
+            return Ok(unrecovered(Unrecovered::Disabled));
+        }
+        match self.read_history(&stream, room, since, max_bytes).await {
+            Ok(Ok((messages, offset))) => Ok(RoomHistory {
+                epoch,
+                messages,
+                gap: None,
+                offset,
+            }),
+            Ok(Err(gap)) => Ok(unrecovered(gap)),
+            Err(error) => Err(BusError::Unavailable(error.to_string())),
+        }
     }
 
     async fn subscribe(&self) -> Result<Subscription, BusError> {
@@ -391,12 +659,17 @@ impl NatsBus {
         let consumer = stream
             .create_consumer(consumer::pull::Config {
                 durable_name: Some(name.clone()),
-                filter_subject: self.subject(partition),
+                // The partition's own subject (key pushes, broadcasts, and
+                // rooms published before room subjects) and its rooms'.
+                filter_subjects: vec![
+                    self.subject(partition),
+                    format!("{}.>", self.subject(partition)),
+                ],
                 ack_policy: consumer::AckPolicy::Explicit,
                 ack_wait: config.ack_wait,
                 max_deliver: i64::from(config.max_deliver),
                 max_ack_pending: i64::from(config.max_ack_pending),
-                deliver_policy: match (start, config.stream.retention) {
+                deliver_policy: match (start, self.retention()) {
                     (Some(start_sequence), Retention::Limits) => {
                         consumer::DeliverPolicy::ByStartSequence { start_sequence }
                     }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use pushcluster_api::config::NatsConfig;
+use pushcluster_api::config::{HistoryConfig, NatsConfig};
 use tokio_util::sync::CancellationToken;
 
 use super::*;
@@ -42,6 +42,7 @@ async fn publisher(config: &NatsConfig, stop: &CancellationToken) -> NatsBus {
     let bus = NatsBus::publisher(
         connect(config).await,
         BusMetrics::unregistered(),
+        HistoryConfig::default(),
         stop.clone(),
     );
     tokio::time::timeout(WAIT, async {
@@ -67,6 +68,7 @@ async fn consumer_with(
     let bus = NatsBus::consumer(
         connect(config).await,
         metrics,
+        HistoryConfig::default(),
         member.to_string(),
         stop.clone(),
     );
@@ -295,7 +297,12 @@ async fn clients_start_without_nats_and_recover_when_it_comes() {
     let stop = CancellationToken::new();
     let nats = connect(&config).await;
     assert!(!nats.is_connected());
-    let bus = NatsBus::publisher(nats.clone(), BusMetrics::unregistered(), stop.clone());
+    let bus = NatsBus::publisher(
+        nats.clone(),
+        BusMetrics::unregistered(),
+        HistoryConfig::default(),
+        stop.clone(),
+    );
     assert!(bus.publish(room("live://1", "x"), None).await.is_err());
     server.restart();
     tokio::time::timeout(WAIT, async {

@@ -1,0 +1,287 @@
+//! Positions and resume for clients that opt in (auth body
+//! `"positions": true`; `docs/recovery.md`).
+//!
+//! Such a client gets each room message with its position (stream offset
+//! and epoch) in an extended header. When it joins a room — at auth or with
+//! op 12 — it may send the position it last saw there; the comet then
+//! writes what the client missed (from logic's History), an op-20 reply
+//! saying whether that was everything, and only then live messages.
+//!
+//! The seam between replay and live: the channel starts *holding* live
+//! room batches before it joins the room, history is read after the join,
+//! and on release the held batches — and every later one — are written only
+//! above the offset the replay reached. So a message is neither missed
+//! (it is in the history read or arrives live after the join) nor written
+//! twice (live copies at or below the offset are dropped).
+
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use pushcluster_api::link::LinkError;
+use pushcluster_api::pb::logic::{HistoryMessage, HistoryReply, HistoryReq, StreamPosition};
+use pushcluster_api::protocol::{
+    EncodedPush, Frame, inner_frames, op, positioned_header_len, put_positioned_frame, skip_frames,
+};
+
+use crate::Comet;
+use crate::channel::{Channel, Queued};
+use crate::stream_guard::StreamMark;
+
+/// History messages per replayed op-9 batch.
+const REPLAY_BATCH: usize = 64;
+
+/// Room messages encoded with their positions, shared by every opted-in
+/// member of the room on this comet.
+pub struct PositionedBatch {
+    pub push: EncodedPush,
+    pub epoch: u64,
+    /// Offset of each inner frame, increasing.
+    pub offsets: Vec<u64>,
+}
+
+impl PositionedBatch {
+    /// `frames` (op, body) at `offsets` of `room`, as one op-9 batch.
+    pub fn new<'a>(
+        room: &str,
+        epoch: u64,
+        frames: impl Iterator<Item = (i32, &'a [u8], u64)>,
+        published_us: u64,
+    ) -> Option<PositionedBatch> {
+        let mut buf = BytesMut::new();
+        let mut offsets = Vec::new();
+        for (op, body, offset) in frames {
+            buf.reserve(positioned_header_len(room) + body.len());
+            put_positioned_frame(&mut buf, op, body, offset, epoch, room);
+            offsets.push(offset);
+        }
+        if offsets.is_empty() {
+            return None;
+        }
+        let mut push = EncodedPush::new(&Frame::server(op::RAW, buf.freeze()));
+        push.published_us = published_us;
+        Some(PositionedBatch {
+            push,
+            epoch,
+            offsets,
+        })
+    }
+
+    /// A room push from job, positioned: the frames of `frame` after the
+    /// first `seen` (already delivered), at the offsets of `mark`.
+    pub fn from_push(
+        room: &str,
+        frame: &Frame,
+        mark: &StreamMark,
+        seen: usize,
+        published_us: u64,
+    ) -> Option<PositionedBatch> {
+        let seqs = mark.seqs.get(seen..)?;
+        if frame.op == op::RAW {
+            let frames: Vec<(i32, Bytes)> = inner_frames(&frame.body).skip(seen).collect();
+            PositionedBatch::new(
+                room,
+                mark.epoch,
+                frames
+                    .iter()
+                    .zip(seqs)
+                    .map(|((op, body), seq)| (*op, &body[..], *seq)),
+                published_us,
+            )
+        } else {
+            PositionedBatch::new(
+                room,
+                mark.epoch,
+                std::iter::once((frame.op, &frame.body[..], *seqs.first()?)),
+                published_us,
+            )
+        }
+    }
+
+    /// This batch without the frames at or below `floor` (`None`: nothing left).
+    fn above(&self, floor: u64) -> Option<EncodedPush> {
+        let covered = self.offsets.iter().take_while(|o| **o <= floor).count();
+        if covered == 0 {
+            return Some(self.push.clone());
+        }
+        if covered == self.offsets.len() {
+            return None;
+        }
+        let inner = self.push.tcp.clone();
+        let rest = skip_frames(&inner, covered)?;
+        let mut push = EncodedPush::new(&Frame::server(op::RAW, rest));
+        push.published_us = self.push.published_us;
+        Some(push)
+    }
+}
+
+/// A positioned channel's place in its room's stream.
+#[derive(Default)]
+pub struct PositionedState {
+    inner: Mutex<Floor>,
+}
+
+#[derive(Default)]
+struct Floor {
+    epoch: u64,
+    /// Room messages at or below this offset were already written.
+    offset: u64,
+    /// While a join reads history: live batches wait here.
+    held: Option<Vec<Arc<PositionedBatch>>>,
+}
+
+impl PositionedState {
+    /// Live room batches wait from now until [`release`](Self::release).
+    pub fn hold(&self) {
+        if let Ok(mut floor) = self.inner.lock() {
+            floor.held = Some(Vec::new());
+        }
+    }
+
+    /// Queues a live batch: held during a join, else written above the floor.
+    pub fn push(&self, channel: &Channel, batch: &Arc<PositionedBatch>, capacity: usize) -> Queued {
+        let Ok(mut floor) = self.inner.lock() else {
+            return Queued::Closed;
+        };
+        if let Some(held) = &mut floor.held {
+            if held.len() >= capacity {
+                drop(floor);
+                return channel.overflow();
+            }
+            held.push(batch.clone());
+            return Queued::Yes;
+        }
+        let push = if batch.epoch == floor.epoch {
+            batch.above(floor.offset)
+        } else {
+            Some(batch.push.clone())
+        };
+        match push {
+            Some(push) => channel.push(&push),
+            None => Queued::Skipped,
+        }
+    }
+
+    /// Ends a hold: held batches go out above `offset` of `epoch`, and so
+    /// does every later one.
+    pub fn release(&self, channel: &Channel, epoch: u64, offset: u64) {
+        let Ok(mut floor) = self.inner.lock() else {
+            return;
+        };
+        floor.epoch = epoch;
+        floor.offset = offset;
+        for batch in floor.held.take().unwrap_or_default() {
+            let push = if batch.epoch == epoch {
+                batch.above(offset)
+            } else {
+                Some(batch.push.clone())
+            };
+            if let Some(push) = push
+                && let Queued::Overflow { .. } = channel.push(&push)
+            {
+                break;
+            }
+        }
+    }
+}
+
+/// What a client sends to join a room with positions: a room id, and
+/// optionally where it left off. Op 12's body is the room id as goim has
+/// it, or for opted-in clients `{"room": "...", "since": {"epoch": "...",
+/// "offset": N}}`.
+pub struct Join {
+    pub room: String,
+    pub since: Option<StreamPosition>,
+}
+
+impl Join {
+    pub fn parse_change_room(body: &[u8]) -> Join {
+        fn number(value: &serde_json::Value) -> Option<u64> {
+            value
+                .as_u64()
+                .or_else(|| value.as_str().and_then(|text| text.parse().ok()))
+        }
+        if body.first() == Some(&b'{')
+            && let Ok(parsed) = serde_json::from_slice::<serde_json::Value>(body)
+            && let Some(room) = parsed.get("room").and_then(|room| room.as_str())
+        {
+            let since = parsed.get("since").and_then(|since| {
+                Some(StreamPosition {
+                    epoch: number(since.get("epoch")?)?,
+                    offset: number(since.get("offset")?)?,
+                })
+            });
+            return Join {
+                room: room.to_string(),
+                since,
+            };
+        }
+        Join {
+            room: String::from_utf8_lossy(body).into_owned(),
+            since: None,
+        }
+    }
+}
+
+/// Reads what the channel missed in `room` (it holds live batches and is
+/// already a member), writes it, then the op-20 reply, then releases the
+/// hold.
+pub async fn resume(
+    comet: &Comet,
+    channel: &Channel,
+    state: &PositionedState,
+    room: &str,
+    since: Option<StreamPosition>,
+) {
+    let request = HistoryReq {
+        room: room.to_string(),
+        since,
+    };
+    let reply = match comet.logic().history(request).await {
+        Ok(reply) => reply,
+        Err(error) => unavailable(&error, since),
+    };
+    comet.metrics.replayed.inc_by(reply.messages.len() as u64);
+    for chunk in reply.messages.chunks(REPLAY_BATCH) {
+        let Some(batch) = replay_batch(room, reply.epoch, chunk) else {
+            continue;
+        };
+        if let Queued::Overflow { .. } = channel.push(&batch.push) {
+            return;
+        }
+    }
+    let status = serde_json::json!({
+        "room": room,
+        "epoch": reply.epoch.to_string(),
+        "offset": reply.offset,
+        "recovered": reply.recovered,
+        "replayed": reply.messages.len(),
+        "reason": reply.reason,
+    });
+    let frame = Frame::server(op::RESUME_REPLY, Bytes::from(status.to_string()));
+    channel.push(&EncodedPush::new(&frame));
+    state.release(channel, reply.epoch, reply.offset);
+}
+
+fn replay_batch(room: &str, epoch: u64, messages: &[HistoryMessage]) -> Option<PositionedBatch> {
+    let published_us = messages
+        .first()
+        .map_or(0, |m| u64::try_from(m.publish_unix_micros).unwrap_or(0));
+    PositionedBatch::new(
+        room,
+        epoch,
+        messages.iter().map(|m| (m.op, &m.body[..], m.offset)),
+        published_us,
+    )
+}
+
+fn unavailable(error: &LinkError, since: Option<StreamPosition>) -> HistoryReply {
+    tracing::warn!(%error, "History failed; the client is told it was not recovered");
+    let since = since.unwrap_or_default();
+    HistoryReply {
+        epoch: since.epoch,
+        messages: Vec::new(),
+        recovered: false,
+        offset: since.offset,
+        reason: "unavailable".into(),
+    }
+}

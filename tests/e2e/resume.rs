@@ -1,0 +1,277 @@
+//! Positions and resume (docs/recovery.md): a client that opts in gets each
+//! room message with its position, and after reconnecting (or changing
+//! room) with the position it last saw, everything it missed, in order and
+//! once, then an op-20 reply, then live messages.
+
+use std::net::SocketAddr;
+
+use bytes::BytesMut;
+use pushcluster_api::protocol::{Frame, FramePosition, decode_positioned_stream, op};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::{QUIET, Server, TcpClient, WAIT, auth_frame, body, frame};
+
+/// A goim TCP client that opted in to positions.
+pub struct PositionedClient {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+/// What such a client reads: a frame and, for room messages, its position.
+pub type Received = (Frame, Option<FramePosition>);
+
+impl PositionedClient {
+    /// Connects, authenticates with `"positions": true` (and `since` for
+    /// `room` when given) and reads the auth reply.
+    pub async fn join(addr: SocketAddr, room: &str, since: Option<&Value>) -> PositionedClient {
+        let mut auth = json!({"mid": 1, "room_id": room, "positions": true, "accepts": [1000]});
+        if let Some(since) = since {
+            auth["since"] = json!({ room: since });
+        }
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let mut client = PositionedClient {
+            stream,
+            buf: BytesMut::new(),
+        };
+        client.send(&auth_frame(&auth)).await;
+        let (reply, _) = client.recv().await;
+        assert_eq!(reply.op, op::AUTH_REPLY);
+        client
+    }
+
+    pub async fn send(&mut self, frame: &Frame) {
+        self.stream.write_all(&frame.encode()).await.expect("write");
+    }
+
+    async fn read(&mut self) -> Option<Received> {
+        loop {
+            if let Some(received) =
+                decode_positioned_stream(&mut self.buf).expect("valid server frame")
+            {
+                return Some(received);
+            }
+            match self.stream.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    pub async fn recv(&mut self) -> Received {
+        tokio::time::timeout(WAIT, self.read())
+            .await
+            .expect("a frame in time")
+            .expect("connection open")
+    }
+
+    /// The op-20 reply after a join, as JSON.
+    pub async fn resume_reply(&mut self) -> Value {
+        let (frame, position) = self.recv().await;
+        assert_eq!(frame.op, op::RESUME_REPLY, "{frame:?}");
+        assert_eq!(position, None);
+        serde_json::from_slice(&frame.body).expect("JSON resume reply")
+    }
+
+    /// `count` room messages: (body, offset), checking their epoch and room.
+    pub async fn messages(&mut self, count: usize, epoch: &str, room: &str) -> Vec<(String, u64)> {
+        let mut messages = Vec::new();
+        while messages.len() < count {
+            let (frame, position) = self.recv().await;
+            let position = position.unwrap_or_else(|| panic!("no position on {frame:?}"));
+            assert_eq!(
+                (
+                    position.epoch.to_string().as_str(),
+                    position.stream.as_str()
+                ),
+                (epoch, room)
+            );
+            messages.push((body(&frame), position.offset));
+        }
+        messages
+    }
+
+    pub async fn expect_silence(&mut self) {
+        if let Ok(Some(received)) = tokio::time::timeout(QUIET, self.read()).await {
+            panic!("unexpected frame {received:?}");
+        }
+    }
+}
+
+async fn push_room(server: &Server, room: &str, body: &str) {
+    server
+        .push(
+            &format!("/goim/push/room?operation=1000&type=live&room={room}"),
+            body,
+        )
+        .await;
+}
+
+fn since(epoch: &str, offset: u64) -> Value {
+    json!({"epoch": epoch, "offset": offset})
+}
+
+fn bodies(messages: &[(String, u64)]) -> Vec<&str> {
+    messages.iter().map(|(body, _)| body.as_str()).collect()
+}
+
+#[tokio::test]
+async fn a_client_that_comes_back_gets_what_it_missed_once_then_live() {
+    let server = Server::start();
+    let room = "live://1";
+    let mut client = PositionedClient::join(server.tcp(), room, None).await;
+    let joined = client.resume_reply().await;
+    assert_eq!(
+        (&joined["room"], &joined["recovered"], &joined["reason"]),
+        (&json!(room), &json!(false), &json!("fresh"))
+    );
+    let epoch = joined["epoch"].as_str().expect("epoch string").to_string();
+    // A goim client without positions in the same room.
+    let mut plain = TcpClient::auth(server.tcp(), json!({"mid": 2, "room_id": room})).await;
+
+    for body in ["m1", "m2"] {
+        push_room(&server, "1", body).await;
+    }
+    let seen = client.messages(2, &epoch, room).await;
+    assert_eq!(bodies(&seen), ["m1", "m2"]);
+    assert!(seen[0].1 < seen[1].1, "offsets increase: {seen:?}");
+    // The goim client's frames are goim's: a 16-byte header (its decoder
+    // refuses any other) and the body.
+    assert_eq!(body(&plain.recv().await), "m1");
+    assert_eq!(body(&plain.recv().await), "m2");
+
+    drop(client);
+    for body in ["m3", "m4", "m5"] {
+        push_room(&server, "1", body).await;
+    }
+    let last_seen = seen[1].1;
+    let mut client =
+        PositionedClient::join(server.tcp(), room, Some(&since(&epoch, last_seen))).await;
+    let replayed = client.messages(3, &epoch, room).await;
+    assert_eq!(bodies(&replayed), ["m3", "m4", "m5"]);
+    let resumed = client.resume_reply().await;
+    assert_eq!(
+        (
+            &resumed["recovered"],
+            &resumed["replayed"],
+            &resumed["offset"]
+        ),
+        (&json!(true), &json!(3), &json!(replayed[2].1)),
+        "{resumed}"
+    );
+    push_room(&server, "1", "m6").await;
+    let live = client.messages(1, &epoch, room).await;
+    assert_eq!(bodies(&live), ["m6"]);
+    assert!(live[0].1 > replayed[2].1);
+    client.expect_silence().await;
+
+    // Resuming from the newest position replays nothing and is complete.
+    let mut again =
+        PositionedClient::join(server.tcp(), room, Some(&since(&epoch, live[0].1))).await;
+    let resumed = again.resume_reply().await;
+    assert_eq!(
+        (&resumed["recovered"], &resumed["replayed"]),
+        (&json!(true), &json!(0))
+    );
+    assert_eq!(
+        server
+            .metric(
+                "pushcluster_logic_resumes_total",
+                &[("result", "recovered")]
+            )
+            .await,
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn a_client_is_told_when_history_no_longer_reaches_back() {
+    let server = Server::start_with(
+        "history: { rooms: [ { prefix: 'live://brief', max_age: 1s, max_messages: 2 } ] }",
+    );
+    let room = "live://brief";
+    let mut client = PositionedClient::join(server.tcp(), room, None).await;
+    let joined = client.resume_reply().await;
+    let epoch = joined["epoch"].as_str().expect("epoch").to_string();
+    let start = joined["offset"].as_u64().expect("offset");
+    drop(client);
+
+    // Three missed, two kept: not recovered, nothing replayed, and the
+    // offset to go on from.
+    for body in ["a", "b", "c"] {
+        push_room(&server, "brief", body).await;
+    }
+    let mut client = PositionedClient::join(server.tcp(), room, Some(&since(&epoch, start))).await;
+    let reply = client.resume_reply().await;
+    assert_eq!(
+        (&reply["recovered"], &reply["replayed"], &reply["reason"]),
+        (&json!(false), &json!(0), &json!("too_many")),
+        "{reply}"
+    );
+    let head = reply["offset"].as_u64().expect("offset");
+    assert!(head >= start + 3, "{reply}");
+    drop(client);
+
+    // Another epoch (a restarted standalone): not recovered.
+    let mut client = PositionedClient::join(server.tcp(), room, Some(&since("12345", head))).await;
+    let reply = client.resume_reply().await;
+    assert_eq!(
+        (&reply["recovered"], &reply["reason"], &reply["epoch"]),
+        (&json!(false), &json!("epoch_changed"), &json!(epoch))
+    );
+    drop(client);
+
+    // Older than the room's max_age: expired.
+    push_room(&server, "brief", "d").await;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let mut client = PositionedClient::join(server.tcp(), room, Some(&since(&epoch, head))).await;
+    let reply = client.resume_reply().await;
+    assert_eq!(
+        (&reply["recovered"], &reply["reason"]),
+        (&json!(false), &json!("expired")),
+        "{reply}"
+    );
+}
+
+#[tokio::test]
+async fn changing_room_resumes_the_new_room() {
+    let server = Server::start();
+    let mut client = PositionedClient::join(server.tcp(), "live://a", None).await;
+    let joined = client.resume_reply().await;
+    let epoch = joined["epoch"].as_str().expect("epoch").to_string();
+    let start = joined["offset"].as_u64().expect("offset");
+    push_room(&server, "b", "b1").await;
+    push_room(&server, "b", "b2").await;
+
+    let change = json!({"room": "live://b", "since": since(&epoch, start)});
+    client
+        .send(&frame(op::CHANGE_ROOM, 7, &change.to_string()))
+        .await;
+    let (reply, _) = client.recv().await;
+    assert_eq!((reply.op, reply.seq), (op::CHANGE_ROOM_REPLY, 7));
+    let replayed = client.messages(2, &epoch, "live://b").await;
+    assert_eq!(bodies(&replayed), ["b1", "b2"]);
+    let resumed = client.resume_reply().await;
+    assert_eq!(
+        (&resumed["room"], &resumed["recovered"]),
+        (&json!("live://b"), &json!(true))
+    );
+    // A plain room id (goim's op 12 body) joins fresh.
+    client.send(&frame(op::CHANGE_ROOM, 8, "live://c")).await;
+    let (reply, _) = client.recv().await;
+    assert_eq!(
+        (reply.op, &reply.body[..]),
+        (op::CHANGE_ROOM_REPLY, &b"live://c"[..])
+    );
+    let fresh = client.resume_reply().await;
+    assert_eq!(
+        (&fresh["room"], &fresh["reason"]),
+        (&json!("live://c"), &json!("fresh"))
+    );
+    push_room(&server, "c", "c1").await;
+    assert_eq!(
+        bodies(&client.messages(1, &epoch, "live://c").await),
+        ["c1"]
+    );
+}
