@@ -775,6 +775,27 @@ mod tests {
         assert!(bus.subscribe().await.is_err(), "one subscriber only");
     }
 
+    fn with_history() -> MemoryBus {
+        MemoryBus::new(MemoryBusConfig {
+            history: conformance::history_config(),
+            ..MemoryBusConfig::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn a_room_history_gives_what_a_client_missed() {
+        let bus = with_history();
+        let mut sub = bus.subscribe().await.expect("subscribe");
+        conformance::a_room_history_gives_what_a_client_missed(&bus, &mut sub).await;
+    }
+
+    #[tokio::test]
+    async fn a_room_history_says_when_it_no_longer_reaches_back() {
+        let bus = with_history();
+        let mut sub = bus.subscribe().await.expect("subscribe");
+        conformance::a_room_history_says_when_it_no_longer_reaches_back(&bus, &mut sub).await;
+    }
+
     #[tokio::test]
     async fn message_ids_deduplicate() {
         let bus = MemoryBus::default();

@@ -11,7 +11,7 @@ use std::time::Duration;
 use pushcluster_api::pb::logic::PushMsg;
 use pushcluster_api::pb::logic::push_msg::Type as PushType;
 
-use crate::bus::{Bus, Delivery, Subscription};
+use crate::bus::{Bus, Delivery, RoomHistory, Since, Subscription, Unrecovered};
 use crate::registry::{CometReport, Registry, Session};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -275,4 +275,190 @@ pub async fn a_nacked_message_comes_again_at_its_position(
         (position.epoch, position.seq)
     );
     second.ack().await;
+}
+
+/// The history config the history checks build their buses with: rooms
+/// under `live://few` keep 2 messages, rooms under `live://brief` 1 s.
+pub fn history_config() -> pushcluster_api::config::HistoryConfig {
+    use pushcluster_api::config::{HistoryConfig, RoomHistoryRule};
+    HistoryConfig {
+        rooms: vec![
+            RoomHistoryRule {
+                prefix: "live://few".into(),
+                max_age: Duration::from_secs(60),
+                max_messages: 2,
+            },
+            RoomHistoryRule {
+                prefix: "live://brief".into(),
+                max_age: Duration::from_secs(1),
+                max_messages: 100,
+            },
+        ],
+        min_ttl: Duration::from_secs(1),
+        ..HistoryConfig::default()
+    }
+}
+
+/// Publishes `bodies` to their rooms and consumes them: the offset of each.
+async fn publish_all(
+    bus: &dyn Bus,
+    subscription: &mut Subscription,
+    messages: &[(&str, &str)],
+) -> HashMap<String, u64> {
+    for (room_id, text) in messages {
+        bus.publish(room(room_id, text), None)
+            .await
+            .expect("publish");
+    }
+    let mut offsets = HashMap::new();
+    for _ in messages {
+        let delivery = next(subscription).await;
+        offsets.insert(body(&delivery), delivery.position.seq);
+        delivery.ack().await;
+    }
+    offsets
+}
+
+fn history_bodies(history: &RoomHistory) -> Vec<String> {
+    history
+        .messages
+        .iter()
+        .map(|entry| String::from_utf8_lossy(&entry.msg.msg).into_owned())
+        .collect()
+}
+
+/// A client that saw a room up to a position gets what followed in that
+/// room — in order, nothing of other rooms — and knows when it got all.
+pub async fn a_room_history_gives_what_a_client_missed(
+    bus: &dyn Bus,
+    subscription: &mut Subscription,
+) {
+    let history = |since| bus.room_history("live://h", since, 1 << 20);
+    let fresh = history(None).await.expect("history");
+    assert_eq!(
+        (fresh.gap, fresh.messages.len()),
+        (Some(Unrecovered::Fresh), 0)
+    );
+    let epoch = fresh.epoch;
+    let start = Since {
+        epoch,
+        offset: fresh.offset,
+    };
+    let offsets = publish_all(
+        bus,
+        subscription,
+        &[
+            ("live://h", "m1"),
+            ("live://other", "x"),
+            ("live://h", "m2"),
+            ("live://h", "m3"),
+        ],
+    )
+    .await;
+
+    let all = history(Some(start)).await.expect("history");
+    assert_eq!((all.gap, all.epoch), (None, epoch));
+    assert_eq!(history_bodies(&all), ["m1", "m2", "m3"]);
+    let got: Vec<u64> = all.messages.iter().map(|m| m.offset).collect();
+    assert_eq!(got, [offsets["m1"], offsets["m2"], offsets["m3"]]);
+    assert_eq!(all.offset, offsets["m3"]);
+
+    let after_m1 = history(Some(Since {
+        epoch,
+        offset: offsets["m1"],
+    }))
+    .await
+    .expect("history");
+    assert_eq!(history_bodies(&after_m1), ["m2", "m3"]);
+
+    let up_to_date = history(Some(Since {
+        epoch,
+        offset: offsets["m3"],
+    }))
+    .await
+    .expect("history");
+    assert_eq!((up_to_date.gap, up_to_date.messages.len()), (None, 0));
+    assert_eq!(up_to_date.offset, offsets["m3"]);
+
+    let other_epoch = history(Some(Since {
+        epoch: epoch + 1,
+        offset: offsets["m1"],
+    }))
+    .await
+    .expect("history");
+    assert_eq!(other_epoch.gap, Some(Unrecovered::EpochChanged));
+    assert_eq!(other_epoch.epoch, epoch);
+
+    let too_large = bus
+        .room_history("live://h", Some(start), 4)
+        .await
+        .expect("history");
+    assert_eq!(
+        (too_large.gap, too_large.messages.len()),
+        (Some(Unrecovered::TooLarge), 0)
+    );
+    assert!(too_large.offset >= offsets["m3"]);
+}
+
+/// More missed than a room keeps, or older than it keeps: not recovered,
+/// with the offset to go on from.
+pub async fn a_room_history_says_when_it_no_longer_reaches_back(
+    bus: &dyn Bus,
+    subscription: &mut Subscription,
+) {
+    let fresh = bus
+        .room_history("live://few", None, 1 << 20)
+        .await
+        .expect("history");
+    let start = Since {
+        epoch: fresh.epoch,
+        offset: fresh.offset,
+    };
+    let offsets = publish_all(
+        bus,
+        subscription,
+        &[
+            ("live://few", "1"),
+            ("live://few", "2"),
+            ("live://few", "3"),
+        ],
+    )
+    .await;
+    let few = bus
+        .room_history("live://few", Some(start), 1 << 20)
+        .await
+        .expect("history");
+    assert_eq!(
+        (few.gap, few.messages.len()),
+        (Some(Unrecovered::TooMany), 0)
+    );
+    assert!(few.offset >= offsets["3"]);
+    // Two missed of two kept is fine.
+    let two = bus
+        .room_history(
+            "live://few",
+            Some(Since {
+                epoch: start.epoch,
+                offset: offsets["1"],
+            }),
+            1 << 20,
+        )
+        .await
+        .expect("history");
+    assert_eq!(two.gap, None);
+    assert_eq!(history_bodies(&two), ["2", "3"]);
+
+    let offsets = publish_all(bus, subscription, &[("live://brief", "old")]).await;
+    let before = Since {
+        epoch: start.epoch,
+        offset: offsets["old"] - 1,
+    };
+    eventually("the brief room's message to expire", || async {
+        let history = bus
+            .room_history("live://brief", Some(before), 1 << 20)
+            .await
+            .expect("history");
+        history.gap == Some(Unrecovered::Expired)
+    })
+    .await;
 }

@@ -17,9 +17,11 @@ use pushcluster_api::link::{CometLink, LinkError, LogicLink};
 use pushcluster_api::pb::comet::BroadcastReq;
 use pushcluster_api::pb::logic::{
     ConnectReply, ConnectReq, DisconnectReply, DisconnectReq, HeartbeatReply, HeartbeatReq,
-    HistoryReply, HistoryReq, OnlineReply, OnlineReq, ReceiveReply, ReceiveReq,
+    HistoryMessage, HistoryReply, HistoryReq, OnlineReply, OnlineReq, ReceiveReply, ReceiveReq,
 };
-use pushcluster_api::protocol::{Frame, decode_server_stream, op};
+use pushcluster_api::protocol::{
+    Frame, RawBatch, decode_positioned_stream, decode_server_stream, op,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -31,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Comet;
 use crate::metrics::CometMetrics;
 use crate::server::CometServer;
+use crate::stream_guard::StreamMark;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -267,6 +270,112 @@ impl Tcp {
     async fn silent_for(&mut self, wait: Duration) -> bool {
         tokio::time::timeout(wait, self.recv()).await.is_err()
     }
+
+    /// The next frame as a client with positions reads it: body and offset.
+    async fn recv_positioned(&mut self) -> (i32, String, Option<u64>) {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                if let Some((frame, position)) =
+                    decode_positioned_stream(&mut self.buf).expect("valid frame")
+                {
+                    let body = String::from_utf8_lossy(&frame.body).into_owned();
+                    return (frame.op, body, position.map(|p| p.offset));
+                }
+                let read = self.stream.read_buf(&mut self.buf).await;
+                assert!(matches!(read, Ok(n) if n > 0), "connection open");
+            }
+        })
+        .await
+        .expect("a frame in time")
+    }
+}
+
+/// Room messages pushed while a resuming client's history is read reach it
+/// after the replay and the op-20 reply, and only those above the replay.
+#[tokio::test]
+async fn live_room_messages_during_a_resume_follow_the_replay_once() {
+    let logic = Arc::new(FakeLogic::default());
+    let (history, replies) = tokio::sync::mpsc::channel(1);
+    *logic.history_replies.lock().expect("lock") = Some(replies);
+    let harness = start_with(config(|_| {}), logic.clone()).await;
+    let mut client = Tcp::connect(harness.tcp).await;
+    client
+        .send(&frame(op::AUTH, 1, "1 k live://s positions"))
+        .await;
+    tokio::time::timeout(WAIT, logic.history_started.notified())
+        .await
+        .expect("history asked for");
+    let batch = |messages: &[(&str, u64)]| {
+        let mut batch = RawBatch::default();
+        for (body, _) in messages {
+            batch.push(1000, body.as_bytes());
+        }
+        let mark = StreamMark {
+            epoch: 5,
+            partition: 0,
+            generation: 1,
+            seqs: messages.iter().map(|(_, seq)| *seq).collect(),
+        };
+        (batch.finish(), mark)
+    };
+    // Live while the history is read: 10 and 11 are in the history too.
+    let (live, mark) = batch(&[("10", 10), ("11", 11), ("12", 12)]);
+    harness
+        .comet
+        .push_room("live://s", &live, Some(&mark), 0)
+        .await
+        .expect("push");
+    let message = |offset: u64| HistoryMessage {
+        offset,
+        op: 1000,
+        body: offset.to_string().into(),
+        publish_unix_micros: 0,
+    };
+    history
+        .send(HistoryReply {
+            epoch: 5,
+            messages: vec![message(9), message(10), message(11)],
+            recovered: true,
+            offset: 11,
+            reason: String::new(),
+        })
+        .await
+        .expect("reply");
+    assert_eq!(client.recv_positioned().await.0, op::AUTH_REPLY);
+    for offset in [9, 10, 11] {
+        assert_eq!(
+            client.recv_positioned().await,
+            (1000, offset.to_string(), Some(offset))
+        );
+    }
+    let (op, body, _) = client.recv_positioned().await;
+    assert_eq!(op, op::RESUME_REPLY);
+    assert!(body.contains(r#""recovered":true"#), "{body}");
+    assert_eq!(
+        client.recv_positioned().await,
+        (1000, "12".into(), Some(12))
+    );
+    // 11 again (a late live copy) is left out; 13 is new.
+    let (late, mark) = batch(&[("11", 11), ("13", 13)]);
+    harness
+        .comet
+        .push_room(
+            "live://s",
+            &late,
+            Some(&StreamMark {
+                generation: 2,
+                ..mark
+            }),
+            0,
+        )
+        .await
+        .expect("push");
+    assert_eq!(
+        client.recv_positioned().await,
+        (1000, "13".into(), Some(13))
+    );
+    assert!(client.silent_for(Duration::from_millis(200)).await);
+    harness.stop().await;
 }
 
 #[tokio::test]

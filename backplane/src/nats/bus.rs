@@ -315,14 +315,19 @@ impl NatsBus {
                 .messages()
                 .await
                 .map_err(NatsError::request)?;
+            let mut fetched = 0u64;
             while let Some(message) = batch.next().await {
                 let message = message.map_err(NatsError::request)?;
+                fetched += 1;
                 let info = message.info().map_err(NatsError::request)?;
                 let offset = info.stream_sequence;
                 let published_at = SystemTime::UNIX_EPOCH
                     + Duration::from_nanos(info.published.unix_timestamp_nanos().max(0) as u64);
                 if offset == since.offset {
                     position_time = Some(published_at);
+                    if fetched >= pending {
+                        break;
+                    }
                     continue;
                 }
                 let Ok(msg) = PushMsg::decode(message.payload.clone()) else {
@@ -337,7 +342,7 @@ impl NatsBus {
                     published_at,
                     msg,
                 });
-                if entries.len() as u64 + 1 >= pending {
+                if fetched >= pending {
                     break;
                 }
             }
@@ -348,7 +353,11 @@ impl NatsBus {
         // The client's last message was of another room (or the position it
         // joined at): when it was stored tells whether the room's messages
         // since are all still kept.
-        if position_time.is_none() && since.offset > 0 {
+        // Offset 0 is the stream's start: the epoch is its creation time.
+        if since.offset == 0 {
+            position_time = Some(SystemTime::UNIX_EPOCH + Duration::from_nanos(since.epoch));
+        }
+        if position_time.is_none() {
             match stream.get_raw_message(since.offset).await {
                 Ok(message) => {
                     position_time = Some(

@@ -42,7 +42,7 @@ async fn publisher(config: &NatsConfig, stop: &CancellationToken) -> NatsBus {
     let bus = NatsBus::publisher(
         connect(config).await,
         BusMetrics::unregistered(),
-        HistoryConfig::default(),
+        conformance::history_config(),
         stop.clone(),
     );
     tokio::time::timeout(WAIT, async {
@@ -83,6 +83,66 @@ async fn a_room_arrives_in_order_with_increasing_positions() {
     let bus = publisher(&config, &stop).await;
     let mut sub = consumer(&config, "job-a", &stop).await;
     conformance::a_room_arrives_in_order_with_increasing_positions(&bus, &mut sub).await;
+    sub.close().await;
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_room_history_gives_what_a_client_missed() {
+    let server = NatsServer::start();
+    let config = config(&server.url());
+    let stop = CancellationToken::new();
+    let bus = publisher(&config, &stop).await;
+    let mut sub = consumer(&config, "job-a", &stop).await;
+    conformance::a_room_history_gives_what_a_client_missed(&bus, &mut sub).await;
+    sub.close().await;
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_room_history_says_when_it_no_longer_reaches_back() {
+    let server = NatsServer::start();
+    let config = config(&server.url());
+    let stop = CancellationToken::new();
+    let bus = publisher(&config, &stop).await;
+    let mut sub = consumer(&config, "job-a", &stop).await;
+    conformance::a_room_history_says_when_it_no_longer_reaches_back(&bus, &mut sub).await;
+    sub.close().await;
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_work_queue_stream_keeps_its_retention_and_serves_no_history() {
+    let server = NatsServer::start();
+    let mut config = config(&server.url());
+    config.stream.retention = pushcluster_api::config::Retention::Workqueue;
+    let stop = CancellationToken::new();
+    let old = publisher(&config, &stop).await;
+    assert!(!old.history_ready());
+    // A newer version configured with limits retention finds the work
+    // queue: it keeps it (JetStream cannot change it) and says history is off.
+    config.stream.retention = pushcluster_api::config::Retention::Limits;
+    let bus = publisher(&config, &stop).await;
+    assert!(!bus.history_ready());
+    let mut sub = consumer(&config, "job-a", &stop).await;
+    bus.publish(room("live://wq", "a"), None)
+        .await
+        .expect("publish");
+    let delivery = next(&mut sub).await;
+    let at = delivery.position;
+    delivery.ack().await;
+    let history = bus
+        .room_history(
+            "live://wq",
+            Some(crate::bus::Since {
+                epoch: at.epoch,
+                offset: at.seq - 1,
+            }),
+            1 << 20,
+        )
+        .await
+        .expect("history");
+    assert_eq!(history.gap, Some(crate::bus::Unrecovered::Disabled));
     sub.close().await;
     stop.cancel();
 }
