@@ -301,6 +301,18 @@ impl Server {
     }
 
     /// Waits for the process to exit (bounded).
+    /// Waits (without blocking the runtime) until the process exited.
+    pub async fn exited(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "process did not exit");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let deadline = std::time::Instant::now() + limit;
         loop {

@@ -49,6 +49,16 @@ pub struct Fleet {
     pub comets: Vec<Server>,
     pub jobs: Vec<Server>,
     job_config: serde_yaml_ng::Value,
+    comet_configs: Vec<serde_yaml_ng::Value>,
+}
+
+/// A free loopback port, for a comet's gRPC address: jobs find comets by
+/// a static address, so a restarted comet must come back on the same one.
+fn reserve_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 impl Fleet {
@@ -67,15 +77,22 @@ impl Fleet {
             .iter()
             .map(|l| l.addr("logic.grpc").to_string())
             .collect();
-        let comets: Vec<Server> = COMETS
+        let comet_configs: Vec<serde_yaml_ng::Value> = COMETS
             .iter()
             .map(|id| {
-                let config = with(
+                with(
                     base.clone(),
-                    &format!("comet: {{ id: {id} }}\ndiscovery: {{ logics: {logic_addrs:?} }}"),
-                );
-                Server::spawn("comet", &config, "accepting clients")
+                    &format!(
+                        "comet: {{ id: {id}, grpc: {{ bind: '127.0.0.1:{}' }} }}\n\
+                         discovery: {{ logics: {logic_addrs:?} }}",
+                        reserve_port()
+                    ),
+                )
             })
+            .collect();
+        let comets: Vec<Server> = comet_configs
+            .iter()
+            .map(|config| Server::spawn("comet", config, "accepting clients"))
             .collect();
         let comet_list: Vec<serde_json::Value> = COMETS
             .iter()
@@ -98,7 +115,14 @@ impl Fleet {
             comets,
             jobs,
             job_config,
+            comet_configs,
         }
+    }
+
+    /// Starts comet `i` again (after it exited), with the same id and gRPC
+    /// address; its client ports are new.
+    pub fn restart_comet(&mut self, i: usize) {
+        self.comets[i] = Server::spawn("comet", &self.comet_configs[i], "accepting clients");
     }
 
     /// Starts one more job process.

@@ -4,6 +4,8 @@
 //! once, then an op-20 reply, then live messages.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use pushcluster_api::protocol::{Frame, FramePosition, decode_positioned_stream, op};
@@ -11,7 +13,8 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::common::{QUIET, Server, TcpClient, WAIT, auth_frame, body, frame};
+use crate::common::{QUIET, Server, TcpClient, WAIT, auth_frame, body, frame, wait_until};
+use crate::fleet::Fleet;
 
 /// A goim TCP client that opted in to positions.
 pub struct PositionedClient {
@@ -274,4 +277,179 @@ async fn changing_room_resumes_the_new_room() {
         bodies(&client.messages(1, &epoch, "live://c").await),
         ["c1"]
     );
+}
+
+/// One resuming client of the distributed tests: joins any comet of
+/// `comets` that answers, reads room messages, and whenever its connection
+/// ends joins again with the last position it saw — until it has `total`.
+async fn resuming_client(
+    comets: Arc<Mutex<Vec<SocketAddr>>>,
+    first: usize,
+    room: &'static str,
+    total: usize,
+) -> (Vec<String>, usize) {
+    let mut bodies = Vec::new();
+    let mut since: Option<Value> = None;
+    let mut joins = 0;
+    let mut attempt = first;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while bodies.len() < total {
+        assert!(
+            Instant::now() < deadline,
+            "client {first} stuck at {} of {total}",
+            bodies.len()
+        );
+        let addr = {
+            let comets = comets.lock().expect("lock");
+            comets[attempt % comets.len()]
+        };
+        attempt += 1;
+        let Some(mut client) = PositionedClient::try_join(addr, room, since.as_ref()).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        joins += 1;
+        while bodies.len() < total {
+            let Some((frame, position)) = client.read_for(Duration::from_secs(30)).await else {
+                break;
+            };
+            match position {
+                Some(position) => {
+                    bodies.push(body(&frame));
+                    since = Some(
+                        json!({"epoch": position.epoch.to_string(), "offset": position.offset}),
+                    );
+                }
+                None if frame.op == op::RESUME_REPLY => {
+                    let reply: Value = serde_json::from_slice(&frame.body).expect("JSON");
+                    if since.is_some() {
+                        assert_eq!(reply["recovered"], json!(true), "client {first}: {reply}");
+                    }
+                    since = Some(json!({"epoch": reply["epoch"], "offset": reply["offset"]}));
+                }
+                None => {}
+            }
+        }
+    }
+    (bodies, joins)
+}
+
+impl PositionedClient {
+    /// `join` that gives up quietly on a comet that is gone or draining.
+    async fn try_join(
+        addr: SocketAddr,
+        room: &str,
+        since: Option<&Value>,
+    ) -> Option<PositionedClient> {
+        let mut auth = json!({"room_id": room, "positions": true});
+        if let Some(since) = since {
+            auth["since"] = json!({ room: since });
+        }
+        let stream = TcpStream::connect(addr).await.ok()?;
+        let mut client = PositionedClient {
+            stream,
+            buf: BytesMut::new(),
+        };
+        client
+            .stream
+            .write_all(&auth_frame(&auth).encode())
+            .await
+            .ok()?;
+        let (reply, _) = client.read_for(Duration::from_secs(5)).await?;
+        (reply.op == op::AUTH_REPLY).then_some(client)
+    }
+
+    async fn read_for(&mut self, wait: Duration) -> Option<Received> {
+        tokio::time::timeout(wait, self.read()).await.ok().flatten()
+    }
+}
+
+/// Clients with positions on both comets of a fleet, room pushes all along,
+/// and every comet replaced in turn — drained with SIGTERM, or killed with
+/// SIGKILL — while they arrive: every client gets every message exactly
+/// once, in order.
+async fn comets_go_away_while_clients_resume(kill: bool) {
+    const CLIENTS: usize = 16;
+    const TOTAL: usize = 300;
+    let mut fleet = Fleet::start();
+    let comets = Arc::new(Mutex::new(
+        fleet.comets.iter().map(Server::tcp).collect::<Vec<_>>(),
+    ));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| tokio::spawn(resuming_client(comets.clone(), i, "live://roll", TOTAL)))
+        .collect();
+    // Every client joined (each comet reports its room members to logic).
+    let logic = &fleet.logics[0];
+    wait_until(|| async {
+        let (_, online) = logic.get("/goim/online/room?type=live&rooms=roll").await;
+        online["data"]["roll"] == json!(CLIENTS)
+    })
+    .await;
+
+    let pushed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let pusher = {
+        let logics: Vec<SocketAddr> = fleet.logics.iter().map(|l| l.addr("logic.http")).collect();
+        let pushed = pushed.clone();
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            for i in 0..TOTAL {
+                let url = format!(
+                    "http://{}/goim/push/room?operation=1000&type=live&room=roll",
+                    logics[i % logics.len()]
+                );
+                loop {
+                    let response = http.post(&url).body(i.to_string()).send().await;
+                    if response.is_ok_and(|r| r.status() == 200) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                pushed.store(i + 1, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    for (i, at) in [(0, TOTAL / 3), (1, 2 * TOTAL / 3)] {
+        wait_until(|| async { pushed.load(std::sync::atomic::Ordering::SeqCst) >= at }).await;
+        if kill {
+            fleet.comets[i].kill9();
+        } else {
+            fleet.comets[i].sigterm();
+            fleet.comets[i].exited(Duration::from_secs(20)).await;
+        }
+        fleet.restart_comet(i);
+        comets.lock().expect("lock")[i] = fleet.comets[i].tcp();
+    }
+    pusher.await.expect("pusher");
+    let expected: Vec<String> = (0..TOTAL).map(|i| i.to_string()).collect();
+    let mut resumes = 0;
+    for client in clients {
+        let (bodies, joins) = client.await.expect("client");
+        assert_eq!(bodies, expected, "every message once, in order");
+        resumes += joins - 1;
+    }
+    // Every client of the first comet moved with a third of the pushes to
+    // go; those of the second may have had them all before their turn in
+    // its drain came.
+    assert!(resumes >= CLIENTS / 2, "{resumes} resumes");
+    let recovered = Fleet::sum(
+        &fleet.logics,
+        "pushcluster_logic_resumes_total",
+        &[("result", "recovered")],
+    )
+    .await;
+    assert!(
+        recovered >= resumes as f64,
+        "{recovered} of {resumes} resumes recovered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_every_comet_loses_nothing_for_resuming_clients() {
+    comets_go_away_while_clients_resume(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_comets_lose_nothing_for_resuming_clients() {
+    comets_go_away_while_clients_resume(true).await;
 }
