@@ -111,6 +111,10 @@ pub struct PushClusterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "free_form_object")]
     pub config: Option<serde_json::Value>,
+    /// Room history for clients that resume after a reconnect
+    /// (docs/recovery.md); `history` of the YAML configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<HistorySpec>,
     /// Prometheus Operator integration.
     #[serde(default)]
     pub monitoring: MonitoringSpec,
@@ -580,6 +584,59 @@ impl Default for JobSpec {
             autoscaling: None,
         }
     }
+}
+
+/// What reconnecting clients can get back, per room type.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HistorySpec {
+    /// Off: nothing is kept, and every resume is told `recovered: false`.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Rooms no rule in `rooms` matches (default 300 s, 1000 messages).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<RoomHistorySpec>,
+    /// Per room type, by room id prefix (`live://`, `chat://`); the longest
+    /// matching prefix wins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rooms: Vec<RoomHistoryRuleSpec>,
+    /// The least time any message stays in the push stream, delivered or
+    /// not (default 900 s): also how long an accepted message waits for a
+    /// job when every job is down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub min_ttl_seconds: Option<u32>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// How much of a room's history is replayed.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoomHistorySpec {
+    /// Messages older than this are not replayed.
+    #[schemars(range(min = 1))]
+    pub max_age_seconds: u32,
+    /// At most this many of the room's latest messages are replayed.
+    #[schemars(range(min = 1))]
+    pub max_messages: u32,
+}
+
+/// `history.rooms[]`: rooms whose id starts with `prefix`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoomHistoryRuleSpec {
+    /// Room ids starting with this (`live://`).
+    #[schemars(length(min = 1))]
+    pub prefix: String,
+    /// Messages older than this are not replayed.
+    #[schemars(range(min = 1))]
+    pub max_age_seconds: u32,
+    /// At most this many of the room's latest messages are replayed.
+    #[schemars(range(min = 1))]
+    pub max_messages: u32,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]

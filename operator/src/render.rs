@@ -10,7 +10,9 @@ use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::{Resource, ResourceExt};
-use pushcluster_api::config::{AuthMode, Config, DiscoveryKind, LogFormat};
+use pushcluster_api::config::{
+    AuthMode, Config, DiscoveryKind, LogFormat, RoomHistory, RoomHistoryRule,
+};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -270,6 +272,28 @@ pub fn render_config(pc: &PushCluster) -> Result<Config, RenderError> {
                 ca_file: format!("{GRPC_TLS_DIR}/ca.crt"),
                 server_name: "pushcluster".to_string(),
             });
+    if let Some(history) = &spec.history {
+        let seconds = |s: u32| std::time::Duration::from_secs(u64::from(s));
+        config.history.enabled = history.enabled;
+        if let Some(default) = &history.default {
+            config.history.default = RoomHistory {
+                max_age: seconds(default.max_age_seconds),
+                max_messages: default.max_messages as usize,
+            };
+        }
+        config.history.rooms = history
+            .rooms
+            .iter()
+            .map(|rule| RoomHistoryRule {
+                prefix: rule.prefix.clone(),
+                max_age: seconds(rule.max_age_seconds),
+                max_messages: rule.max_messages as usize,
+            })
+            .collect();
+        if let Some(min_ttl) = history.min_ttl_seconds {
+            config.history.min_ttl = seconds(min_ttl);
+        }
+    }
     config.discovery.kind = DiscoveryKind::Kubernetes;
     config.discovery.namespace = Some(namespace);
     config.discovery.comet_service = names.comet_headless();
