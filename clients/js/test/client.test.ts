@@ -1,0 +1,217 @@
+// The client against real servers: `pushcluster standalone` and a fleet on
+// a real nats-server. Node's test runner; the WebSocket is Node's own
+// (`--experimental-websocket` on Node 20).
+
+import assert from "node:assert/strict";
+import { createHmac } from "node:crypto";
+import { after, before, describe, test } from "node:test";
+
+import { PushClient, type PushClientOptions, type PushMessage, type ResumeInfo } from "../src/index.js";
+import { Fleet, type Process, pushRoom, reservePort, sleep, startStandalone, until } from "./harness.js";
+
+/** A client that records what it gets. */
+function recorder(options: PushClientOptions) {
+  const client = new PushClient({ heartbeatMs: 1_000, reconnect: { baseMs: 100, maxMs: 1_000 }, ...options });
+  const messages: PushMessage[] = [];
+  const resumes: ResumeInfo[] = [];
+  const opens: string[] = [];
+  const errors: Error[] = [];
+  client.on("message", (message) => messages.push(message));
+  client.on("resume", (info) => resumes.push(info));
+  client.on("open", ({ url }) => opens.push(url));
+  client.on("error", (error) => errors.push(error));
+  return { client, messages, resumes, opens, errors, texts: () => messages.map((m) => m.text()) };
+}
+
+function wsUrl(server: Process): string {
+  return `ws://${server.addr("comet.websocket")}/sub`;
+}
+
+describe("standalone", () => {
+  let server: Process;
+  before(async () => {
+    server = await startStandalone();
+  });
+  after(async () => {
+    await server.stop();
+  });
+
+  test("room pushes arrive with positions; heartbeats; changing room resumes it", async () => {
+    const r = recorder({ urls: [wsUrl(server)], room: "live://js1" });
+    const online: number[] = [];
+    r.client.on("heartbeat", ({ online: count }) => online.push(count));
+    r.client.connect();
+    await until("the join", () => r.resumes.length === 1);
+    assert.deepEqual(
+      [r.resumes[0]?.room, r.resumes[0]?.recovered, r.resumes[0]?.reason],
+      ["live://js1", false, "fresh"],
+    );
+    await until("a heartbeat reply", () => online.length > 0);
+    assert.equal(online.at(-1), 1);
+
+    const http = server.addr("logic.http");
+    await pushRoom(http, "live://js1", "a");
+    await pushRoom(http, "live://js1", JSON.stringify({ n: 2 }));
+    await until("two messages", () => r.messages.length === 2);
+    assert.equal(r.messages[0]?.text(), "a");
+    assert.deepEqual(r.messages[1]?.json(), { n: 2 });
+    assert.equal(r.messages[0]?.room, "live://js1");
+    assert.equal(r.messages[1]?.replayed, false);
+    const first = r.messages[0]?.position;
+    const second = r.messages[1]?.position;
+    assert.ok(first && second && second.offset > first.offset && first.epoch === second.epoch);
+    assert.deepEqual(r.client.position("live://js1"), second);
+
+    // Another room, then back: what came meanwhile is replayed.
+    r.client.changeRoom("live://js2");
+    await until("the second join", () => r.resumes.length === 2);
+    await pushRoom(http, "live://js1", "while away");
+    r.client.changeRoom("live://js1");
+    await until("the third join", () => r.resumes.length === 3);
+    assert.deepEqual(
+      [r.resumes[2]?.recovered, r.resumes[2]?.replayed],
+      [true, 1],
+    );
+    assert.deepEqual(r.texts(), ["a", '{"n":2}', "while away"]);
+    assert.equal(r.messages[2]?.replayed, true);
+    r.client.close();
+  });
+
+  test("a reconnect loses and repeats nothing", async () => {
+    const r = recorder({ urls: [wsUrl(server)], room: "live://js3" });
+    r.client.connect();
+    await until("the join", () => r.resumes.length === 1);
+    const http = server.addr("logic.http");
+    await pushRoom(http, "live://js3", "0");
+    await until("the first message", () => r.messages.length === 1);
+    for (let round = 1; round <= 3; round += 1) {
+      r.client.reconnect();
+      // Pushed while the client is away (it waits ~100 ms to come back).
+      for (let i = 0; i < 5; i += 1) {
+        await pushRoom(http, "live://js3", `${round}.${i}`);
+      }
+      await until(`rejoin ${round}`, () => r.resumes.length === round + 1);
+    }
+    await pushRoom(http, "live://js3", "last");
+    const expected = ["0"];
+    for (let round = 1; round <= 3; round += 1) {
+      for (let i = 0; i < 5; i += 1) {
+        expected.push(`${round}.${i}`);
+      }
+    }
+    expected.push("last");
+    await until("every message", () => r.messages.length >= expected.length);
+    await sleep(200);
+    assert.deepEqual(r.texts(), expected);
+    assert.ok(r.resumes.slice(1).every((info) => info.recovered), JSON.stringify(r.resumes));
+    assert.equal(r.opens.length, 4);
+    r.client.close();
+  });
+});
+
+test("a restarted standalone (history lost) is reported as not recovered", async () => {
+  const wsPort = await reservePort();
+  const config = { comet: { websocket: { bind: [`127.0.0.1:${wsPort}`] } } };
+  let server = await startStandalone(config);
+  const r = recorder({ urls: [`ws://127.0.0.1:${wsPort}/sub`], room: "live://js4" });
+  r.client.connect();
+  await until("the join", () => r.resumes.length === 1);
+  await pushRoom(server.addr("logic.http"), "live://js4", "before");
+  await until("a message", () => r.messages.length === 1);
+  const before = r.client.position();
+  await server.stop();
+  server = await startStandalone(config);
+  await until("the rejoin", () => r.resumes.length === 2, 15_000);
+  const rejoin = r.resumes[1];
+  assert.deepEqual([rejoin?.recovered, rejoin?.reason], [false, "epoch_changed"]);
+  assert.notEqual(rejoin?.epoch, before?.epoch);
+  assert.deepEqual(r.client.position(), { epoch: rejoin?.epoch, offset: rejoin?.offset });
+  r.client.close();
+  await server.stop();
+});
+
+test("endpoints come from /goim/nodes/weighted; JWT auth", async () => {
+  const wsPort = await reservePort();
+  const secret = "a-secret-of-at-least-thirty-two-bytes!";
+  const server = await startStandalone({
+    comet: { addrs: ["127.0.0.1"], websocket: { bind: [`127.0.0.1:${wsPort}`] } },
+    logic: { node: { ws_port: wsPort }, auth: { mode: "jwt", jwt: { hs256_secret: secret } } },
+  });
+  const b64 = (value: unknown) => Buffer.from(JSON.stringify(value)).toString("base64url");
+  let tokens = 0;
+  const token = () => {
+    tokens += 1;
+    const unsigned = `${b64({ alg: "HS256", typ: "JWT" })}.${b64({ sub: "42", rooms: ["live://jwt"], exp: Math.floor(Date.now() / 1000) + 60 })}`;
+    return `${unsigned}.${createHmac("sha256", secret).update(unsigned).digest("base64url")}`;
+  };
+  const r = recorder({
+    nodesUrl: `http://${server.addr("logic.http")}`,
+    platform: "node",
+    room: "live://jwt",
+    mid: 42,
+    token,
+  });
+  r.client.connect();
+  await until("the join", () => r.resumes.length === 1);
+  assert.deepEqual(r.opens, [`ws://127.0.0.1:${wsPort}/sub`]);
+  assert.equal(tokens, 1);
+  await pushRoom(server.addr("logic.http"), "live://jwt", "signed");
+  await until("a message", () => r.messages.length === 1);
+  r.client.close();
+
+  // A token the server refuses: the client keeps trying, with backoff.
+  const refused = recorder({
+    urls: [`ws://127.0.0.1:${wsPort}/sub`],
+    room: "live://jwt",
+    token: "not-a-jwt",
+    reconnect: { baseMs: 50, maxMs: 200 },
+  });
+  const closes: number[] = [];
+  refused.client.on("close", ({ reconnectInMs }) => closes.push(reconnectInMs ?? -1));
+  refused.client.connect();
+  await until("two refusals", () => closes.length >= 2);
+  assert.equal(refused.opens.length, 0);
+  refused.client.close();
+  await server.stop();
+});
+
+describe("a fleet on NATS", () => {
+  let fleet: Fleet;
+  before(async () => {
+    fleet = await Fleet.start();
+  });
+  after(async () => {
+    await fleet.stop();
+  });
+
+  test("a client whose comet is drained moves to the other and resumes there", async () => {
+    const urls = fleet.comets.map((comet) => `ws://${comet.addr("comet.websocket")}/sub`);
+    const r = recorder({ urls, room: "live://fleet" });
+    r.client.connect();
+    await until("the join", () => r.resumes.length === 1);
+    assert.equal(r.opens[0], urls[0]);
+    const http = fleet.logic.addr("logic.http");
+    const total = 120;
+    const pushing = (async () => {
+      for (let i = 0; i < total; i += 1) {
+        await pushRoom(http, "live://fleet", String(i));
+        await sleep(10);
+      }
+    })();
+    await until("some messages", () => r.messages.length >= 20);
+    // The first comet drains (SIGTERM) and comes back; meanwhile the client
+    // is on the second one.
+    await fleet.restartComet(0);
+    await pushing;
+    await until("every message", () => r.messages.length >= total, 20_000);
+    await sleep(200);
+    assert.deepEqual(
+      r.texts(),
+      Array.from({ length: total }, (_, i) => String(i)),
+    );
+    assert.ok(r.opens.length >= 2, JSON.stringify(r.opens));
+    assert.equal(r.opens[1], urls[1]);
+    assert.ok(r.resumes.slice(1).every((info) => info.recovered), JSON.stringify(r.resumes));
+    r.client.close();
+  });
+});
