@@ -17,7 +17,13 @@
 #
 # Env: COMETS (7), TRANSPORT (tcp|ws), NATS_SERVER_BIN (nats-server on
 # PATH), BIN (target/release), KEEP=1 keeps the work dir with the logs,
-# LOGIC_EXTRA more `logic` settings (e.g. 'backpressure: { max_lag: 0 }').
+# LOGIC_EXTRA more `logic` settings (e.g. 'backpressure: { max_lag: 0 }'),
+# COMET_EXTRA more `comet` settings (e.g. 'drain: 5s'),
+# ROLL=term|kill replaces every comet in turn while the bench runs (SIGTERM
+# and its drain, or SIGKILL; then the same comet starts again), ROLL_AFTER
+# seconds after the fleet is ready (5) and ROLL_GAP seconds apart (3) —
+# with `--resume` clients nothing may be lost:
+#   ROLL=term COMETS=2 bench/fleet.sh room --resume --connections 2000 --rate 40 --duration 30
 # Ports: nats 4333, logic 3111/3119/3191, job 3192, comet i 4100+i (TCP),
 # 4200+i (WebSocket), 4300+i (gRPC), 4400+i (metrics).
 set -euo pipefail
@@ -39,7 +45,11 @@ fi
 workdir="$(mktemp -d)"
 pids=()
 stop() {
+    [[ -n "${roll_pid:-}" ]] && kill "$roll_pid" 2>/dev/null || true
     # Comets first (they drain), then job, logic and nats.
+    for file in "$workdir"/comet-*.pid; do
+        [[ -f "$file" ]] && pids+=("$(cat "$file")")
+    done
     for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
         kill "${pids[$i]}" 2>/dev/null || true
     done
@@ -94,6 +104,7 @@ comet:
   tcp: { bind: ["127.0.0.1:$((4100 + i))"] }
   websocket: { bind: ["127.0.0.1:$((4200 + i))"] }
   grpc: { bind: "127.0.0.1:$((4300 + i))" }
+  ${COMET_EXTRA:-}
 admin: { bind: "127.0.0.1:$((4400 + i))" }
 EOF
     if [[ "$transport" == ws ]]; then
@@ -108,11 +119,14 @@ echo "$common" >"$workdir/fleet.yaml"
 logic_pid=$!
 pids+=("$nats_pid" "$logic_pid")
 wait_http http://127.0.0.1:3191/readyz
+start_comet() {
+    "$bin/pushcluster" comet --config "$workdir/comet-$1.yaml" --log-level warn \
+        >>"$workdir/comet-$1.log" 2>&1 &
+    echo "$!" >"$workdir/comet-$1.pid"
+}
 for ((i = 0; i < comets; i++)); do
-    "$bin/pushcluster" comet --config "$workdir/comet-$i.yaml" --log-level warn \
-        >"$workdir/comet-$i.log" 2>&1 &
-    comet_pids+=("$!")
-    pids+=("$!")
+    start_comet "$i"
+    comet_pids+=("$(cat "$workdir/comet-$i.pid")")
 done
 "$bin/pushcluster" job --config "$workdir/fleet.yaml" --log-level warn >"$workdir/job.log" 2>&1 &
 job_pid=$!
@@ -123,10 +137,39 @@ done
 wait_http http://127.0.0.1:3192/readyz
 echo "fleet.sh: nats, logic, job and $comets comets ready ($transport clients)" >&2
 
+# Replaces every comet in turn (ROLL=term: SIGTERM, it drains; ROLL=kill:
+# SIGKILL), starting it again on the same ports.
+roll() {
+    local signal=TERM
+    [[ "$ROLL" == kill ]] && signal=KILL
+    sleep "${ROLL_AFTER:-5}"
+    for ((i = 0; i < comets; i++)); do
+        local pid
+        pid="$(cat "$workdir/comet-$i.pid")"
+        echo "fleet.sh: $(date +%T.%3N) SIG$signal comet-$i" >&2
+        kill "-$signal" "$pid" 2>/dev/null || true
+        for _ in $(seq 600); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        start_comet "$i"
+        wait_http "http://127.0.0.1:$((4400 + i))/readyz"
+        echo "fleet.sh: $(date +%T.%3N) comet-$i back" >&2
+        sleep "${ROLL_GAP:-3}"
+    done
+}
+
 pid_args=()
-for pid in "${comet_pids[@]}" "$logic_pid" "$job_pid" "$nats_pid"; do
+# Replaced comets get new pids: measure only the processes that stay.
+measured=("${comet_pids[@]}")
+[[ -n "${ROLL:-}" ]] && measured=()
+for pid in "${measured[@]}" "$logic_pid" "$job_pid" "$nats_pid"; do
     pid_args+=(--pid "$pid")
 done
+if [[ -n "${ROLL:-}" ]]; then
+    roll &
+    roll_pid=$!
+fi
 target_args=(--transport "$transport" "${connect[@]}" --http 127.0.0.1:3111 "${pid_args[@]}")
 if [[ "$1" == --run ]]; then
     # Another command (a script running several bench processes) gets the

@@ -8,7 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
-use pushcluster_api::protocol::{Frame, decode_server_stream, op};
+use pushcluster_api::protocol::{
+    Frame, FramePosition, decode_positioned_stream, decode_server_stream, op,
+};
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -82,11 +84,39 @@ async fn tcp(addr: SocketAddr, source: Option<Ipv4Addr>) -> std::io::Result<TcpS
     Ok(stream)
 }
 
-fn auth_frame(identity: &Identity) -> Bytes {
-    let body = format!(
-        r#"{{"mid":{},"key":"{}","room_id":"{}://{}","platform":"bench","accepts":[{PUSH_OP}]}}"#,
-        identity.mid, identity.key, identity.namespace, identity.room
+/// A position a `--resume` client keeps and sends back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Since {
+    pub epoch: u64,
+    pub offset: u64,
+}
+
+/// What a connection reads, for its worker.
+pub enum Received<'a> {
+    /// A pushed body.
+    Body(&'a [u8]),
+    /// The position of the body just handed over (`--resume`).
+    Position(Since),
+    /// The op-20 reply after a join: whether everything missed was replayed.
+    Resumed { recovered: bool, since: Since },
+}
+
+fn auth_frame(identity: &Identity, resume: bool, since: Option<Since>) -> Bytes {
+    let room = format!("{}://{}", identity.namespace, identity.room);
+    let mut body = format!(
+        r#"{{"mid":{},"key":"{}","room_id":"{room}","platform":"bench","accepts":[{PUSH_OP}]"#,
+        identity.mid, identity.key
     );
+    if resume {
+        body.push_str(r#","positions":true"#);
+        if let Some(since) = since {
+            body.push_str(&format!(
+                r#","since":{{"{room}":{{"epoch":"{}","offset":{}}}}}"#,
+                since.epoch, since.offset
+            ));
+        }
+    }
+    body.push('}');
     Frame {
         ver: 1,
         op: op::AUTH,
@@ -114,16 +144,47 @@ struct PusherMessage {
     data: Option<serde_json::Value>,
 }
 
-/// The pushed bodies inside one goim frame (op 9 batches carry several).
-fn goim_bodies(frame: Frame, on_body: &mut impl FnMut(&[u8])) {
+/// The pushed bodies inside one goim frame (op 9 batches carry several),
+/// with their positions and resume replies for `--resume` clients.
+fn goim_bodies(
+    (frame, position): (Frame, Option<FramePosition>),
+    on_body: &mut impl FnMut(Received<'_>),
+) {
     if frame.op == op::RAW {
         let mut inner = BytesMut::from(&frame.body[..]);
-        while let Ok(Some(frame)) = decode_server_stream(&mut inner) {
-            goim_bodies(frame, on_body);
+        while let Ok(Some(inner)) = decode_positioned_stream(&mut inner) {
+            goim_bodies(inner, on_body);
         }
     } else if frame.op == PUSH_OP {
-        on_body(&frame.body);
+        if let Some(position) = position {
+            on_body(Received::Position(Since {
+                epoch: position.epoch,
+                offset: position.offset,
+            }));
+        }
+        on_body(Received::Body(&frame.body));
+    } else if frame.op == op::RESUME_REPLY
+        && let Ok(reply) = serde_json::from_slice::<serde_json::Value>(&frame.body)
+    {
+        let number = |key: &str| {
+            reply[key]
+                .as_u64()
+                .or_else(|| reply[key].as_str().and_then(|s| s.parse().ok()))
+                .unwrap_or(0)
+        };
+        on_body(Received::Resumed {
+            recovered: reply["recovered"].as_bool().unwrap_or(false),
+            since: Since {
+                epoch: number("epoch"),
+                offset: number("offset"),
+            },
+        });
     }
+}
+
+/// Decodes one frame a server sent, positioned or not.
+fn decode(buf: &mut BytesMut) -> Option<(Frame, Option<FramePosition>)> {
+    decode_positioned_stream(buf).ok().flatten()
 }
 
 impl Connection {
@@ -135,9 +196,20 @@ impl Connection {
         source: Option<Ipv4Addr>,
     ) -> anyhow::Result<Connection> {
         let addr = spec.addrs[identity.index % spec.addrs.len()];
+        Connection::open_at(spec, addr, identity, source, None).await
+    }
+
+    /// Opens to `addr`; a `--resume` client sends `since` when it has one.
+    pub async fn open_at(
+        spec: &ClientSpec,
+        addr: SocketAddr,
+        identity: &Identity,
+        source: Option<Ipv4Addr>,
+        since: Option<Since>,
+    ) -> anyhow::Result<Connection> {
         tokio::time::timeout(
             HANDSHAKE_LIMIT,
-            Connection::handshake(spec, addr, identity, source),
+            Connection::handshake(spec, addr, identity, source, since),
         )
         .await
         .context("handshake timed out")?
@@ -148,14 +220,16 @@ impl Connection {
         addr: SocketAddr,
         identity: &Identity,
         source: Option<Ipv4Addr>,
+        since: Option<Since>,
     ) -> anyhow::Result<Connection> {
+        let auth = auth_frame(identity, spec.resume, since);
         let stream = tcp(addr, source)
             .await
             .with_context(|| format!("connect {addr}"))?;
         match (spec.server, spec.transport) {
             (ServerKind::Goim, Transport::Tcp) => {
                 let mut stream = stream;
-                stream.write_all(&auth_frame(identity)).await?;
+                stream.write_all(&auth).await?;
                 let mut buf = BytesMut::with_capacity(256);
                 loop {
                     if stream.read_buf(&mut buf).await? == 0 {
@@ -175,7 +249,7 @@ impl Connection {
                     Some(small_buffers()),
                 )
                 .await?;
-                ws.send(Message::Binary(auth_frame(identity))).await?;
+                ws.send(Message::Binary(auth)).await?;
                 while let Some(message) = ws.next().await {
                     if let Message::Binary(data) = message? {
                         let mut buf = BytesMut::from(&data[..]);
@@ -226,7 +300,7 @@ impl Connection {
 
     /// Reads until the server closes the connection, calling `on_body` with
     /// every pushed message body, and keeps the connection alive.
-    pub async fn receive(self, mut on_body: impl FnMut(&[u8])) {
+    pub async fn receive(self, mut on_body: impl FnMut(Received<'_>)) {
         match self {
             Connection::GoimTcp {
                 mut stream,
@@ -235,6 +309,10 @@ impl Connection {
                 let beat = heartbeat_frame();
                 let mut heartbeat = tokio::time::interval(GOIM_HEARTBEAT);
                 heartbeat.tick().await;
+                // What came with the auth reply (a resume's replay).
+                while let Some(frame) = decode(&mut buf) {
+                    goim_bodies(frame, &mut on_body);
+                }
                 loop {
                     tokio::select! {
                         _ = heartbeat.tick() => {
@@ -246,7 +324,7 @@ impl Connection {
                             if !matches!(read, Ok(n) if n > 0) {
                                 return;
                             }
-                            while let Ok(Some(frame)) = decode_server_stream(&mut buf) {
+                            while let Some(frame) = decode(&mut buf) {
                                 goim_bodies(frame, &mut on_body);
                             }
                             // Do not keep a burst's buffer while idle.
@@ -270,7 +348,7 @@ impl Connection {
                         message = ws.next() => match message {
                             Some(Ok(Message::Binary(data))) => {
                                 let mut buf = BytesMut::from(&data[..]);
-                                while let Ok(Some(frame)) = decode_server_stream(&mut buf) {
+                                while let Some(frame) = decode(&mut buf) {
                                     goim_bodies(frame, &mut on_body);
                                 }
                             }
@@ -299,7 +377,7 @@ impl Connection {
                                 };
                                 match (message.event.as_str(), message.data) {
                                     (PUSHER_EVENT, Some(serde_json::Value::String(data))) => {
-                                        on_body(data.as_bytes());
+                                        on_body(Received::Body(data.as_bytes()));
                                     }
                                     ("pusher:ping", _)
                                         if ws.send(Message::Text(pong_text.into())).await.is_err() =>
@@ -379,7 +457,19 @@ mod tests {
             body: batch.freeze(),
         };
         let mut seen = Vec::new();
-        goim_bodies(outer, &mut |b: &[u8]| seen.push(b.to_vec()));
-        assert_eq!(seen, [b"a".to_vec(), b"b".to_vec()]);
+        let mut record = |received: Received<'_>| match received {
+            Received::Body(body) => seen.push(String::from_utf8_lossy(body).into_owned()),
+            Received::Position(since) => seen.push(format!("@{}", since.offset)),
+            Received::Resumed { recovered, .. } => seen.push(format!("resumed {recovered}")),
+        };
+        goim_bodies((outer, None), &mut record);
+        // Positioned frames (a --resume client's), then the op-20 reply.
+        let mut positioned = BytesMut::new();
+        pushcluster_api::protocol::put_positioned_frame(&mut positioned, PUSH_OP, b"c", 7, 1, "r");
+        let (frame, position) = decode(&mut positioned).expect("a frame");
+        goim_bodies((frame, position), &mut record);
+        let reply = Frame::server(op::RESUME_REPLY, Bytes::from(r#"{"recovered":true,"epoch":"1","offset":7}"#));
+        goim_bodies((reply, None), &mut record);
+        assert_eq!(seen, ["a", "b", "@7", "c", "resumed true"]);
     }
 }

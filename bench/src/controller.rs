@@ -278,6 +278,10 @@ struct Totals {
     churn_ok: u64,
     churn_failed: u64,
     churn_latency: Histogram<u64>,
+    resumes_recovered: u64,
+    resumes_not_recovered: u64,
+    replayed: u64,
+    resume_gap: Histogram<u64>,
 }
 
 fn totals(reports: &[FinalReport], local: bool) -> anyhow::Result<Totals> {
@@ -294,6 +298,10 @@ fn totals(reports: &[FinalReport], local: bool) -> anyhow::Result<Totals> {
         churn_ok: 0,
         churn_failed: 0,
         churn_latency: histogram()?,
+        resumes_recovered: 0,
+        resumes_not_recovered: 0,
+        replayed: 0,
+        resume_gap: histogram()?,
     };
     for report in reports {
         totals.received += report.received;
@@ -313,6 +321,15 @@ fn totals(reports: &[FinalReport], local: bool) -> anyhow::Result<Totals> {
         }
         totals.churn_ok += report.churn_ok;
         totals.churn_failed += report.churn_failed;
+        totals.resumes_recovered += report.resumes_recovered;
+        totals.resumes_not_recovered += report.resumes_not_recovered;
+        totals.replayed += report.replayed;
+        for &(value, count) in &report.resume_gap_us {
+            totals
+                .resume_gap
+                .record_n(value, count)
+                .context("histogram")?;
+        }
         if !local {
             // A local worker's CPU is the controller's own, counted apart.
             totals.worker_cpu += report.cpu_seconds;
@@ -726,6 +743,13 @@ pub async fn fanout(plan: &Plan, load: &Load) -> anyhow::Result<Report> {
         totals.received as f64 / window.as_secs_f64(),
     );
     report.latency("latency", &totals.latency);
+    if plan.client.resume {
+        report.add("resumes_recovered", totals.resumes_recovered);
+        report.add("resumes_not_recovered", totals.resumes_not_recovered);
+        report.add("messages_replayed", totals.replayed);
+        // From a connection's end to the resume reply on the next one.
+        report.latency("resume_gap", &totals.resume_gap);
+    }
     servers.report(&mut report, connected, totals.received);
     generator_figures(
         &mut report,

@@ -106,6 +106,12 @@ struct TargetArgs {
     /// keys (a quiet room's latency beside a busy one).
     #[arg(long, default_value = "bench")]
     namespace: String,
+    /// goim clients opt in to positions; a client whose connection ends
+    /// reconnects to the next `--connect` address and resumes where it
+    /// left off (docs/recovery.md). Run a rolling restart beside it
+    /// (`ROLL=term bench/fleet.sh ...`): lost must stay 0.
+    #[arg(long)]
+    resume: bool,
 }
 
 impl TargetArgs {
@@ -140,6 +146,7 @@ impl TargetArgs {
                 addrs: connect,
                 pusher_key: self.app_key.clone(),
                 namespace: self.namespace.clone(),
+                resume: self.resume && self.server == ServerKind::Goim,
             },
             http,
             app: PusherApp {

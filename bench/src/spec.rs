@@ -39,6 +39,10 @@ pub struct ClientSpec {
     /// Room type, key and channel prefix: runs in different namespaces
     /// share a server without sharing rooms or keys.
     pub namespace: String,
+    /// goim clients opt in to positions and, when their connection ends,
+    /// reconnect (to the next address) and resume where they left off.
+    #[serde(default)]
+    pub resume: bool,
 }
 
 /// Who receives a push.
@@ -142,6 +146,18 @@ pub struct FinalReport {
     pub churn_failed: u64,
     /// Connect + handshake latency of churned connections, microseconds.
     pub churn_latency_us: Vec<(u64, u64)>,
+    /// `--resume`: rejoins after a closed connection that were told
+    /// `recovered: true`, and those that were not.
+    #[serde(default)]
+    pub resumes_recovered: u64,
+    #[serde(default)]
+    pub resumes_not_recovered: u64,
+    /// Messages written from history to resuming connections.
+    #[serde(default)]
+    pub replayed: u64,
+    /// From a connection's end to its resume reply on the next, µs.
+    #[serde(default)]
+    pub resume_gap_us: Vec<(u64, u64)>,
 }
 
 pub fn now_nanos() -> u64 {

@@ -13,7 +13,7 @@ use anyhow::Context;
 use hdrhistogram::Histogram;
 use tokio::io::AsyncBufReadExt;
 
-use crate::client::{Connection, Identity, source_for};
+use crate::client::{Connection, Identity, Received, Since, source_for};
 use crate::report::cpu_seconds;
 use crate::spec::{Fanout, FinalReport, Finish, WorkerEvent, WorkerSpec, now_nanos, stamp};
 
@@ -50,6 +50,12 @@ pub struct Worker {
     churn_ok: AtomicU64,
     churn_failed: AtomicU64,
     churn_latency: Mutex<Histogram<u64>>,
+    /// `--resume`: the run is over, connections that end stay closed.
+    stopping: AtomicBool,
+    resumes_recovered: AtomicU64,
+    resumes_not_recovered: AtomicU64,
+    replayed: AtomicU64,
+    resume_gap: Mutex<Histogram<u64>>,
 }
 
 impl Worker {
@@ -72,6 +78,11 @@ impl Worker {
             churn_ok: AtomicU64::new(0),
             churn_failed: AtomicU64::new(0),
             churn_latency: Mutex::new(histogram()?),
+            stopping: AtomicBool::new(false),
+            resumes_recovered: AtomicU64::new(0),
+            resumes_not_recovered: AtomicU64::new(0),
+            replayed: AtomicU64::new(0),
+            resume_gap: Mutex::new(histogram()?),
         }))
     }
 
@@ -122,31 +133,91 @@ impl Worker {
         ((self.spec.count - failed.len()) as u64, failed)
     }
 
+    /// Records what connection `index` reads until it ends; a `--resume`
+    /// client then reconnects (the next address, backing off) with the
+    /// last position it saw, until the run is over. Order and copies are
+    /// counted across its connections.
     async fn receive(self: Arc<Self>, connection: Connection, index: usize) {
         let shard = &self.latency[index % SHARDS];
+        let client = &self.spec.client;
+        let identity = Identity::new(&client.namespace, index, self.spec.room_of(index));
         let mut last_seq: Option<u64> = None;
-        connection
-            .receive(|body| {
-                let now = now_nanos();
-                self.received.fetch_add(1, Ordering::Relaxed);
-                self.last_receive.fetch_max(now, Ordering::Relaxed);
-                let Some((sent, seq)) = stamp(body) else {
+        let mut since: Option<Since> = None;
+        let mut closed_at: Option<Instant> = None;
+        let mut next = Some(connection);
+        let mut attempt = index;
+        while let Some(connection) = next.take() {
+            let mut replaying = closed_at.is_some();
+            connection
+                .receive(|received| match received {
+                    Received::Body(body) => {
+                        if replaying {
+                            self.replayed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        self.record(shard, &mut last_seq, body);
+                    }
+                    Received::Position(position) => since = Some(position),
+                    Received::Resumed { recovered, since: at } => {
+                        since = Some(at);
+                        replaying = false;
+                        if let Some(closed) = closed_at.take() {
+                            let counter = if recovered {
+                                &self.resumes_recovered
+                            } else {
+                                &self.resumes_not_recovered
+                            };
+                            counter.fetch_add(1, Ordering::Relaxed);
+                            if let Ok(mut gap) = self.resume_gap.lock() {
+                                let micros = closed.elapsed().as_micros() as u64;
+                                let _ = gap.record(micros.clamp(1, LATENCY_MAX_US));
+                            }
+                        }
+                    }
+                })
+                .await;
+            self.closed.fetch_add(1, Ordering::Relaxed);
+            if !client.resume {
+                return;
+            }
+            closed_at.get_or_insert_with(Instant::now);
+            let mut delay = Duration::from_millis(50);
+            while next.is_none() {
+                if self.stopping.load(Ordering::Relaxed) {
                     return;
-                };
-                if last_seq.is_some_and(|last| seq <= last) {
-                    self.out_of_order.fetch_add(1, Ordering::Relaxed);
                 }
-                last_seq = Some(seq);
-                if let Some(copies) = self.copies.get(seq as usize) {
-                    copies.fetch_add(1, Ordering::Relaxed);
+                attempt += 1;
+                let addr = client.addrs[attempt % client.addrs.len()];
+                let source = source_for(addr, index);
+                match Connection::open_at(client, addr, &identity, source, since).await {
+                    Ok(connection) => next = Some(connection),
+                    Err(_) => {
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(1));
+                    }
                 }
-                if let Ok(mut histogram) = shard.lock() {
-                    let micros = (now.saturating_sub(sent) / 1000).clamp(1, LATENCY_MAX_US);
-                    let _ = histogram.record(micros);
-                }
-            })
-            .await;
-        self.closed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Counts one received body: copies of its push, order, latency.
+    fn record(&self, shard: &Mutex<Histogram<u64>>, last_seq: &mut Option<u64>, body: &[u8]) {
+        let now = now_nanos();
+        self.received.fetch_add(1, Ordering::Relaxed);
+        self.last_receive.fetch_max(now, Ordering::Relaxed);
+        let Some((sent, seq)) = stamp(body) else {
+            return;
+        };
+        if last_seq.is_some_and(|last| seq <= last) {
+            self.out_of_order.fetch_add(1, Ordering::Relaxed);
+        }
+        *last_seq = Some(seq);
+        if let Some(copies) = self.copies.get(seq as usize) {
+            copies.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Ok(mut histogram) = shard.lock() {
+            let micros = (now.saturating_sub(sent) / 1000).clamp(1, LATENCY_MAX_US);
+            let _ = histogram.record(micros);
+        }
     }
 
     /// Connections that open, wait `churn_hold_ms` and close, at
@@ -220,6 +291,7 @@ impl Worker {
     /// attempted, `finish.refused` of them refused by the server.
     pub fn finish(&self, finish: &Finish) -> anyhow::Result<FinalReport> {
         self.churn_stop.store(true, Ordering::Relaxed);
+        self.stopping.store(true, Ordering::Relaxed);
         let connected = self.connected.lock().map(|c| c.clone()).unwrap_or_default();
         let refused: std::collections::HashSet<u64> = finish.refused.iter().copied().collect();
         let spec = &self.spec;
@@ -280,6 +352,14 @@ impl Worker {
             churn_ok: self.churn_ok.load(Ordering::Relaxed),
             churn_failed: self.churn_failed.load(Ordering::Relaxed),
             churn_latency_us: churn_latency,
+            resumes_recovered: self.resumes_recovered.load(Ordering::Relaxed),
+            resumes_not_recovered: self.resumes_not_recovered.load(Ordering::Relaxed),
+            replayed: self.replayed.load(Ordering::Relaxed),
+            resume_gap_us: self
+                .resume_gap
+                .lock()
+                .map(|h| pairs(&h))
+                .unwrap_or_default(),
         })
     }
 }

@@ -209,6 +209,22 @@ fn every_scenario_runs_against_standalone() {
         number(&room, "pushes_sent") * 100.0
     );
 
+    // Clients with positions (`--resume`; WebSocket, so positioned frames
+    // come inside op-9 batches): the same accounting, nothing resumed.
+    let resumed = server.bench(
+        "room",
+        "ws",
+        &[
+            &["--connections", "100", "--rooms", "1", "--resume"][..],
+            &short,
+            &["--rate", "50", "--concurrency", "1"],
+        ]
+        .concat(),
+    );
+    assert_all_delivered(&resumed, 100.0);
+    assert_eq!(number(&resumed, "messages_out_of_order"), 0.0);
+    assert_eq!(number(&resumed, "resumes_not_recovered"), 0.0, "{resumed}");
+
     let mids = server.bench(
         "mids",
         "ws",
