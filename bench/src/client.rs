@@ -468,7 +468,10 @@ mod tests {
         pushcluster_api::protocol::put_positioned_frame(&mut positioned, PUSH_OP, b"c", 7, 1, "r");
         let (frame, position) = decode(&mut positioned).expect("a frame");
         goim_bodies((frame, position), &mut record);
-        let reply = Frame::server(op::RESUME_REPLY, Bytes::from(r#"{"recovered":true,"epoch":"1","offset":7}"#));
+        let reply = Frame::server(
+            op::RESUME_REPLY,
+            Bytes::from(r#"{"recovered":true,"epoch":"1","offset":7}"#),
+        );
         goim_bodies((reply, None), &mut record);
         assert_eq!(seen, ["a", "b", "@7", "c", "resumed true"]);
     }

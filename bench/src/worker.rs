@@ -157,7 +157,10 @@ impl Worker {
                         self.record(shard, &mut last_seq, body);
                     }
                     Received::Position(position) => since = Some(position),
-                    Received::Resumed { recovered, since: at } => {
+                    Received::Resumed {
+                        recovered,
+                        since: at,
+                    } => {
                         since = Some(at);
                         replaying = false;
                         if let Some(closed) = closed_at.take() {

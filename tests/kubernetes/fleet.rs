@@ -20,7 +20,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBind
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
-use pushcluster_api::protocol::{Frame, decode_server_stream, op};
+use pushcluster_api::protocol::{Frame, decode_positioned_stream, decode_server_stream, op};
 use pushcluster_operator::crd::PushCluster;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -377,7 +377,12 @@ async fn drive(client: Client, env: Env, names: Names) {
                 "auth": {"mode": "jwt", "jwtSecret": {"name": "push-jwt", "key": "secret"}},
                 "comet": {"replicas": 2, "drainSeconds": DRAIN_SECONDS},
                 "logic": {"replicas": 2},
-                "job": {"replicas": 2}
+                "job": {"replicas": 2},
+                // What roll clients resume from (docs/recovery.md).
+                "history": {
+                    "default": {"maxAgeSeconds": 600, "maxMessages": 5000},
+                    "rooms": [{"prefix": "live://roll", "maxAgeSeconds": 600, "maxMessages": 5000}]
+                }
             }
         }),
         &names.apps,
@@ -690,11 +695,14 @@ struct Session {
     frames: usize,
     received: Vec<u64>,
     closed_at: Option<Instant>,
+    /// The op-20 reply after joining: (recovered, reason).
+    resumed: Option<(bool, String)>,
 }
 
-/// A goim TCP client that stays in room `live://roll`: it starts on `first`
-/// (a comet pod) and, each time the server closes it, reconnects through
-/// the Service, as an app does.
+/// A goim TCP client with positions that stays in room `live://roll`: it
+/// starts on `first` (a comet pod) and, each time the server closes it,
+/// reconnects through the Service with the last position it saw, as an app
+/// using clients/js does, and resumes.
 async fn roll_client(
     first: SocketAddr,
     service: SocketAddr,
@@ -703,6 +711,7 @@ async fn roll_client(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut addr = first;
+    let mut since: Option<Value> = None;
     loop {
         if *stop.borrow() {
             return;
@@ -720,14 +729,23 @@ async fn roll_client(
             all.len() - 1
         };
         let mut buf = BytesMut::new();
-        let mut open = stream
-            .write_all(&auth_frame(&json!({"token": token})).encode())
-            .await
-            .is_ok();
+        let mut auth = json!({"token": token, "positions": true});
+        if let Some(since) = &since {
+            auth["since"] = json!({"live://roll": since});
+        }
+        let mut open = stream.write_all(&auth_frame(&auth).encode()).await.is_ok();
         while open {
             let frame = loop {
-                match decode_server_stream(&mut buf) {
-                    Ok(Some(frame)) => break Some(frame),
+                match decode_positioned_stream(&mut buf) {
+                    Ok(Some((frame, position))) => {
+                        if let Some(position) = position {
+                            since = Some(json!({
+                                "epoch": position.epoch.to_string(),
+                                "offset": position.offset
+                            }));
+                        }
+                        break Some(frame);
+                    }
                     Ok(None) => {}
                     Err(_) => break None,
                 }
@@ -745,6 +763,15 @@ async fn roll_client(
             };
             let mut all = sessions.lock().expect("sessions");
             let session = &mut all[index];
+            if frame.op == op::RESUME_REPLY
+                && let Ok(reply) = serde_json::from_slice::<Value>(&frame.body)
+            {
+                since = Some(json!({"epoch": reply["epoch"], "offset": reply["offset"]}));
+                session.resumed = Some((
+                    reply["recovered"].as_bool().unwrap_or(false),
+                    reply["reason"].as_str().unwrap_or_default().to_string(),
+                ));
+            }
             if frame.op == 1000 || frame.op == 1001 {
                 session.frames += 1;
             }
@@ -944,6 +971,38 @@ async fn rolling_update(fleet: &Fleet, pushclusters: &Api<PushCluster>) {
     for (first_pod, sessions, _) in &clients {
         let sessions = sessions.lock().expect("sessions").clone();
         reconnects += sessions.len() - 1;
+        // Over all its connections, with resume: every room push once and
+        // in order (a push sent twice under one number may show twice).
+        let all: Vec<u64> = sessions
+            .iter()
+            .flat_map(|s| s.received.iter().copied())
+            .collect();
+        let mut expected = 0;
+        for &n in &all {
+            if n + 1 == expected && retried.contains(&n) {
+                continue;
+            }
+            assert_eq!(
+                n,
+                expected,
+                "a client of {first_pod} lost or repeated a push across its {} connections: {all:?}",
+                sessions.len()
+            );
+            expected = n + 1;
+        }
+        assert_eq!(
+            expected,
+            last + 1,
+            "a client of {first_pod} ends at {expected}"
+        );
+        for session in &sessions[1..] {
+            assert_eq!(
+                session.resumed.as_ref().map(|(recovered, _)| *recovered),
+                Some(true),
+                "a rejoin of a client of {first_pod} was not recovered: {:?}",
+                session.resumed
+            );
+        }
         let first = sessions[0]
             .closed_at
             .unwrap_or_else(|| panic!("a client of {first_pod} was not drained"));
@@ -974,7 +1033,7 @@ async fn rolling_update(fleet: &Fleet, pushclusters: &Api<PushCluster>) {
             times.len()
         );
     }
-    eprintln!("{reconnects} reconnects; every connection lost nothing while open");
+    eprintln!("{reconnects} reconnects, each resumed; no client lost or repeated a push");
 }
 
 /// Connections on one comet pod, from its own metrics.

@@ -138,7 +138,7 @@ impl NatsBus {
     }
 
     /// The push stream.
-    async fn stream(
+    pub(crate) async fn stream(
         &self,
     ) -> Result<jetstream::stream::Stream, jetstream::context::GetStreamError> {
         self.inner

@@ -112,6 +112,39 @@ async fn a_room_history_says_when_it_no_longer_reaches_back() {
 }
 
 #[tokio::test]
+async fn messages_leave_the_stream_after_their_time_to_live() {
+    let server = NatsServer::start();
+    let config = config(&server.url());
+    let stop = CancellationToken::new();
+    let bus = publisher(&config, &stop).await;
+    let mut sub = consumer(&config, "job-a", &stop).await;
+    // `live://brief` rooms keep 1 s (and min_ttl is 1 s).
+    bus.publish(room("live://brief", "short"), None)
+        .await
+        .expect("publish");
+    bus.publish(room("live://h", "long"), None)
+        .await
+        .expect("publish");
+    let (brief, long) = (next(&mut sub).await, next(&mut sub).await);
+    let (brief_seq, long_seq) = (brief.position.seq, long.position.seq);
+    brief.ack().await;
+    long.ack().await;
+    let stream = bus.stream().await.expect("stream");
+    assert!(stream.get_raw_message(long_seq).await.is_ok());
+    tokio::time::timeout(WAIT, async {
+        while stream.get_raw_message(brief_seq).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the 1 s message removed by its TTL");
+    // Rooms under the default history keep 5 minutes: still there.
+    assert!(stream.get_raw_message(long_seq).await.is_ok());
+    sub.close().await;
+    stop.cancel();
+}
+
+#[tokio::test]
 async fn a_work_queue_stream_keeps_its_retention_and_serves_no_history() {
     let server = NatsServer::start();
     let mut config = config(&server.url());
