@@ -995,7 +995,13 @@ async fn rolling_update(fleet: &Fleet, pushclusters: &Api<PushCluster>) {
             last + 1,
             "a client of {first_pod} ends at {expected}"
         );
-        for session in &sessions[1..] {
+        // A rejoin that got anything got its resume reply first, and it
+        // was complete. (An attempt the server closed at once — a comet
+        // starting its drain — got neither.)
+        for session in sessions[1..]
+            .iter()
+            .filter(|s| s.resumed.is_some() || !s.received.is_empty())
+        {
             assert_eq!(
                 session.resumed.as_ref().map(|(recovered, _)| *recovered),
                 Some(true),
