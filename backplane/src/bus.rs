@@ -123,6 +123,35 @@ impl Unrecovered {
     }
 }
 
+impl RoomHistory {
+    /// Nothing replayed: the client goes on from `head`.
+    pub fn unrecovered(epoch: u64, head: u64, gap: Unrecovered) -> RoomHistory {
+        RoomHistory {
+            epoch,
+            messages: Vec::new(),
+            gap: Some(gap),
+            offset: head,
+        }
+    }
+
+    /// The answers every bus gives before reading: no position (fresh),
+    /// another epoch, history off. `Ok`: the position to read after.
+    pub fn check(
+        epoch: u64,
+        head: u64,
+        since: Option<Since>,
+        enabled: bool,
+    ) -> Result<Since, RoomHistory> {
+        let gap = match since {
+            None => Unrecovered::Fresh,
+            Some(since) if since.epoch != epoch => Unrecovered::EpochChanged,
+            Some(_) if !enabled => Unrecovered::Disabled,
+            Some(since) => return Ok(since),
+        };
+        Err(RoomHistory::unrecovered(epoch, head, gap))
+    }
+}
+
 /// What a room's history holds for a resuming client.
 #[derive(Debug, Clone, Default)]
 pub struct RoomHistory {
@@ -707,22 +736,11 @@ impl Bus for MemoryBus {
             .inner
             .last_seq
             .load(std::sync::atomic::Ordering::SeqCst);
-        let unrecovered = |gap| RoomHistory {
-            epoch,
-            messages: Vec::new(),
-            gap: Some(gap),
-            offset: head,
-        };
-        let Some(since) = since else {
-            return Ok(unrecovered(Unrecovered::Fresh));
-        };
-        if since.epoch != epoch {
-            return Ok(unrecovered(Unrecovered::EpochChanged));
-        }
         let history = &self.inner.config.history;
-        if !history.enabled {
-            return Ok(unrecovered(Unrecovered::Disabled));
-        }
+        let since = match RoomHistory::check(epoch, head, since, history.enabled) {
+            Ok(since) => since,
+            Err(answer) => return Ok(answer),
+        };
         let read = self
             .inner
             .history
@@ -736,7 +754,7 @@ impl Bus for MemoryBus {
                 messages,
                 gap: None,
             },
-            Err(gap) => unrecovered(gap),
+            Err(gap) => RoomHistory::unrecovered(epoch, head, gap),
         })
     }
 

@@ -478,21 +478,10 @@ impl Bus for NatsBus {
             .map_err(|e| BusError::Unavailable(e.to_string()))?;
         let head = stream.cached_info().state.last_sequence;
         let epoch = self.inner.epoch.load(Ordering::SeqCst);
-        let unrecovered = |gap| RoomHistory {
-            epoch,
-            messages: Vec::new(),
-            gap: Some(gap),
-            offset: head,
+        let since = match RoomHistory::check(epoch, head, since, self.history_ready()) {
+            Ok(since) => since,
+            Err(answer) => return Ok(answer),
         };
-        let Some(since) = since else {
-            return Ok(unrecovered(Unrecovered::Fresh));
-        };
-        if since.epoch != epoch {
-            return Ok(unrecovered(Unrecovered::EpochChanged));
-        }
-        if !self.history_ready() {
-            return Ok(unrecovered(Unrecovered::Disabled));
-        }
         match self.read_history(&stream, room, since, max_bytes).await {
             Ok(Ok((messages, offset))) => Ok(RoomHistory {
                 epoch,
@@ -500,7 +489,7 @@ impl Bus for NatsBus {
                 gap: None,
                 offset,
             }),
-            Ok(Err(gap)) => Ok(unrecovered(gap)),
+            Ok(Err(gap)) => Ok(RoomHistory::unrecovered(epoch, head, gap)),
             Err(error) => Err(BusError::Unavailable(error.to_string())),
         }
     }
