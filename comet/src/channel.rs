@@ -52,6 +52,10 @@ pub enum CloseReason {
     Drain,
     /// The client sent more frames than `comet.limits` allows.
     FrameRate,
+    /// A connection with positions missed room messages this comet could
+    /// not get back (its calls from job failed and history no longer has
+    /// them): it reconnects, resumes, and is told it was not recovered.
+    Resync,
 }
 
 impl CloseReason {
@@ -65,6 +69,7 @@ impl CloseReason {
             CloseReason::IoError => "io_error",
             CloseReason::Drain => "drain",
             CloseReason::FrameRate => "frame_rate",
+            CloseReason::Resync => "resync",
         }
     }
 

@@ -45,8 +45,8 @@ use pushcluster_api::pb::comet::{
     BroadcastReply, BroadcastReq, BroadcastRoomReply, BroadcastRoomReq, PushMsgReply, PushMsgReq,
     RoomsReply,
 };
-use pushcluster_api::pb::logic::OnlineReq;
-use pushcluster_api::protocol::{EncodedPush, Frame};
+use pushcluster_api::pb::logic::{HistoryMessage, HistoryReq, OnlineReq, StreamPosition};
+use pushcluster_api::protocol::{EncodedPush, Frame, RawBatch};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -315,6 +315,67 @@ impl Comet {
         }
         self.record("room", fanout);
         Ok(fanout)
+    }
+
+    /// A room push whose previous message (`prev_seq`) is newer than the
+    /// last one this comet has for the room: the ones between never came
+    /// (job's calls here failed meanwhile). They are read from logic's
+    /// History and pushed first, so every member — resumed clients
+    /// included — stays complete and in order. When history no longer has
+    /// them, members with positions are closed to resync: they reconnect,
+    /// resume and are told `recovered: false`.
+    async fn fill_gap(&self, room_id: &str, mark: &StreamMark, prev_seq: u64) {
+        let Some(room) = self.rooms.get(room_id) else {
+            return;
+        };
+        let Some(last) = room.missing_before(mark.epoch, prev_seq) else {
+            return;
+        };
+        let request = HistoryReq {
+            room: room_id.to_string(),
+            since: Some(StreamPosition {
+                epoch: mark.epoch,
+                offset: last,
+            }),
+        };
+        let reply = self.logic().history(request).await;
+        let missed: Vec<HistoryMessage> = match reply {
+            Ok(reply) if reply.recovered && reply.epoch == mark.epoch => reply
+                .messages
+                .into_iter()
+                .filter(|m| m.offset <= prev_seq)
+                .collect(),
+            other => {
+                let closed = room.close_positioned(CloseReason::Resync);
+                self.metrics.gaps.with_label_values(&["unfilled"]).inc();
+                tracing::warn!(
+                    room = room_id,
+                    missing_after = last,
+                    up_to = prev_seq,
+                    closed,
+                    reason = ?other.map(|r| r.reason),
+                    "room messages missed and not in history; members with positions resync"
+                );
+                return;
+            }
+        };
+        self.metrics.gaps.with_label_values(&["filled"]).inc();
+        let mut batch = RawBatch::default();
+        for message in &missed {
+            batch.push(message.op, &message.body);
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let frame = batch.finish();
+        let filled = StreamMark {
+            seqs: missed.iter().map(|m| m.offset).collect(),
+            ..mark.clone()
+        };
+        let published = missed.first().map_or(0, |m| m.publish_unix_micros);
+        let push = EncodedPush::new(&frame).published_at(published);
+        let (fanout, _) = room.push(&push, &frame, Some(&filled)).await;
+        self.record("room", fanout);
     }
 
     /// Broadcast: to every connection watching `op`, paced to `speed`
@@ -594,6 +655,12 @@ impl CometLink for Comet {
             return Err(LinkError::InvalidArgument(
                 "seqs must have one entry per frame".into(),
             ));
+        }
+        if let Some(mark) = &mark
+            && req.prev_seq > 0
+        {
+            self.admit("room", Some(mark), |_| 0)?;
+            self.fill_gap(&req.room_id, mark, req.prev_seq).await;
         }
         self.push_room(&req.room_id, &frame, mark.as_ref(), req.publish_unix_micros)
             .await?;

@@ -22,6 +22,7 @@ pub struct CometMetrics {
     pub duplicates: IntCounterVec,
     pub stale_owners: IntCounter,
     pub replayed: IntCounter,
+    pub gaps: IntCounterVec,
     pub sent_bytes: IntCounterVec,
     pub write_batch_frames: Histogram,
     pub delivery_latency: Histogram,
@@ -102,6 +103,11 @@ impl CometMetrics {
                 "Redelivered messages this comet had already delivered, left out, by kind (keys, room, broadcast).",
                 &["kind"],
             )?,
+            gaps: counter(
+                "pushcluster_comet_room_gaps_total",
+                "Room pushes that showed this comet had missed earlier messages of the room, by outcome: filled (from history, before the push) or unfilled (members with positions closed to resync).",
+                &["outcome"],
+            )?,
             replayed: IntCounter::new(
                 "pushcluster_comet_replayed_messages_total",
                 "History messages written to resuming connections (positions opted in).",
@@ -163,6 +169,7 @@ impl CometMetrics {
         registry.register(Box::new(metrics.duplicates.clone()))?;
         registry.register(Box::new(metrics.stale_owners.clone()))?;
         registry.register(Box::new(metrics.replayed.clone()))?;
+        registry.register(Box::new(metrics.gaps.clone()))?;
         registry.register(Box::new(metrics.sent_bytes.clone()))?;
         registry.register(Box::new(metrics.write_batch_frames.clone()))?;
         registry.register(Box::new(metrics.delivery_latency.clone()))?;
@@ -191,6 +198,7 @@ impl CometMetrics {
                 "io_error",
                 "drain",
                 "frame_rate",
+                "resync",
             ] {
                 self.disconnects.with_label_values(&[transport, reason]);
             }

@@ -101,6 +101,28 @@ impl Room {
         }
     }
 
+    /// When a push says the room's previous message was `prev_seq` and
+    /// this comet's last one is older: the offset it has (what is missing
+    /// comes after it).
+    pub fn missing_before(&self, epoch: u64, prev_seq: u64) -> Option<u64> {
+        let members = self.members.lock().ok()?;
+        members
+            .high_water
+            .last_in(epoch)
+            .filter(|last| *last < prev_seq)
+    }
+
+    /// Closes every member with positions (their view has a hole).
+    pub fn close_positioned(&self, reason: crate::channel::CloseReason) -> usize {
+        let Ok(members) = self.members.lock() else {
+            return 0;
+        };
+        for channel in members.positioned.values() {
+            channel.close(reason);
+        }
+        members.positioned.len()
+    }
+
     pub fn local_online(&self) -> i32 {
         self.online.load(Ordering::Relaxed)
     }

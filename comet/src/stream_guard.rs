@@ -54,6 +54,12 @@ pub struct HighWater {
 }
 
 impl HighWater {
+    /// The last sequence delivered, within `epoch` (None: another epoch or
+    /// nothing yet).
+    pub fn last_in(&self, epoch: u64) -> Option<u64> {
+        (self.epoch == epoch && self.seq > 0).then_some(self.seq)
+    }
+
     /// How many of `mark`'s leading messages were already delivered; records
     /// the rest as delivered. A new epoch (a new stream) starts over.
     pub fn admit(&mut self, mark: &StreamMark) -> usize {

@@ -14,10 +14,11 @@ use futures_util::{SinkExt, StreamExt};
 use pushcluster_api::config::CometConfig;
 use pushcluster_api::health::Readiness;
 use pushcluster_api::link::{CometLink, LinkError, LogicLink};
-use pushcluster_api::pb::comet::BroadcastReq;
+use pushcluster_api::pb::comet::{BroadcastReq, BroadcastRoomReq};
 use pushcluster_api::pb::logic::{
     ConnectReply, ConnectReq, DisconnectReply, DisconnectReq, HeartbeatReply, HeartbeatReq,
     HistoryMessage, HistoryReply, HistoryReq, OnlineReply, OnlineReq, ReceiveReply, ReceiveReq,
+    StreamPosition,
 };
 use pushcluster_api::protocol::{
     Frame, RawBatch, decode_positioned_stream, decode_server_stream, op,
@@ -288,6 +289,121 @@ impl Tcp {
         .await
         .expect("a frame in time")
     }
+}
+
+/// A room push whose previous message this comet never got (job's calls
+/// here failed meanwhile): the missing ones come from History first, to
+/// every member; when History no longer has them, members with positions
+/// are closed to resync.
+#[tokio::test]
+async fn a_comet_that_missed_room_messages_fills_the_gap_from_history() {
+    let logic = Arc::new(FakeLogic::default());
+    let (history, replies) = tokio::sync::mpsc::channel(4);
+    *logic.history_replies.lock().expect("lock") = Some(replies);
+    let harness = start_with(config(|_| {}), logic.clone()).await;
+    // The join of the client with positions: fresh, at offset 0.
+    history
+        .send(HistoryReply {
+            epoch: 5,
+            reason: "fresh".into(),
+            ..HistoryReply::default()
+        })
+        .await
+        .expect("reply");
+    let mut positioned = Tcp::connect(harness.tcp).await;
+    positioned
+        .send(&frame(op::AUTH, 1, "1 p live://g positions"))
+        .await;
+    assert_eq!(positioned.recv_positioned().await.0, op::AUTH_REPLY);
+    assert_eq!(positioned.recv_positioned().await.0, op::RESUME_REPLY);
+    let mut plain = Tcp::auth(harness.tcp, "2 q live://g").await;
+    let push = |bodies: &[u64], prev_seq: u64| {
+        let mut batch = RawBatch::default();
+        for seq in bodies {
+            batch.push(1000, seq.to_string().as_bytes());
+        }
+        BroadcastRoomReq {
+            room_id: "live://g".into(),
+            proto: Some(batch.finish().into()),
+            stream_epoch: 5,
+            partition: 0,
+            owner_generation: 1,
+            seqs: bodies.to_vec(),
+            publish_unix_micros: 0,
+            prev_seq,
+        }
+    };
+    harness
+        .comet
+        .broadcast_room(push(&[1, 2], 0))
+        .await
+        .expect("push");
+    // 3 and 4 never reached this comet; 5 says its previous was 4.
+    let message = |offset: u64| HistoryMessage {
+        offset,
+        op: 1000,
+        body: offset.to_string().into(),
+        publish_unix_micros: 0,
+    };
+    history
+        .send(HistoryReply {
+            epoch: 5,
+            messages: vec![message(3), message(4), message(5)],
+            recovered: true,
+            offset: 5,
+            reason: String::new(),
+        })
+        .await
+        .expect("reply");
+    harness
+        .comet
+        .broadcast_room(push(&[5], 4))
+        .await
+        .expect("push");
+    for offset in 1..=5 {
+        assert_eq!(
+            positioned.recv_positioned().await,
+            (1000, offset.to_string(), Some(offset))
+        );
+        assert_eq!(
+            plain.recv().await.map(|f| f.body),
+            Some(Bytes::from(offset.to_string()))
+        );
+    }
+    assert_eq!(
+        logic.history_calls.lock().expect("lock")[1].since,
+        Some(StreamPosition {
+            epoch: 5,
+            offset: 2
+        })
+    );
+
+    // 6 and 7 missed, and history no longer has them.
+    history
+        .send(HistoryReply {
+            epoch: 5,
+            recovered: false,
+            offset: 8,
+            reason: "expired".into(),
+            ..HistoryReply::default()
+        })
+        .await
+        .expect("reply");
+    harness
+        .comet
+        .broadcast_room(push(&[8], 7))
+        .await
+        .expect("push");
+    assert!(
+        positioned
+            .recv()
+            .await
+            .is_none_or(|f| f.op != 1000 || f.body != "8"),
+        "the client with positions is closed, not handed a hole"
+    );
+    assert_eq!(plain.recv().await.map(|f| f.body), Some(Bytes::from("8")));
+    assert_eq!(harness.metric("disconnects", &["tcp", "resync"]), 1);
+    harness.stop().await;
 }
 
 /// Room messages pushed while a resuming client's history is read reach it

@@ -409,9 +409,11 @@ impl Shared {
         }
     }
 
-    async fn process(&self, key: &LaneKey, batch: Vec<Delivery>) {
+    /// `previous`: the stream position of the lane's last message before
+    /// this batch (rooms tell comets, so a comet sees what it missed).
+    async fn process(&self, key: &LaneKey, batch: Vec<Delivery>, previous: Option<(u64, u64)>) {
         match key {
-            LaneKey::Room(room) => self.deliver_room(room, batch).await,
+            LaneKey::Room(room) => self.deliver_room(room, batch, previous).await,
             LaneKey::Push(server) => {
                 for delivery in batch {
                     self.deliver_push(server, delivery).await;
@@ -426,7 +428,7 @@ impl Shared {
     }
 
     /// One op-9 batch of every queued room message to every comet.
-    async fn deliver_room(&self, room: &str, batch: Vec<Delivery>) {
+    async fn deliver_room(&self, room: &str, batch: Vec<Delivery>, previous: Option<(u64, u64)>) {
         let comets = self.all_comets();
         if comets.is_empty() {
             return self.drop_all("room", "no_comets", batch).await;
@@ -445,8 +447,11 @@ impl Shared {
             stream_epoch: stream.epoch,
             partition: stream.partition,
             owner_generation: stream.generation,
-            seqs: stream.seqs,
             publish_unix_micros: stream.publish_unix_micros,
+            prev_seq: previous
+                .filter(|(epoch, _)| *epoch == stream.epoch)
+                .map_or(0, |(_, seq)| seq),
+            seqs: stream.seqs,
         };
         let calls = comets.iter().map(|(id, _)| {
             let request = request.clone();
@@ -626,6 +631,8 @@ impl Lanes {
         shared.metrics.lanes.inc();
         let max_batch = key.max_batch(&shared.config);
         let linger = shared.config.room.linger;
+        // The last stream position this lane handed on.
+        let mut previous: Option<(u64, u64)> = None;
         loop {
             let first = match timeout(shared.config.room.idle, rx.recv()).await {
                 Ok(Some(delivery)) => delivery,
@@ -652,7 +659,9 @@ impl Lanes {
                     }
                 }
             }
-            shared.process(&key, batch).await;
+            let last = batch.last().map(|d| (d.position.epoch, d.position.seq));
+            shared.process(&key, batch, previous).await;
+            previous = last.or(previous);
         }
         shared.metrics.lanes.dec();
     }

@@ -32,6 +32,8 @@ enum Call {
     Room {
         room: String,
         frames: Vec<Frame>,
+        seqs: Vec<u64>,
+        prev_seq: u64,
     },
     Broadcast {
         op: i32,
@@ -94,7 +96,9 @@ impl RecordingComet {
         self.calls()
             .into_iter()
             .filter_map(|call| match call {
-                Call::Room { room: r, frames } if r == room => Some(
+                Call::Room {
+                    room: r, frames, ..
+                } if r == room => Some(
                     frames
                         .iter()
                         .map(|f| String::from_utf8_lossy(&f.body).into_owned())
@@ -147,6 +151,8 @@ impl CometLink for RecordingComet {
         self.record(Call::Room {
             room: req.room_id,
             frames: inner_frames(req.proto),
+            seqs: req.seqs,
+            prev_seq: req.prev_seq,
         });
         Ok(BroadcastRoomReply {})
     }
@@ -288,6 +294,15 @@ async fn room_messages_queued_behind_a_slow_call_are_batched_in_order() {
     let flat: Vec<String> = batches.iter().flatten().cloned().collect();
     let expected: Vec<String> = (0..46).map(|i| i.to_string()).collect();
     assert_eq!(flat, expected, "publish order kept");
+    // Each batch names the room's message before it, so a comet that
+    // missed a batch can tell.
+    let mut previous = 0;
+    for call in comet.calls() {
+        if let Call::Room { seqs, prev_seq, .. } = call {
+            assert_eq!(prev_seq, previous);
+            previous = *seqs.last().expect("a batch has messages");
+        }
+    }
     assert!(batches.iter().all(|b| b.len() <= 20), "{batches:?}");
     assert!(
         batches.len() >= 3,
