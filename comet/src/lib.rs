@@ -338,9 +338,9 @@ impl Comet {
                 offset: last,
             }),
         };
-        let reply = self.logic().history(request).await;
+        let reply = resume::history(self, request).await;
         let missed: Vec<HistoryMessage> = match reply {
-            Ok(reply) if reply.recovered && reply.epoch == mark.epoch => reply
+            reply if reply.recovered && reply.epoch == mark.epoch => reply
                 .messages
                 .into_iter()
                 .filter(|m| m.offset <= prev_seq)
@@ -353,7 +353,7 @@ impl Comet {
                     missing_after = last,
                     up_to = prev_seq,
                     closed,
-                    reason = ?other.map(|r| r.reason),
+                    reason = %other.reason,
                     "room messages missed and not in history; members with positions resync"
                 );
                 return;

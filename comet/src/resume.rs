@@ -15,13 +15,17 @@
 //! twice (live copies at or below the offset are dropped).
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use pushcluster_api::backoff::Backoff;
 use pushcluster_api::link::LinkError;
 use pushcluster_api::pb::logic::{HistoryMessage, HistoryReply, HistoryReq, StreamPosition};
 use pushcluster_api::protocol::{
     EncodedPush, Frame, inner_frames, op, positioned_header_len, put_positioned_frame, skip_frames,
 };
+
+use tokio::time::Instant;
 
 use crate::Comet;
 use crate::channel::{Channel, Queued};
@@ -236,10 +240,7 @@ pub async fn resume(
         room: room.to_string(),
         since,
     };
-    let reply = match comet.logic().history(request).await {
-        Ok(reply) => reply,
-        Err(error) => unavailable(&error, since),
-    };
+    let reply = history(comet, request).await;
     comet.metrics.replayed.inc_by(reply.messages.len() as u64);
     for chunk in reply.messages.chunks(REPLAY_BATCH) {
         let Some(batch) = replay_batch(room, reply.epoch, chunk) else {
@@ -260,6 +261,32 @@ pub async fn resume(
     let frame = Frame::server(op::RESUME_REPLY, Bytes::from(status.to_string()));
     channel.push(&EncodedPush::new(&frame));
     state.release(channel, reply.epoch, reply.offset);
+}
+
+/// How long a join keeps asking when history is unavailable (a logic pod
+/// rolling away, NATS failing over) before it tells the client so.
+const HISTORY_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Logic's History, asked again with backoff (another logic, often) while
+/// the answer is "unavailable", for up to [`HISTORY_PATIENCE`].
+pub async fn history(comet: &Comet, request: HistoryReq) -> HistoryReply {
+    let deadline = Instant::now() + HISTORY_PATIENCE;
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+    loop {
+        let answer = comet.logic().history(request.clone()).await;
+        let retry = match &answer {
+            Ok(reply) => !reply.recovered && reply.reason == "unavailable",
+            Err(error) => error.is_retryable(),
+        };
+        let delay = backoff.next_delay();
+        if !retry || Instant::now() + delay > deadline {
+            return match answer {
+                Ok(reply) => reply,
+                Err(error) => unavailable(&error, request.since),
+            };
+        }
+        tokio::time::sleep(delay).await;
+    }
 }
 
 fn replay_batch(room: &str, epoch: u64, messages: &[HistoryMessage]) -> Option<PositionedBatch> {
