@@ -13,6 +13,7 @@ pub mod auth;
 pub mod backpressure;
 pub mod balancer;
 pub mod grpc;
+pub mod history;
 pub mod http;
 pub mod metrics;
 
@@ -39,6 +40,7 @@ use crate::api_tokens::ApiTokens;
 use crate::auth::{AuthSetupError, Authenticator, ResumeFields};
 use crate::backpressure::Backpressure;
 use crate::balancer::{LoadBalancer, NodeInfo};
+use crate::history::HistoryReads;
 use crate::metrics::LogicMetrics;
 
 /// How long an aggregate of the comets' reports is reused. Comets report
@@ -109,8 +111,7 @@ pub struct Logic {
     api_tokens: ApiTokens,
     backpressure: Arc<Backpressure>,
     replay: ReplayConfig,
-    /// History reads at once (`history.replay.concurrency`).
-    replay_slots: tokio::sync::Semaphore,
+    history_reads: HistoryReads,
 }
 
 impl Logic {
@@ -134,13 +135,13 @@ impl Logic {
             auth,
             api_tokens,
             replay: ReplayConfig::default(),
-            replay_slots: tokio::sync::Semaphore::new(ReplayConfig::default().concurrency),
+            history_reads: HistoryReads::new(ReplayConfig::default().concurrency),
         })
     }
 
     /// Bounds on resumes (`history.replay`).
     pub fn with_replay(mut self, replay: ReplayConfig) -> Self {
-        self.replay_slots = tokio::sync::Semaphore::new(replay.concurrency);
+        self.history_reads = HistoryReads::new(replay.concurrency);
         self.replay = replay;
         self
     }
@@ -721,14 +722,14 @@ impl LogicLink for Logic {
             offset: since.offset,
         });
         let read = tokio::time::timeout(self.replay.timeout, async {
-            let _slot = self
-                .replay_slots
-                .acquire()
-                .await
-                .map_err(|_| BusError::Closed)?;
-            self.bus
-                .room_history(&req.room, since, self.replay.max_bytes)
-                .await
+            let (read, shared) = self
+                .history_reads
+                .read(&*self.bus, &req.room, since, self.replay.max_bytes)
+                .await;
+            if shared {
+                self.metrics.history_reads_shared.inc();
+            }
+            read
         })
         .await;
         self.metrics
@@ -770,11 +771,11 @@ impl LogicLink for Logic {
                 .into(),
             messages: history
                 .messages
-                .into_iter()
+                .iter()
                 .map(|entry| HistoryMessage {
                     offset: entry.offset,
                     op: entry.msg.operation,
-                    body: entry.msg.msg,
+                    body: entry.msg.msg.clone(),
                     publish_unix_micros: entry
                         .published_at
                         .duration_since(SystemTime::UNIX_EPOCH)

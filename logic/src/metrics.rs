@@ -22,6 +22,7 @@ pub struct LogicMetrics {
     pub resumes: IntCounterVec,
     pub replayed: IntCounter,
     pub history_reads: prometheus::Histogram,
+    pub history_reads_shared: IntCounter,
 }
 
 impl LogicMetrics {
@@ -116,6 +117,10 @@ impl LogicMetrics {
                 "pushcluster_logic_replayed_messages_total",
                 "History messages handed to comets for resuming clients.",
             )?,
+            history_reads_shared: IntCounter::new(
+                "pushcluster_logic_history_reads_shared_total",
+                "History calls answered by an identical read that was waiting for its slot (a reconnect storm from one room and position).",
+            )?,
             history_reads: prometheus::Histogram::with_opts(
                 HistogramOpts::new(
                     "pushcluster_logic_history_read_seconds",
@@ -142,6 +147,7 @@ impl LogicMetrics {
         registry.register(Box::new(metrics.resumes.clone()))?;
         registry.register(Box::new(metrics.replayed.clone()))?;
         registry.register(Box::new(metrics.history_reads.clone()))?;
+        registry.register(Box::new(metrics.history_reads_shared.clone()))?;
         Ok(metrics)
     }
 
