@@ -261,6 +261,9 @@ pub async fn resume(
     let frame = Frame::server(op::RESUME_REPLY, Bytes::from(status.to_string()));
     channel.push(&EncodedPush::new(&frame));
     state.release(channel, reply.epoch, reply.offset);
+    if let Some(room) = comet.rooms.get(room) {
+        room.joined_at(reply.epoch, reply.offset);
+    }
 }
 
 /// How long a join keeps asking when history is unavailable (a logic pod

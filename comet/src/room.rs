@@ -48,6 +48,9 @@ struct Members {
     positioned: HashMap<u64, Arc<Channel>>,
     /// Last stream sequence pushed to this room (duplicate detection).
     high_water: HighWater,
+    /// Before the room's first push: the lowest position a member with
+    /// positions joined at, what a gap is measured from until then.
+    joined_at: Option<(u64, u64)>,
 }
 
 pub struct Room {
@@ -109,7 +112,30 @@ impl Room {
         members
             .high_water
             .last_in(epoch)
+            .or_else(|| {
+                members
+                    .joined_at
+                    .filter(|(at, _)| *at == epoch)
+                    .map(|(_, offset)| offset)
+            })
             .filter(|last| *last < prev_seq)
+    }
+
+    /// A member with positions joined at `offset` of `epoch` (its replay
+    /// written). Before any push reached the room here, a push naming an
+    /// older previous message than that is a gap too (a comet that job
+    /// does not know yet).
+    pub fn joined_at(&self, epoch: u64, offset: u64) {
+        let Ok(mut members) = self.members.lock() else {
+            return;
+        };
+        if epoch == 0 || members.high_water.last_in(epoch).is_some() {
+            return;
+        }
+        members.joined_at = Some(match members.joined_at {
+            Some((at, lowest)) if at == epoch => (at, lowest.min(offset)),
+            _ => (epoch, offset),
+        });
     }
 
     /// Closes every member with positions (their view has a hole).

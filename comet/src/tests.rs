@@ -403,6 +403,45 @@ async fn a_comet_that_missed_room_messages_fills_the_gap_from_history() {
     );
     assert_eq!(plain.recv().await.map(|f| f.body), Some(Bytes::from("8")));
     assert_eq!(harness.metric("disconnects", &["tcp", "resync"]), 1);
+
+    // A room that got no push here yet: a client with positions joined at
+    // 10, and the first push says its previous was 12 (job learned of this
+    // comet late). 11 and 12 come from history first.
+    history
+        .send(HistoryReply {
+            epoch: 5,
+            offset: 10,
+            reason: "fresh".into(),
+            ..HistoryReply::default()
+        })
+        .await
+        .expect("reply");
+    let mut late = Tcp::connect(harness.tcp).await;
+    late.send(&frame(op::AUTH, 1, "3 r live://n positions"))
+        .await;
+    assert_eq!(late.recv_positioned().await.0, op::AUTH_REPLY);
+    assert_eq!(late.recv_positioned().await.0, op::RESUME_REPLY);
+    history
+        .send(HistoryReply {
+            epoch: 5,
+            messages: vec![message(11), message(12)],
+            recovered: true,
+            offset: 12,
+            reason: String::new(),
+        })
+        .await
+        .expect("reply");
+    let first = BroadcastRoomReq {
+        room_id: "live://n".into(),
+        ..push(&[13], 12)
+    };
+    harness.comet.broadcast_room(first).await.expect("push");
+    for offset in 11..=13 {
+        assert_eq!(
+            late.recv_positioned().await,
+            (1000, offset.to_string(), Some(offset))
+        );
+    }
     harness.stop().await;
 }
 

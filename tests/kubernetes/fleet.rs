@@ -1173,6 +1173,10 @@ async fn autoscaling(fleet: &Fleet, pushclusters: &Api<PushCluster>) {
     })
     .await;
     let new_ip = pod_ip(&new_pod).to_string();
+    // Jobs deliver room pushes to the comets their EndpointSlice watch
+    // knows; one published before they see the new comet never reaches it
+    // (goim's behaviour for a client on a comet job does not know yet).
+    fleet.jobs_see(3, 2).await;
 
     // New connections go where /goim/nodes/weighted sends them: the new
     // comet, which has none.
