@@ -291,6 +291,16 @@ impl Tcp {
     }
 }
 
+/// A room message of history whose body is its offset, op 1000.
+fn history_message(offset: u64) -> HistoryMessage {
+    HistoryMessage {
+        offset,
+        op: 1000,
+        body: offset.to_string().into(),
+        publish_unix_micros: 0,
+    }
+}
+
 /// A room push whose previous message this comet never got (job's calls
 /// here failed meanwhile): the missing ones come from History first, to
 /// every member; when History no longer has them, members with positions
@@ -339,16 +349,10 @@ async fn a_comet_that_missed_room_messages_fills_the_gap_from_history() {
         .await
         .expect("push");
     // 3 and 4 never reached this comet; 5 says its previous was 4.
-    let message = |offset: u64| HistoryMessage {
-        offset,
-        op: 1000,
-        body: offset.to_string().into(),
-        publish_unix_micros: 0,
-    };
     history
         .send(HistoryReply {
             epoch: 5,
-            messages: vec![message(3), message(4), message(5)],
+            messages: vec![history_message(3), history_message(4), history_message(5)],
             recovered: true,
             offset: 5,
             reason: String::new(),
@@ -424,7 +428,7 @@ async fn a_comet_that_missed_room_messages_fills_the_gap_from_history() {
     history
         .send(HistoryReply {
             epoch: 5,
-            messages: vec![message(11), message(12)],
+            messages: vec![history_message(11), history_message(12)],
             recovered: true,
             offset: 12,
             reason: String::new(),
@@ -480,16 +484,10 @@ async fn live_room_messages_during_a_resume_follow_the_replay_once() {
         .push_room("live://s", &live, Some(&mark), 0)
         .await
         .expect("push");
-    let message = |offset: u64| HistoryMessage {
-        offset,
-        op: 1000,
-        body: offset.to_string().into(),
-        publish_unix_micros: 0,
-    };
     history
         .send(HistoryReply {
             epoch: 5,
-            messages: vec![message(9), message(10), message(11)],
+            messages: vec![history_message(9), history_message(10), history_message(11)],
             recovered: true,
             offset: 11,
             reason: String::new(),
