@@ -19,6 +19,7 @@ use pushcluster_api::protocol::{EncodedPush, Frame, op, skip_frames};
 
 use crate::channel::{Channel, Queued};
 use crate::resume::PositionedBatch;
+use crate::stream_guard::{HighWater, StreamMark};
 
 /// Members queued to before a room push lets the tasks it woke run.
 pub(crate) const FANOUT_CHUNK: usize = 64;
@@ -38,7 +39,6 @@ async fn yield_to_woken() {
     })
     .await
 }
-use crate::stream_guard::{HighWater, StreamMark};
 
 #[derive(Default)]
 struct Members {
