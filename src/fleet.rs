@@ -150,7 +150,7 @@ pub async fn run_logic(config: Config) -> anyhow::Result<()> {
             Arc::new(bus.clone()),
             LogicMetrics::new(&registry)?,
         )?
-        .with_replay(config.history.replay),
+        .with_history(&config.history),
     );
     tokio::spawn(logic.clone().watch_backpressure(stop_background.clone()));
     let grpc_tls = GrpcTls::from_config(config.grpc_tls.as_ref())?.map(|tls| tls.server());
@@ -220,16 +220,26 @@ pub async fn run_job(config: Config) -> anyhow::Result<()> {
             "discovery.comets lists no comet: pushes will be counted as dropped (no_comets)"
         );
     }
-    let job = Arc::new(Job::new(
-        config.job.clone(),
-        Arc::new(GrpcConnector::new(
-            config.job.delivery.timeout,
-            GrpcTls::from_config(config.grpc_tls.as_ref())?
-                .as_ref()
-                .map(GrpcTls::client),
-        )),
-        JobMetrics::new(&registry)?,
-    ));
+    // Direct pushes find their user's connections when delivered.
+    let sessions = NatsRegistry::new(
+        nats,
+        config.logic.session_expire,
+        config.logic.online_expire,
+        stop_background.clone(),
+    );
+    let job = Arc::new(
+        Job::new(
+            config.job.clone(),
+            Arc::new(GrpcConnector::new(
+                config.job.delivery.timeout,
+                GrpcTls::from_config(config.grpc_tls.as_ref())?
+                    .as_ref()
+                    .map(GrpcTls::client),
+            )),
+            JobMetrics::new(&registry)?,
+        )
+        .with_registry(Arc::new(sessions)),
+    );
     let admin = bind("admin.bind", &config.admin.bind_for(Role::Job)).await?;
     log_listening("admin", admin.local_addr()?);
     tracing::info!(member = %member, version = env!("CARGO_PKG_VERSION"), "pushcluster job started");

@@ -34,15 +34,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         },
         BusMetrics::new(&registry)?,
     );
-    let sessions = MemoryRegistry::new(config.logic.session_expire, config.logic.online_expire);
+    let sessions = Arc::new(MemoryRegistry::new(
+        config.logic.session_expire,
+        config.logic.online_expire,
+    ));
     let logic = Arc::new(
         Logic::new(
             config.logic.clone(),
-            Arc::new(sessions),
+            sessions.clone(),
             Arc::new(bus.clone()),
             LogicMetrics::new(&registry)?,
         )?
-        .with_replay(config.history.replay),
+        .with_history(&config.history),
     );
 
     let id = comet_id(&config);
@@ -72,11 +75,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Vec::new(),
     ));
     let connector = InProcessConnector::new().with(id.clone(), comet.clone());
-    let job = Arc::new(Job::new(
-        config.job.clone(),
-        Arc::new(connector),
-        JobMetrics::new(&registry)?,
-    ));
+    let job = Arc::new(
+        Job::new(
+            config.job.clone(),
+            Arc::new(connector),
+            JobMetrics::new(&registry)?,
+        )
+        .with_registry(sessions),
+    );
 
     let http = bind("logic.http.bind", &config.logic.http.bind).await?;
     let logic_grpc = bind("logic.grpc.bind", &config.logic.grpc.bind).await?;

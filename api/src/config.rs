@@ -1300,6 +1300,8 @@ pub struct HistoryConfig {
     /// Per room type, by room id prefix (`live://`, `chat://`); the longest
     /// matching prefix wins.
     pub rooms: Vec<RoomHistoryRule>,
+    /// Pushes to mids and keys (`/goim/push/mids`, `/goim/push/keys`).
+    pub direct: DirectHistory,
     /// A fleet never lets a message leave the stream sooner than this,
     /// delivered or not (it is also how long an undelivered message waits
     /// for a job to come back). A room's shorter `max_age` still bounds
@@ -1315,6 +1317,7 @@ impl Default for HistoryConfig {
             enabled: true,
             default: RoomHistory::default(),
             rooms: Vec::new(),
+            direct: DirectHistory::default(),
             min_ttl: Duration::from_secs(15 * 60),
             replay: ReplayConfig::default(),
         }
@@ -1337,6 +1340,31 @@ impl Default for RoomHistory {
     fn default() -> Self {
         RoomHistory {
             max_age: Duration::from_secs(5 * 60),
+            max_messages: 1000,
+        }
+    }
+}
+
+/// `history.direct`: each user's (`@mid:<mid>`) and each key's
+/// (`@key:<key>`) stream of direct pushes. On, a push to a mid or key is
+/// stored whether or not its user is online, and job finds the user's
+/// connections when it delivers (`docs/recovery.md`); off, logic looks
+/// them up when it publishes and pushes to nobody online are dropped, as in
+/// goim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DirectHistory {
+    pub enabled: bool,
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    pub max_messages: usize,
+}
+
+impl Default for DirectHistory {
+    fn default() -> Self {
+        DirectHistory {
+            enabled: true,
+            max_age: Duration::from_secs(15 * 60),
             max_messages: 1000,
         }
     }
@@ -1378,8 +1406,20 @@ impl Default for ReplayConfig {
 }
 
 impl HistoryConfig {
-    /// The history kept for `room`: the longest matching prefix's rule.
+    /// Whether mid and key pushes go through direct streams.
+    pub fn direct_streams(&self) -> bool {
+        self.enabled && self.direct.enabled
+    }
+
+    /// The history kept for `room` (or a direct stream, `@mid:`/`@key:`):
+    /// the longest matching prefix's rule.
     pub fn for_room(&self, room: &str) -> RoomHistory {
+        if crate::streams::is_direct(room) {
+            return RoomHistory {
+                max_age: self.direct.max_age,
+                max_messages: self.direct.max_messages,
+            };
+        }
         self.rooms
             .iter()
             .filter(|rule| room.starts_with(&rule.prefix))
@@ -1406,7 +1446,12 @@ impl HistoryConfig {
             self.rooms
                 .iter()
                 .map(|rule| ("history.rooms[]", rule.max_age, rule.max_messages)),
-        ) {
+        )
+        .chain(std::iter::once((
+            "history.direct",
+            self.direct.max_age,
+            self.direct.max_messages,
+        ))) {
             if max_age < Duration::from_secs(1) {
                 return Err(invalid(key, "max_age must be at least 1s"));
             }

@@ -14,3 +14,4 @@ pub mod link;
 pub mod log_budget;
 pub mod pb;
 pub mod protocol;
+pub mod streams;

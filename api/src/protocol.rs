@@ -231,7 +231,8 @@ fn decode_stream_within(buf: &mut BytesMut, max_frame: usize) -> Result<Option<F
 pub struct FramePosition {
     pub offset: u64,
     pub epoch: u64,
-    /// The room id.
+    /// The room id, or the direct stream's name (`@mid:<mid>`,
+    /// `@key:<key>`).
     pub stream: String,
 }
 

@@ -28,13 +28,33 @@ pub enum BusError {
     Other(String),
 }
 
-/// The key that orders messages: one room, one target comet, or one
-/// broadcast op is consumed in publish order.
+/// The key that orders messages: one room, one direct stream, one target
+/// comet, or one broadcast op is consumed in publish order.
 pub fn ordering_key(msg: &PushMsg) -> String {
+    match history_of(msg) {
+        Some(name) => history_ordering_key(name),
+        None if msg.r#type() == PushType::Push => format!("push.{}", msg.server),
+        None => format!("broadcast.{}", msg.operation),
+    }
+}
+
+/// The history a message is kept in: its room's, or its direct stream's
+/// (`pushcluster_api::streams`); broadcasts and goim's per-comet pushes
+/// have none.
+pub fn history_of(msg: &PushMsg) -> Option<&str> {
     match msg.r#type() {
-        PushType::Push => format!("push.{}", msg.server),
-        PushType::Room => format!("room.{}", msg.room),
-        PushType::Broadcast => format!("broadcast.{}", msg.operation),
+        PushType::Room => Some(&msg.room),
+        PushType::Push if !msg.stream.is_empty() => Some(&msg.stream),
+        _ => None,
+    }
+}
+
+/// The ordering key of the messages kept in history `name`.
+pub fn history_ordering_key(name: &str) -> String {
+    if pushcluster_api::streams::is_direct(name) {
+        format!("direct.{name}")
+    } else {
+        format!("room.{name}")
     }
 }
 
@@ -431,8 +451,11 @@ impl RoomRing {
 
 impl MemoryHistory {
     fn record(&mut self, config: &HistoryConfig, entry: HistoryEntry) {
-        let limits = config.for_room(&entry.msg.room);
-        let ring = self.rooms.entry(entry.msg.room.clone()).or_default();
+        let Some(name) = history_of(&entry.msg) else {
+            return;
+        };
+        let limits = config.for_room(name);
+        let ring = self.rooms.entry(name.to_string()).or_default();
         ring.entries.push_back(entry);
         while ring.entries.len() > limits.max_messages {
             if let Some(oldest) = ring.entries.pop_front() {
@@ -679,7 +702,7 @@ impl Bus for MemoryBus {
             .store(position.seq, std::sync::atomic::Ordering::SeqCst);
         let history = &self.inner.config.history;
         if history.enabled
-            && msg.r#type() == PushType::Room
+            && history_of(&msg).is_some()
             && let Ok(mut rings) = self.inner.history.lock()
         {
             rings.record(
@@ -805,6 +828,13 @@ mod tests {
         let bus = with_history();
         let mut sub = bus.subscribe().await.expect("subscribe");
         conformance::a_room_history_gives_what_a_client_missed(&bus, &mut sub).await;
+    }
+
+    #[tokio::test]
+    async fn a_direct_stream_keeps_what_a_user_was_sent() {
+        let bus = with_history();
+        let mut sub = bus.subscribe().await.expect("subscribe");
+        conformance::a_direct_stream_keeps_what_a_user_was_sent(&bus, &mut sub).await;
     }
 
     #[tokio::test]

@@ -190,6 +190,17 @@ pub(crate) fn room(room: &str, body: &str) -> PushMsg {
     }
 }
 
+/// A push to a direct stream (`@mid:<mid>`, `@key:<key>`).
+pub(crate) fn direct(stream: &str, body: &str) -> PushMsg {
+    PushMsg {
+        r#type: PushType::Push as i32,
+        operation: 1000,
+        stream: stream.into(),
+        msg: body.to_string().into(),
+        ..Default::default()
+    }
+}
+
 pub(crate) async fn next(subscription: &mut Subscription) -> Delivery {
     tokio::time::timeout(WAIT, subscription.next())
         .await
@@ -305,10 +316,13 @@ async fn publish_all(
     subscription: &mut Subscription,
     messages: &[(&str, &str)],
 ) -> HashMap<String, u64> {
-    for (room_id, text) in messages {
-        bus.publish(room(room_id, text), None)
-            .await
-            .expect("publish");
+    for (name, text) in messages {
+        let msg = if pushcluster_api::streams::is_direct(name) {
+            direct(name, text)
+        } else {
+            room(name, text)
+        };
+        bus.publish(msg, None).await.expect("publish");
     }
     let mut offsets = HashMap::new();
     for _ in messages {
@@ -398,6 +412,46 @@ pub async fn a_room_history_gives_what_a_client_missed(
         (Some(Unrecovered::TooLarge), 0)
     );
     assert!(too_large.offset >= offsets["m3"]);
+}
+
+/// A user's direct stream keeps what was pushed to it — whether or not the
+/// user was online — apart from every room and every other user's.
+pub async fn a_direct_stream_keeps_what_a_user_was_sent(
+    bus: &dyn Bus,
+    subscription: &mut Subscription,
+) {
+    let history = |since| bus.room_history("@mid:7", since, 1 << 20);
+    let fresh = history(None).await.expect("history");
+    let start = Since {
+        epoch: fresh.epoch,
+        offset: fresh.offset,
+    };
+    let offsets = publish_all(
+        bus,
+        subscription,
+        &[
+            ("@mid:7", "d1"),
+            ("@mid:8", "other user"),
+            ("live://h", "room"),
+            ("@key:k7", "to a key"),
+            ("@mid:7", "d2"),
+        ],
+    )
+    .await;
+    let missed = history(Some(start)).await.expect("history");
+    assert_eq!(missed.gap, None);
+    assert_eq!(history_bodies(&missed), ["d1", "d2"]);
+    assert_eq!(missed.offset, offsets["d2"]);
+    let key = bus
+        .room_history("@key:k7", Some(start), 1 << 20)
+        .await
+        .expect("history");
+    assert_eq!(history_bodies(&key), ["to a key"]);
+    assert_eq!(
+        bus.partition_of(&direct("@mid:7", "x")),
+        bus.partition_of(&direct("@mid:7", "y")),
+        "one user's pushes share a partition, so they stay in order"
+    );
 }
 
 /// More missed than a room keeps, or older than it keeps: not recovered,

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use pushcluster_api::protocol::EncodedPush;
 use tokio::sync::Notify;
 
-use crate::resume::{PositionedBatch, PositionedState};
+use crate::resume::{PositionedBatch, PositionedState, StreamName};
 use crate::room::Room;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,10 +192,11 @@ impl Channel {
         self.positioned.as_deref()
     }
 
-    /// Queues a positioned room batch (positioned connections only).
-    pub fn push_positioned(&self, batch: &Arc<PositionedBatch>) -> Queued {
+    /// Queues a positioned batch of the room (`None`) or of a direct
+    /// stream (positioned connections only).
+    pub fn push_positioned(&self, stream: StreamName, batch: &Arc<PositionedBatch>) -> Queued {
         match &self.positioned {
-            Some(state) => state.push(self, batch, self.capacity),
+            Some(state) => state.push(self, stream, batch, self.capacity),
             None => self.push(&batch.push),
         }
     }

@@ -256,13 +256,31 @@ async fn open<'a, T: Transport>(
     // Queued before the channel becomes reachable, so it is the first
     // frame the client sees.
     channel.push_bytes(auth.reply(op::AUTH_REPLY, Bytes::new()).encode());
-    let resuming = channel.positioned().filter(|_| !reply.room_id.is_empty());
-    if let Some(state) = resuming {
-        state.hold();
-    }
-    comet.register(&channel, &reply.room_id);
-    if let Some(state) = resuming {
-        resume::resume(comet, &channel, state, &reply.room_id, reply.since).await;
+    if let Some(state) = channel.positioned() {
+        // Everything this connection can be pushed is held from before it
+        // becomes reachable until its history was read.
+        let direct = resume::direct_streams(&channel, reply.direct_streams, &reply.direct_since);
+        let joins_room = !reply.room_id.is_empty();
+        if joins_room {
+            state.hold(None);
+        }
+        for (name, _) in &direct {
+            state.hold(Some(name));
+        }
+        comet.register(&channel, &reply.room_id);
+        let room = async {
+            if joins_room {
+                let target = resume::Resuming::Room(&reply.room_id);
+                resume::resume(comet, &channel, state, target, reply.since).await;
+            }
+        };
+        let streams = direct.iter().map(|(name, since)| {
+            let target = resume::Resuming::Direct(name);
+            resume::resume(comet, &channel, state, target, *since)
+        });
+        futures_util::future::join(room, futures_util::future::join_all(streams)).await;
+    } else {
+        comet.register(&channel, &reply.room_id);
     }
     comet
         .metrics
@@ -617,12 +635,13 @@ impl Session<'_> {
         let moving =
             !join.room.is_empty() && self.channel.room_id().as_deref() != Some(&*join.room);
         if moving {
-            state.hold();
+            state.hold(None);
         }
         self.comet.rooms.change(&self.channel, &join.room);
         self.reply(&frame, op::CHANGE_ROOM_REPLY, frame.body.clone())?;
         if moving {
-            resume::resume(self.comet, &self.channel, state, &join.room, join.since).await;
+            let target = resume::Resuming::Room(&join.room);
+            resume::resume(self.comet, &self.channel, state, target, join.since).await;
         }
         Ok(())
     }

@@ -56,6 +56,7 @@ use crate::bucket::Buckets;
 use crate::channel::{Channel, CloseReason, Queued};
 use crate::limits::Admission;
 use crate::metrics::CometMetrics;
+use crate::resume::PositionedBatch;
 use crate::room::{Fanout, Rooms};
 use crate::stream_guard::{StreamGuard, StreamMark};
 
@@ -266,27 +267,54 @@ impl Comet {
     }
 
     /// PushMsg: to the connections with these keys that watch `op`. Unlike
-    /// goim, a full connection never stops the remaining keys.
+    /// goim, a full connection never stops the remaining keys. `stream`:
+    /// the direct stream the message belongs to (empty for goim's
+    /// per-comet pushes); connections with positions get it positioned.
     pub fn push_keys(
         &self,
         keys: &[String],
         op: i32,
+        stream: &str,
         frame: &Frame,
         mark: Option<&StreamMark>,
         publish_unix_micros: i64,
     ) -> Result<Fanout, LinkError> {
         self.metrics.pushes.with_label_values(&["keys"]).inc();
-        if self.admit("keys", mark, |m| self.guard.admit_key_push(m))? > 0 {
+        let seen = self.admit("keys", mark, |m| {
+            if stream.is_empty() {
+                self.guard.admit_key_push(m)
+            } else {
+                self.guard.admit_stream(stream, m)
+            }
+        })?;
+        if seen > 0 {
             return Ok(Fanout::default());
         }
         let push = EncodedPush::new(frame).published_at(publish_unix_micros);
+        let published_us = u64::try_from(publish_unix_micros).unwrap_or(0);
+        let mut positioned: Option<Option<Arc<PositionedBatch>>> = None;
         let mut fanout = Fanout::default();
         for key in keys {
-            match self.buckets.get(key) {
-                Some(channel) if channel.watches(op) => fanout.record(channel.push(&push)),
-                Some(_) => {}
-                None => self.metrics.keys_not_found.inc(),
+            let Some(channel) = self.buckets.get(key) else {
+                self.metrics.keys_not_found.inc();
+                continue;
+            };
+            if !channel.watches(op) {
+                continue;
             }
+            let batch = match (channel.positioned(), mark) {
+                (Some(_), Some(mark)) if !stream.is_empty() => positioned
+                    .get_or_insert_with(|| {
+                        PositionedBatch::from_push(stream, frame, mark, 0, published_us)
+                            .map(Arc::new)
+                    })
+                    .as_ref(),
+                _ => None,
+            };
+            fanout.record(match batch {
+                Some(batch) => channel.push_positioned(Some(stream), batch),
+                None => channel.push(&push),
+            });
         }
         self.record("keys", fanout);
         Ok(fanout)
@@ -608,6 +636,7 @@ impl CometLink for Comet {
         self.push_keys(
             &req.keys,
             req.proto_op,
+            &req.stream,
             &frame,
             mark.as_ref(),
             req.publish_unix_micros,

@@ -14,6 +14,7 @@
 //! (it is in the history read or arrives live after the join) nor written
 //! twice (live copies at or below the offset are dropped).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ use pushcluster_api::protocol::{
     EncodedPush, Frame, inner_frames, op, positioned_header_len, put_positioned_frame, skip_frames,
 };
 
+use pushcluster_api::streams::{self, DirectStream};
 use tokio::time::Instant;
 
 use crate::Comet;
@@ -118,67 +120,119 @@ impl PositionedBatch {
     }
 }
 
-/// A positioned channel's place in its room's stream.
+/// A positioned channel's place in its room's stream and in its own
+/// direct streams (`@mid:<mid>`, `@key:<key>`).
 #[derive(Default)]
 pub struct PositionedState {
-    inner: Mutex<Floor>,
+    inner: Mutex<Floors>,
+}
+
+#[derive(Default)]
+struct Floors {
+    room: Floor,
+    /// By stream name; at most the connection's two direct streams.
+    direct: Vec<(String, Floor)>,
+}
+
+impl Floors {
+    fn get(&mut self, stream: Option<&str>) -> &mut Floor {
+        let Some(name) = stream else {
+            return &mut self.room;
+        };
+        let at = match self.direct.iter().position(|(known, _)| known == name) {
+            Some(at) => at,
+            None => {
+                self.direct.push((name.to_string(), Floor::default()));
+                self.direct.len() - 1
+            }
+        };
+        &mut self.direct[at].1
+    }
 }
 
 #[derive(Default)]
 struct Floor {
     epoch: u64,
-    /// Room messages at or below this offset were already written.
+    /// Messages at or below this offset were already written.
     offset: u64,
     /// While a join reads history: live batches wait here.
     held: Option<Vec<Arc<PositionedBatch>>>,
 }
 
+impl Floor {
+    /// The part of `batch` not yet written (all of it in another epoch).
+    fn above(&self, batch: &PositionedBatch) -> Option<EncodedPush> {
+        if batch.epoch == self.epoch {
+            batch.above(self.offset)
+        } else {
+            Some(batch.push.clone())
+        }
+    }
+}
+
+/// Which of a connection's streams: its room (`None`) or a direct stream.
+pub type StreamName<'a> = Option<&'a str>;
+
 impl PositionedState {
-    /// Live room batches wait from now until [`release`](Self::release).
-    pub fn hold(&self) {
-        if let Ok(mut floor) = self.inner.lock() {
-            floor.held = Some(Vec::new());
+    /// Live batches of `stream` wait from now until
+    /// [`release`](Self::release).
+    pub fn hold(&self, stream: StreamName) {
+        if let Ok(mut floors) = self.inner.lock() {
+            floors.get(stream).held = Some(Vec::new());
         }
     }
 
-    /// Queues a live batch: held during a join, else written above the floor.
-    pub fn push(&self, channel: &Channel, batch: &Arc<PositionedBatch>, capacity: usize) -> Queued {
-        let Ok(mut floor) = self.inner.lock() else {
+    /// Queues a live batch of `stream`: held during a join, else written
+    /// above the floor. A direct stream's floor follows what is written
+    /// (its messages come from many partitions and comets); a room's
+    /// duplicates are dropped by the room.
+    pub fn push(
+        &self,
+        channel: &Channel,
+        stream: StreamName,
+        batch: &Arc<PositionedBatch>,
+        capacity: usize,
+    ) -> Queued {
+        let Ok(mut floors) = self.inner.lock() else {
             return Queued::Closed;
         };
+        let floor = floors.get(stream);
         if let Some(held) = &mut floor.held {
             if held.len() >= capacity {
-                drop(floor);
+                drop(floors);
                 return channel.overflow();
             }
             held.push(batch.clone());
             return Queued::Yes;
         }
-        let push = if batch.epoch == floor.epoch {
-            batch.above(floor.offset)
-        } else {
-            Some(batch.push.clone())
-        };
+        let push = floor.above(batch);
+        if stream.is_some()
+            && let Some(last) = batch.offsets.last()
+        {
+            floor.epoch = batch.epoch;
+            floor.offset = floor.offset.max(*last);
+        }
         match push {
             Some(push) => channel.push(&push),
             None => Queued::Skipped,
         }
     }
 
-    /// Ends a hold: held batches go out above `offset` of `epoch`, and so
-    /// does every later one.
-    pub fn release(&self, channel: &Channel, epoch: u64, offset: u64) {
-        let Ok(mut floor) = self.inner.lock() else {
+    /// Ends a hold of `stream`: held batches go out above `offset` of
+    /// `epoch`, and so does every later one.
+    pub fn release(&self, channel: &Channel, stream: StreamName, epoch: u64, offset: u64) {
+        let Ok(mut floors) = self.inner.lock() else {
             return;
         };
+        let floor = floors.get(stream);
         floor.epoch = epoch;
         floor.offset = offset;
         for batch in floor.held.take().unwrap_or_default() {
-            let push = if batch.epoch == epoch {
-                batch.above(offset)
-            } else {
-                Some(batch.push.clone())
-            };
+            let push = floor.above(&batch);
+            if stream.is_some() && batch.epoch == floor.epoch {
+                let last = batch.offsets.last().copied().unwrap_or(0);
+                floor.offset = floor.offset.max(last);
+            }
             if let Some(push) = push
                 && let Queued::Overflow { .. } = channel.push(&push)
             {
@@ -226,24 +280,52 @@ impl Join {
     }
 }
 
-/// Reads what the channel missed in `room` (it holds live batches and is
-/// already a member), writes it, then the op-20 reply, then releases the
-/// hold.
+/// What a resume reads: the channel's room, or one of its own direct
+/// streams (`@mid:<mid>`, `@key:<key>`).
+#[derive(Debug, Clone, Copy)]
+pub enum Resuming<'a> {
+    Room(&'a str),
+    Direct(&'a str),
+}
+
+/// Reads what the channel missed in the room or stream (it holds live
+/// batches of it and already receives them), writes it, then the op-20
+/// reply, then releases the hold.
 pub async fn resume(
     comet: &Comet,
     channel: &Channel,
     state: &PositionedState,
-    room: &str,
+    target: Resuming<'_>,
     since: Option<StreamPosition>,
 ) {
-    let request = HistoryReq {
-        room: room.to_string(),
-        since,
+    let (name, stream) = match target {
+        Resuming::Room(room) => (room, None),
+        Resuming::Direct(name) => (name, Some(name)),
     };
-    let reply = history(comet, request).await;
-    comet.metrics.replayed.inc_by(reply.messages.len() as u64);
-    for chunk in reply.messages.chunks(REPLAY_BATCH) {
-        let Some(batch) = replay_batch(room, reply.epoch, chunk) else {
+    let reply = if stream.is_none() && streams::is_direct(name) {
+        // A room named like a direct stream never reads that stream: it
+        // would be another user's messages.
+        HistoryReply {
+            reason: "disabled".into(),
+            ..HistoryReply::default()
+        }
+    } else {
+        let request = HistoryReq {
+            room: name.to_string(),
+            since,
+        };
+        history(comet, request).await
+    };
+    // A direct stream's live pushes reach only connections watching their
+    // op; so does its replay. A room's reach every member.
+    let messages: Vec<&HistoryMessage> = reply
+        .messages
+        .iter()
+        .filter(|m| stream.is_none() || channel.watches(m.op))
+        .collect();
+    comet.metrics.replayed.inc_by(messages.len() as u64);
+    for chunk in messages.chunks(REPLAY_BATCH) {
+        let Some(batch) = replay_batch(name, reply.epoch, chunk) else {
             continue;
         };
         if let Queued::Overflow { .. } = channel.push(&batch.push) {
@@ -251,19 +333,47 @@ pub async fn resume(
         }
     }
     let status = serde_json::json!({
-        "room": room,
+        "room": name,
         "epoch": reply.epoch.to_string(),
         "offset": reply.offset,
         "recovered": reply.recovered,
-        "replayed": reply.messages.len(),
+        "replayed": messages.len(),
         "reason": reply.reason,
     });
     let frame = Frame::server(op::RESUME_REPLY, Bytes::from(status.to_string()));
     channel.push(&EncodedPush::new(&frame));
-    state.release(channel, reply.epoch, reply.offset);
-    if let Some(room) = comet.rooms.get(room) {
+    state.release(channel, stream, reply.epoch, reply.offset);
+    if stream.is_none()
+        && let Some(room) = comet.rooms.get(name)
+    {
         room.joined_at(reply.epoch, reply.offset);
     }
+}
+
+/// The direct streams a connection with positions resumes at connect,
+/// with where it left off in each: its user's (`@mid:<mid>`, always when
+/// it has a mid — fresh, it learns the position to keep), and its key's
+/// (`@key:<key>`, when it named it in `since`: a key is new unless the
+/// client reuses one). None when logic does not use direct streams.
+pub fn direct_streams(
+    channel: &Channel,
+    direct_streams: bool,
+    since: &HashMap<String, StreamPosition>,
+) -> Vec<(String, Option<StreamPosition>)> {
+    if !direct_streams {
+        return Vec::new();
+    }
+    let mut streams = Vec::with_capacity(2);
+    if channel.mid != 0 {
+        let name = DirectStream::Mid(channel.mid).name();
+        let since = since.get(&name).copied();
+        streams.push((name, since));
+    }
+    let name = DirectStream::Key(channel.key.clone()).name();
+    if let Some(since) = since.get(&name) {
+        streams.push((name, Some(*since)));
+    }
+    streams
 }
 
 /// How long a join keeps asking when history is unavailable (a logic pod
@@ -292,7 +402,7 @@ pub async fn history(comet: &Comet, request: HistoryReq) -> HistoryReply {
     }
 }
 
-fn replay_batch(room: &str, epoch: u64, messages: &[HistoryMessage]) -> Option<PositionedBatch> {
+fn replay_batch(room: &str, epoch: u64, messages: &[&HistoryMessage]) -> Option<PositionedBatch> {
     let published_us = messages
         .first()
         .map_or(0, |m| u64::try_from(m.publish_unix_micros).unwrap_or(0));

@@ -200,7 +200,7 @@ impl Room {
             };
             let send = |channel: &Channel, fanout: &mut Fanout, with_positions: bool| {
                 fanout.record(match (&positioned, with_positions) {
-                    (Some(batch), true) => channel.push_positioned(batch),
+                    (Some(batch), true) => channel.push_positioned(None, batch),
                     _ => channel.push(push),
                 })
             };
@@ -228,7 +228,7 @@ impl Room {
         for chunk in members.chunks(FANOUT_CHUNK) {
             for (channel, with_positions) in chunk {
                 fanout.record(match (&positioned, with_positions) {
-                    (Some(batch), true) => channel.push_positioned(batch),
+                    (Some(batch), true) => channel.push_positioned(None, batch),
                     _ => channel.push(push),
                 });
             }

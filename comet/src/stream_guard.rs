@@ -19,6 +19,11 @@ use std::sync::Mutex;
 /// Broadcast ops remembered; past this the table starts over.
 const MAX_BROADCAST_OPS: usize = 4096;
 
+/// Direct streams remembered; past this the table starts over. A stream's
+/// duplicates come within a redelivery or two of the original, and a
+/// connection with positions also drops them by its own floor.
+const MAX_STREAMS: usize = 65_536;
+
 /// Where a request's messages sit in the stream.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StreamMark {
@@ -82,6 +87,7 @@ impl HighWater {
 pub struct StreamGuard {
     owners: Mutex<HashMap<(u64, u32), u64>>,
     key_pushes: Mutex<HighWater>,
+    streams: Mutex<HashMap<String, HighWater>>,
     broadcasts: Mutex<HashMap<i32, HighWater>>,
 }
 
@@ -106,6 +112,22 @@ impl StreamGuard {
             .lock()
             .map(|mut hw| hw.admit(mark))
             .unwrap_or(0)
+    }
+
+    /// Already-delivered leading messages of a push to a direct stream
+    /// (each stream is its own ordering key, in order across partitions'
+    /// owners but not with other streams).
+    pub fn admit_stream(&self, stream: &str, mark: &StreamMark) -> usize {
+        let Ok(mut streams) = self.streams.lock() else {
+            return 0;
+        };
+        if let Some(known) = streams.get_mut(stream) {
+            return known.admit(mark);
+        }
+        if streams.len() >= MAX_STREAMS {
+            streams.clear();
+        }
+        streams.entry(stream.to_string()).or_default().admit(mark)
     }
 
     /// Already-delivered leading messages of a broadcast of `op`.
@@ -141,6 +163,19 @@ mod tests {
         assert_eq!(hw.admit(&mark(1, 1, &[3, 4, 5])), 1, "3 seen, 4 and 5 new");
         assert_eq!(hw.admit(&mark(1, 1, &[6])), 0);
         assert_eq!(hw.admit(&mark(2, 1, &[1])), 0, "a new stream starts over");
+    }
+
+    #[test]
+    fn each_direct_stream_has_its_own_high_water() {
+        let guard = StreamGuard::default();
+        assert_eq!(guard.admit_stream("@mid:1", &mark(1, 1, &[10])), 0);
+        assert_eq!(
+            guard.admit_stream("@mid:2", &mark(1, 1, &[5])),
+            0,
+            "an older sequence of another stream is not a duplicate"
+        );
+        assert_eq!(guard.admit_stream("@mid:1", &mark(1, 1, &[10])), 1);
+        assert_eq!(guard.admit_stream("@mid:1", &mark(1, 1, &[11])), 0);
     }
 
     #[test]

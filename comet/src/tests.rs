@@ -60,20 +60,41 @@ struct FakeLogic {
 impl LogicLink for FakeLogic {
     async fn connect(&self, req: ConnectReq) -> Result<ConnectReply, LinkError> {
         let body = String::from_utf8_lossy(&req.token).into_owned();
-        let parts: Vec<&str> = body.split_whitespace().collect();
-        let (parts, positions) = match parts.as_slice() {
-            [rest @ .., "positions"] => (rest.to_vec(), true),
-            _ => (parts.clone(), false),
-        };
+        let mut parts: Vec<&str> = body.split_whitespace().collect();
+        // Trailing words: `positions`, `direct` (mid and key pushes go
+        // through direct streams), `since=EPOCH/OFFSET` (of the user's).
+        let (mut positions, mut direct_streams) = (false, false);
+        let mut direct_since = std::collections::HashMap::new();
+        while parts.len() > 3 {
+            match parts.pop() {
+                Some("positions") => positions = true,
+                Some("direct") => direct_streams = true,
+                Some(word) => {
+                    let (epoch, offset) = word
+                        .strip_prefix("since=")
+                        .and_then(|at| at.split_once('/'))
+                        .ok_or_else(|| LinkError::InvalidArgument(word.into()))?;
+                    let position = StreamPosition {
+                        epoch: epoch.parse().unwrap_or_default(),
+                        offset: offset.parse().unwrap_or_default(),
+                    };
+                    direct_since.insert(format!("@mid:{}", parts[0]), position);
+                }
+                None => {}
+            }
+        }
         match parts.as_slice() {
             [mid, key, room] => Ok(ConnectReply {
                 positions,
                 since: None,
+                direct_streams,
+                direct_since,
                 mid: mid
                     .parse()
                     .map_err(|_| LinkError::InvalidArgument("mid".into()))?,
                 key: key.to_string(),
-                room_id: room.to_string(),
+                // `-`: no room.
+                room_id: room.trim_matches('-').to_string(),
                 accepts: vec![1000, 1001],
                 heartbeat: match self.heartbeat_ms.load(Ordering::SeqCst) {
                     0 => Duration::from_secs(60),
@@ -527,6 +548,102 @@ async fn live_room_messages_during_a_resume_follow_the_replay_once() {
         client.recv_positioned().await,
         (1000, "13".into(), Some(13))
     );
+    assert!(client.silent_for(Duration::from_millis(200)).await);
+    harness.stop().await;
+}
+
+/// A user's direct pushes while its connection resumes the user's stream
+/// come after the replay and the op-20 reply, once each, positioned in
+/// the stream; a goim client of the same user gets them plain.
+#[tokio::test]
+async fn direct_pushes_during_a_resume_follow_the_replay_once() {
+    let logic = Arc::new(FakeLogic::default());
+    let (history, replies) = tokio::sync::mpsc::channel(1);
+    *logic.history_replies.lock().expect("lock") = Some(replies);
+    let harness = start_with(config(|_| {}), logic.clone()).await;
+    let mut plain = Tcp::auth(harness.tcp, "7 plain - direct").await;
+    let mut client = Tcp::connect(harness.tcp).await;
+    client
+        .send(&frame(op::AUTH, 1, "7 k - positions direct since=5/8"))
+        .await;
+    tokio::time::timeout(WAIT, logic.history_started.notified())
+        .await
+        .expect("history asked for");
+    assert_eq!(
+        logic.history_calls.lock().expect("lock")[0],
+        HistoryReq {
+            room: "@mid:7".into(),
+            since: Some(StreamPosition {
+                epoch: 5,
+                offset: 8
+            }),
+        }
+    );
+    let push = |seq: u64, generation: u64| {
+        let mut batch = RawBatch::default();
+        batch.push(1000, seq.to_string().as_bytes());
+        let mark = StreamMark {
+            epoch: 5,
+            partition: 3,
+            generation,
+            seqs: vec![seq],
+        };
+        let keys = ["k".to_string(), "plain".to_string()];
+        harness
+            .comet
+            .push_keys(&keys, 1000, "@mid:7", &batch.finish(), Some(&mark), 0)
+            .expect("push");
+    };
+    // Live while the history is read: 10 is in the history too.
+    push(10, 1);
+    push(11, 1);
+    history
+        .send(HistoryReply {
+            epoch: 5,
+            messages: vec![history_message(9), history_message(10)],
+            recovered: true,
+            offset: 10,
+            reason: String::new(),
+        })
+        .await
+        .expect("reply");
+    assert_eq!(client.recv_positioned().await.0, op::AUTH_REPLY);
+    for offset in [9, 10] {
+        assert_eq!(
+            client.recv_positioned().await,
+            (1000, offset.to_string(), Some(offset))
+        );
+    }
+    let (op, body, _) = client.recv_positioned().await;
+    assert_eq!(op, op::RESUME_REPLY);
+    assert!(body.contains(r#""room":"@mid:7""#), "{body}");
+    assert!(body.contains(r#""recovered":true"#), "{body}");
+    assert_eq!(
+        client.recv_positioned().await,
+        (1000, "11".into(), Some(11))
+    );
+    // A redelivery by a newer partition owner is dropped; 12 is new.
+    push(11, 2);
+    push(12, 2);
+    let (frame, position) = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(decoded) = decode_positioned_stream(&mut client.buf).expect("valid frame") {
+                return decoded;
+            }
+            let read = client.stream.read_buf(&mut client.buf).await;
+            assert!(matches!(read, Ok(n) if n > 0), "connection open");
+        }
+    })
+    .await
+    .expect("a frame in time");
+    let position = position.expect("positioned");
+    assert_eq!(frame.body, "12");
+    assert_eq!((position.stream.as_str(), position.offset), ("@mid:7", 12));
+    for body in ["10", "11", "12"] {
+        let frame = plain.recv().await.expect("pushed");
+        assert_eq!((frame.op, frame.body), (1000, Bytes::from(body)));
+    }
+    assert!(plain.silent_for(Duration::from_millis(200)).await);
     assert!(client.silent_for(Duration::from_millis(200)).await);
     harness.stop().await;
 }

@@ -7,14 +7,20 @@
 //! keeps publish order while different rooms proceed in parallel. A full
 //! lane makes the consumer wait (back-pressure to the bus), never drops.
 //!
+//! Direct pushes (`history.direct`: a PushMsg naming a user's or key's
+//! stream instead of a comet) get a lane per stream; job looks up the
+//! stream's connections in the registry when it delivers, not logic when
+//! it publishes — so a client that connects meanwhile either gets the
+//! message live or finds it in the history it resumes from.
+//!
 //! Room lanes batch: whatever is queued for the room, up to `job.room.batch`
 //! messages, goes out as one op-9 frame; a lone message goes out at once.
 //! A message is acked only after every target comet accepted it; calls are
 //! retried with backoff for `job.delivery.retry_for`, then the message is
 //! returned to the bus.
 //!
-//! Invariant: job knows the bus and discovery only through the backplane
-//! traits, and comets only through [`CometLink`].
+//! Invariant: job knows the bus, the registry and discovery only through
+//! the backplane traits, and comets only through [`CometLink`].
 #![forbid(unsafe_code)]
 
 pub mod grpc;
@@ -24,7 +30,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::join_all;
@@ -35,8 +41,10 @@ use pushcluster_api::log_budget::LogBudget;
 use pushcluster_api::pb::comet::{BroadcastReq, BroadcastRoomReq, PushMsgReq};
 use pushcluster_api::pb::logic::push_msg::Type as PushType;
 use pushcluster_api::protocol::RawBatch;
+use pushcluster_api::streams::DirectStream;
 use pushcluster_backplane::bus::{Bus, BusError, Delivery};
 use pushcluster_backplane::discovery::{CometEndpoint, Discovery};
+use pushcluster_backplane::registry::Registry;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
@@ -96,6 +104,7 @@ fn kind_label(kind: PushType) -> &'static str {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum LaneKey {
     Push(String),
+    Direct(String),
     Room(String),
     Broadcast,
 }
@@ -103,7 +112,7 @@ enum LaneKey {
 impl LaneKey {
     fn max_batch(&self, config: &JobConfig) -> usize {
         match self {
-            LaneKey::Push(_) => PUSH_BATCH,
+            LaneKey::Push(_) | LaneKey::Direct(_) => PUSH_BATCH,
             LaneKey::Room(_) => config.room.batch,
             LaneKey::Broadcast => 1,
         }
@@ -197,6 +206,8 @@ struct Shared {
     comets: RwLock<BTreeMap<String, Arc<dyn CometLink>>>,
     /// The address each linked comet was linked at.
     addrs: Mutex<HashMap<String, String>>,
+    /// Where direct streams' connections are (sessions).
+    registry: OnceLock<Arc<dyn Registry>>,
     metrics: JobMetrics,
 }
 
@@ -394,7 +405,9 @@ impl Shared {
             .dropped
             .with_label_values(&[kind, reason])
             .inc_by(deliveries.len() as u64);
-        if reason == "unknown_comet" {
+        if reason == "offline" {
+            // Normal: the stream's history keeps it for when the user is back.
+        } else if reason == "unknown_comet" {
             // The key's comet left: its client is gone too.
             tracing::debug!(
                 kind,
@@ -417,6 +430,11 @@ impl Shared {
             LaneKey::Push(server) => {
                 for delivery in batch {
                     self.deliver_push(server, delivery).await;
+                }
+            }
+            LaneKey::Direct(stream) => {
+                for delivery in batch {
+                    self.deliver_direct(stream, delivery).await;
                 }
             }
             LaneKey::Broadcast => {
@@ -464,21 +482,85 @@ impl Shared {
         self.settle("room", batch, &outcomes).await;
     }
 
-    async fn deliver_push(&self, server: &str, delivery: Delivery) {
+    /// A push to a direct stream: to every live connection of the user (or
+    /// key) the registry knows now, each comet its own keys in one call.
+    /// Nobody online: acked — the stream's history keeps it for the user.
+    async fn deliver_direct(&self, stream: &str, delivery: Delivery) {
+        let Some(registry) = self.registry.get() else {
+            return self.drop_all("push", "no_registry", vec![delivery]).await;
+        };
+        let found = match DirectStream::parse(stream) {
+            Some(DirectStream::Mid(mid)) => registry.servers_by_mids(&[mid]).await,
+            Some(DirectStream::Key(key)) => registry.servers_by_keys(&[key]).await,
+            None => return self.drop_all("push", "invalid", vec![delivery]).await,
+        };
+        let found = match found {
+            Ok(found) => found,
+            Err(error) => {
+                // Sessions unreadable: the message waits in the stream.
+                self.metrics
+                    .failures
+                    .with_label_values(&["push", "registry"])
+                    .inc();
+                tracing::warn!(%error, "cannot read sessions; the push goes back to the bus");
+                delivery.nack(self.config.delivery.backoff_max).await;
+                return;
+            }
+        };
+        let mut by_server: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (key, server) in found {
+            by_server.entry(server).or_default().push(key);
+        }
+        by_server.retain(|server, _| self.comet(server).is_some());
+        if by_server.is_empty() {
+            // Offline, or only on comets that left (their clients reconnect).
+            return self.drop_all("push", "offline", vec![delivery]).await;
+        }
+        let calls = by_server.into_iter().map(|(server, mut keys)| {
+            keys.sort();
+            let request = self.push_request(&delivery, keys, stream);
+            async move {
+                self.call_comet(&server, "push", |link| {
+                    let request = request.clone();
+                    async move { link.push_msg(request).await }
+                })
+                .await
+            }
+        });
+        let outcomes: Vec<CallOutcome> = join_all(calls)
+            .await
+            .into_iter()
+            .map(|outcome| match outcome {
+                // A comet that left since: its clients reconnect and resume.
+                CallOutcome::CometGone => CallOutcome::Ok,
+                other => other,
+            })
+            .collect();
+        self.settle("push", vec![delivery], &outcomes).await;
+    }
+
+    /// PushMsgReq for `keys` on one comet (`stream`: the direct stream, or
+    /// empty for goim's per-comet pushes).
+    fn push_request(&self, delivery: &Delivery, keys: Vec<String>, stream: &str) -> PushMsgReq {
         let msg = &delivery.msg;
         let mut frame = RawBatch::with_capacity(msg.msg.len() + 16);
         frame.push(msg.operation, &msg.msg);
-        let stream = StreamFields::of(std::slice::from_ref(&delivery));
-        let request = PushMsgReq {
-            keys: msg.keys.clone(),
+        let fields = StreamFields::of(std::slice::from_ref(delivery));
+        PushMsgReq {
+            keys,
             proto_op: msg.operation,
             proto: Some(frame.finish().into()),
-            stream_epoch: stream.epoch,
-            partition: stream.partition,
-            owner_generation: stream.generation,
-            seqs: stream.seqs,
-            publish_unix_micros: stream.publish_unix_micros,
-        };
+            stream_epoch: fields.epoch,
+            partition: fields.partition,
+            owner_generation: fields.generation,
+            seqs: fields.seqs,
+            publish_unix_micros: fields.publish_unix_micros,
+            stream: stream.to_string(),
+        }
+    }
+
+    async fn deliver_push(&self, server: &str, delivery: Delivery) {
+        let request = self.push_request(&delivery, delivery.msg.keys.clone(), "");
         let outcome = self
             .call_comet(server, "push", |link| {
                 let request = request.clone();
@@ -699,6 +781,7 @@ impl Job {
             comets: RwLock::new(BTreeMap::new()),
             health: Mutex::new(HashMap::new()),
             addrs: Mutex::new(HashMap::new()),
+            registry: OnceLock::new(),
             metrics,
         });
         Job {
@@ -711,6 +794,13 @@ impl Job {
             shared,
             connector,
         }
+    }
+
+    /// Sessions, for direct pushes (`history.direct`); without it they are
+    /// dropped (`no_registry`).
+    pub fn with_registry(self, registry: Arc<dyn Registry>) -> Self {
+        let _ = self.shared.registry.set(registry);
+        self
     }
 
     /// Poisons the lane map's lock, as a panic while holding it would.
@@ -800,6 +890,7 @@ impl Job {
         }
         let msg = &delivery.msg;
         let key = match kind {
+            PushType::Push if !msg.stream.is_empty() => LaneKey::Direct(msg.stream.clone()),
             PushType::Push if !msg.server.is_empty() && !msg.keys.is_empty() => {
                 LaneKey::Push(msg.server.clone())
             }

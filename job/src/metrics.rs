@@ -41,7 +41,7 @@ impl JobMetrics {
             )?,
             dropped: counter(
                 "pushcluster_job_messages_dropped_total",
-                "PushMsg acked without delivery to some comet, by kind and reason (unknown_comet: the target comet is gone, its clients reconnect elsewhere; no_comets; invalid; comet_unavailable: one count per message and unreachable comet while others took it).",
+                "PushMsg acked without delivery to some comet, by kind and reason (unknown_comet: the target comet is gone, its clients reconnect elsewhere; no_comets; invalid; offline: a direct push's user or key has no connection now, its stream's history keeps it; no_registry; comet_unavailable: one count per message and unreachable comet while others took it).",
                 &["kind", "reason"],
             )?,
             comet_calls: counter(
@@ -56,7 +56,7 @@ impl JobMetrics {
             )?,
             failures: counter(
                 "pushcluster_job_delivery_failures_total",
-                "PushMsg returned to the bus (gave_up: a comet kept failing), rejected by a comet (rejected), or left to the partition's newer owner (stale_owner), by kind and reason.",
+                "PushMsg returned to the bus (gave_up: a comet kept failing), rejected by a comet (rejected), or left to the partition's newer owner (stale_owner), or returned because sessions could not be read (registry), by kind and reason.",
                 &["kind", "reason"],
             )?,
             room_batch: Histogram::with_opts(

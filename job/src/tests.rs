@@ -8,6 +8,7 @@ use pushcluster_api::pb::logic::PushMsg;
 use pushcluster_api::protocol::{Frame, decode_stream, op};
 use pushcluster_backplane::bus::MemoryBus;
 use pushcluster_backplane::discovery::StaticDiscovery;
+use pushcluster_backplane::registry::{MemoryRegistry, Session};
 use tokio::sync::{Notify, Semaphore};
 
 use super::*;
@@ -28,6 +29,7 @@ enum Call {
         keys: Vec<String>,
         op: i32,
         frames: Vec<Frame>,
+        stream: String,
     },
     Room {
         room: String,
@@ -133,6 +135,7 @@ impl CometLink for RecordingComet {
             keys: req.keys,
             op: req.proto_op,
             frames: inner_frames(req.proto),
+            stream: req.stream,
         });
         Ok(PushMsgReply {})
     }
@@ -164,6 +167,7 @@ impl CometLink for RecordingComet {
 
 struct Harness {
     bus: MemoryBus,
+    sessions: Arc<MemoryRegistry>,
     job: Arc<Job>,
     metrics: JobMetrics,
     shutdown: CancellationToken,
@@ -209,7 +213,13 @@ fn start(comets: Vec<(&str, Arc<RecordingComet>)>, config: JobConfig) -> Harness
         endpoints.push(endpoint(id));
     }
     let metrics = JobMetrics::new(&prometheus::Registry::new()).expect("metrics");
-    let job = Arc::new(Job::new(config, Arc::new(connector), metrics.clone()));
+    let sessions = Arc::new(MemoryRegistry::new(
+        Duration::from_secs(60),
+        Duration::from_secs(60),
+    ));
+    let job = Arc::new(
+        Job::new(config, Arc::new(connector), metrics.clone()).with_registry(sessions.clone()),
+    );
     let bus = MemoryBus::default();
     let discovery = Arc::new(StaticDiscovery::new(endpoints, Vec::new()));
     let shutdown = CancellationToken::new();
@@ -224,6 +234,7 @@ fn start(comets: Vec<(&str, Arc<RecordingComet>)>, config: JobConfig) -> Harness
     });
     Harness {
         bus,
+        sessions,
         job,
         metrics,
         shutdown,
@@ -337,7 +348,9 @@ async fn key_pushes_go_to_their_comet_only() {
         .await;
     c2.wait_for(|calls| !calls.is_empty()).await;
     match &c2.calls()[0] {
-        Call::Push { keys, op, frames } => {
+        Call::Push {
+            keys, op, frames, ..
+        } => {
             assert_eq!((keys.as_slice(), *op), (&["k".to_string()][..], 1001));
             assert_eq!(
                 (frames.len(), frames[0].op, &frames[0].body[..]),
@@ -347,6 +360,117 @@ async fn key_pushes_go_to_their_comet_only() {
         other => panic!("unexpected {other:?}"),
     }
     assert!(c1.calls().is_empty());
+    harness.stop().await;
+}
+
+fn direct(stream: &str, body: &str) -> PushMsg {
+    PushMsg {
+        r#type: PushType::Push as i32,
+        operation: 1001,
+        stream: stream.into(),
+        msg: body.to_string().into(),
+        ..Default::default()
+    }
+}
+
+/// (stream, keys, body) of each push call.
+fn pushes(comet: &RecordingComet) -> Vec<(String, Vec<String>, String)> {
+    comet
+        .calls()
+        .into_iter()
+        .filter_map(|call| match call {
+            Call::Push {
+                keys,
+                frames,
+                stream,
+                ..
+            } => Some((
+                stream,
+                keys,
+                String::from_utf8_lossy(&frames[0].body).into_owned(),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A push to a user's direct stream reaches the connections the user has
+/// when job delivers it — each comet its own keys — and one to nobody
+/// online is acked (its stream's history keeps it), not retried.
+#[tokio::test]
+async fn direct_pushes_find_the_users_connections_when_delivered() {
+    let (c1, c2) = (
+        Arc::new(RecordingComet::default()),
+        Arc::new(RecordingComet::default()),
+    );
+    let harness = start(
+        vec![("c1", c1.clone()), ("c2", c2.clone())],
+        JobConfig::default(),
+    );
+    for (mid, key, server) in [(7, "a", "c1"), (7, "b", "c2"), (7, "gone", "c9")] {
+        let session = Session {
+            mid,
+            key: key.into(),
+            server: server.into(),
+        };
+        harness
+            .sessions
+            .add_session(&session)
+            .await
+            .expect("session");
+    }
+    harness.publish(direct("@mid:8", "to nobody")).await;
+    harness.publish(direct("@mid:7", "hi")).await;
+    c1.wait_for(|calls| !calls.is_empty()).await;
+    c2.wait_for(|calls| !calls.is_empty()).await;
+    let hi = |key: &str| ("@mid:7".to_string(), vec![key.to_string()], "hi".into());
+    assert_eq!(pushes(&c1), [hi("a")]);
+    assert_eq!(pushes(&c2), [hi("b")]);
+    let dropped = |reason| {
+        harness
+            .metrics
+            .dropped
+            .with_label_values(&["push", reason])
+            .get()
+    };
+    // Its own lane: done by now or soon.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while dropped("offline") == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the push to nobody settled");
+    assert_eq!(dropped("offline"), 1);
+
+    // Mid 8 connects: its next push finds it.
+    let session = Session {
+        mid: 8,
+        key: "z".into(),
+        server: "c2".into(),
+    };
+    harness
+        .sessions
+        .add_session(&session)
+        .await
+        .expect("session");
+    harness.publish(direct("@mid:8", "now")).await;
+    harness.publish(direct("@key:a", "to a key")).await;
+    c2.wait_for(|calls| calls.len() == 2).await;
+    c1.wait_for(|calls| calls.len() == 2).await;
+    assert_eq!(
+        pushes(&c2)[1],
+        ("@mid:8".to_string(), vec!["z".to_string()], "now".into())
+    );
+    assert_eq!(
+        pushes(&c1)[1],
+        (
+            "@key:a".to_string(),
+            vec!["a".to_string()],
+            "to a key".into()
+        )
+    );
+    assert_eq!(dropped("offline"), 1);
     harness.stop().await;
 }
 

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use pushcluster_api::config::{LogicConfig, ReplayConfig};
+use pushcluster_api::config::{HistoryConfig, LogicConfig, ReplayConfig};
 use pushcluster_api::link::{LinkError, LogicLink};
 use pushcluster_api::pb::logic::push_msg::Type as PushType;
 use pushcluster_api::pb::logic::{
@@ -32,6 +32,7 @@ use pushcluster_api::pb::logic::{
     HeartbeatReq, HistoryMessage, HistoryReply, HistoryReq, NodesReply, OnlineReply, OnlineReq,
     PushMsg, ReceiveReply, ReceiveReq, StreamPosition,
 };
+use pushcluster_api::streams::DirectStream;
 use pushcluster_backplane::bus::{Bus, BusError, Since, Unrecovered};
 use pushcluster_backplane::registry::{CometReport, Registry, RegistryError, Session};
 use tokio_util::sync::CancellationToken;
@@ -42,6 +43,9 @@ use crate::backpressure::Backpressure;
 use crate::balancer::{LoadBalancer, NodeInfo};
 use crate::history::HistoryReads;
 use crate::metrics::LogicMetrics;
+
+/// Direct-stream publishes in flight at once for one push to many users.
+const DIRECT_PUBLISH_CONCURRENCY: usize = 64;
 
 /// How long an aggregate of the comets' reports is reused. Comets report
 /// every few seconds, so this adds little staleness and keeps RenewOnline
@@ -112,6 +116,8 @@ pub struct Logic {
     backpressure: Arc<Backpressure>,
     replay: ReplayConfig,
     history_reads: HistoryReads,
+    /// Mid and key pushes go to direct streams (`history.direct`).
+    direct_streams: bool,
 }
 
 impl Logic {
@@ -136,13 +142,17 @@ impl Logic {
             api_tokens,
             replay: ReplayConfig::default(),
             history_reads: HistoryReads::new(ReplayConfig::default().concurrency),
+            direct_streams: false,
         })
     }
 
-    /// Bounds on resumes (`history.replay`).
-    pub fn with_replay(mut self, replay: ReplayConfig) -> Self {
-        self.history_reads = HistoryReads::new(replay.concurrency);
-        self.replay = replay;
+    /// Bounds on resumes (`history.replay`), and whether mid and key
+    /// pushes go to direct streams (`history.direct`; without this call
+    /// they go per comet, as in goim).
+    pub fn with_history(mut self, history: &HistoryConfig) -> Self {
+        self.history_reads = HistoryReads::new(history.replay.concurrency);
+        self.replay = history.replay;
+        self.direct_streams = history.direct_streams();
         self
     }
 
@@ -265,6 +275,44 @@ impl Logic {
         Ok(())
     }
 
+    /// One PUSH per direct stream, whoever is online: job finds the
+    /// stream's connections when it delivers, and the stream's history
+    /// keeps it for clients that resume (`history.direct`).
+    async fn publish_direct(
+        &self,
+        op: i32,
+        streams: impl Iterator<Item = DirectStream>,
+        msg: Bytes,
+        idempotency_key: Option<&str>,
+    ) -> Result<(), LogicError> {
+        let mut names: Vec<String> = streams.map(|stream| stream.name()).collect();
+        names.sort();
+        names.dedup();
+        let pushes: Vec<PushMsg> = names
+            .into_iter()
+            .map(|stream| PushMsg {
+                r#type: PushType::Push as i32,
+                operation: op,
+                stream,
+                msg: msg.clone(),
+                ..Default::default()
+            })
+            .collect();
+        self.admit(&pushes)?;
+        // Streams are independent: publish them concurrently, in bounded
+        // chunks, so a push to many users costs round trips per chunk.
+        for chunk in pushes.chunks(DIRECT_PUBLISH_CONCURRENCY) {
+            let published = chunk.iter().map(|push| {
+                let msg_id = idempotency_key.map(|id| format!("{id}/{}", push.stream));
+                self.publish(push.clone(), msg_id)
+            });
+            for result in futures_util::future::join_all(published).await {
+                result?;
+            }
+        }
+        Ok(())
+    }
+
     /// POST /goim/push/keys
     pub async fn push_keys(
         &self,
@@ -275,6 +323,10 @@ impl Logic {
     ) -> Result<(), LogicError> {
         if keys.is_empty() {
             return Err(LogicError::InvalidArgument("keys is required".into()));
+        }
+        if self.direct_streams {
+            let streams = keys.into_iter().map(DirectStream::Key);
+            return self.publish_direct(op, streams, msg, idempotency_key).await;
         }
         let found = self.registry.servers_by_keys(&keys).await?;
         let offline = keys.len().saturating_sub(found.len());
@@ -298,6 +350,10 @@ impl Logic {
     ) -> Result<(), LogicError> {
         if mids.is_empty() {
             return Err(LogicError::InvalidArgument("mids is required".into()));
+        }
+        if self.direct_streams {
+            let streams = mids.into_iter().map(DirectStream::Mid);
+            return self.publish_direct(op, streams, msg, idempotency_key).await;
         }
         let found = self.registry.servers_by_mids(&mids).await?;
         if found.is_empty() {
@@ -616,6 +672,30 @@ impl LogicLink for Logic {
                 epoch: since.epoch,
                 offset: since.offset,
             });
+        // Only the connection's own direct streams: a client cannot name
+        // another user's.
+        let direct_since = if resume.positions && self.direct_streams {
+            let own = [
+                (session.mid != 0).then_some(DirectStream::Mid(session.mid)),
+                Some(DirectStream::Key(session.key.clone())),
+            ];
+            own.into_iter()
+                .flatten()
+                .filter_map(|stream| {
+                    let name = stream.name();
+                    let since = resume.since.get(&name)?;
+                    Some((
+                        name,
+                        StreamPosition {
+                            epoch: since.epoch,
+                            offset: since.offset,
+                        },
+                    ))
+                })
+                .collect()
+        } else {
+            HashMap::new()
+        };
         Ok(ConnectReply {
             mid: session.mid,
             key: session.key,
@@ -624,6 +704,8 @@ impl LogicLink for Logic {
             heartbeat: self.heartbeat_nanos(),
             positions: resume.positions,
             since: since.filter(|_| resume.positions),
+            direct_streams: self.direct_streams,
+            direct_since,
         })
     }
 

@@ -27,7 +27,6 @@ use prost::Message as _;
 use pushcluster_api::backoff::Backoff;
 use pushcluster_api::config::{HistoryConfig, NatsConfig, Retention};
 use pushcluster_api::pb::logic::PushMsg;
-use pushcluster_api::pb::logic::push_msg::Type as PushType;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -36,7 +35,7 @@ use super::lease::{self, LeaseEvent};
 use super::{Nats, NatsError, retry, stable_hash, storage_type};
 use crate::bus::{
     Acker, Bus, BusError, BusMetrics, Delivery, HistoryEntry, PartitionLag, Position, Published,
-    RoomHistory, Since, Subscription, Unrecovered, ordering_key,
+    RoomHistory, Since, Subscription, Unrecovered, history_of, history_ordering_key, ordering_key,
 };
 
 /// How often consumer lag is read.
@@ -152,12 +151,13 @@ impl NatsBus {
         format!("{}.{partition}", self.config().stream.subject_prefix)
     }
 
-    /// A room's messages have a subject of their own under their partition's,
-    /// so its history can be read by subject: `<prefix>.<partition>.r.<room
-    /// id in unpadded base64url>`.
+    /// A room's (or direct stream's) messages have a subject of their own
+    /// under their partition's, so its history can be read by subject:
+    /// `<prefix>.<partition>.r.<room id or stream name in unpadded
+    /// base64url>`.
     pub fn room_subject(&self, room: &str) -> String {
         use base64::Engine as _;
-        let partition = partition_of_key(&format!("room.{room}"), self.config().partitions);
+        let partition = partition_of_key(&history_ordering_key(room), self.config().partitions);
         format!(
             "{}.r.{}",
             self.subject(partition),
@@ -166,8 +166,8 @@ impl NatsBus {
     }
 
     fn subject_of(&self, msg: &PushMsg) -> String {
-        if msg.r#type() == PushType::Room {
-            self.room_subject(&msg.room)
+        if let Some(name) = history_of(msg) {
+            self.room_subject(name)
         } else {
             self.subject(partition_of(msg, self.config().partitions))
         }
@@ -404,10 +404,9 @@ impl Bus for NatsBus {
             headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
         }
         if self.inner.ttl_enabled.load(Ordering::SeqCst) {
-            let ttl = if msg.r#type() == PushType::Room {
-                self.inner.history.ttl_for_room(&msg.room)
-            } else {
-                self.inner.history.min_ttl
+            let ttl = match history_of(&msg) {
+                Some(name) => self.inner.history.ttl_for_room(name),
+                None => self.inner.history.min_ttl,
             };
             headers.insert("Nats-TTL", format!("{}s", ttl.as_secs().max(1)).as_str());
         }

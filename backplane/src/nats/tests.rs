@@ -100,6 +100,18 @@ async fn a_room_history_gives_what_a_client_missed() {
 }
 
 #[tokio::test]
+async fn a_direct_stream_keeps_what_a_user_was_sent() {
+    let server = NatsServer::start();
+    let config = config(&server.url());
+    let stop = CancellationToken::new();
+    let bus = publisher(&config, &stop).await;
+    let mut sub = consumer(&config, "job-a", &stop).await;
+    conformance::a_direct_stream_keeps_what_a_user_was_sent(&bus, &mut sub).await;
+    sub.close().await;
+    stop.cancel();
+}
+
+#[tokio::test]
 async fn a_room_history_says_when_it_no_longer_reaches_back() {
     let server = NatsServer::start();
     let config = config(&server.url());
