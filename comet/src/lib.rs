@@ -269,7 +269,10 @@ impl Comet {
     /// PushMsg: to the connections with these keys that watch `op`. Unlike
     /// goim, a full connection never stops the remaining keys. `stream`:
     /// the direct stream the message belongs to (empty for goim's
-    /// per-comet pushes); connections with positions get it positioned.
+    /// per-comet pushes); connections with positions get it positioned,
+    /// and one that missed the stream's message before (`prev_seq`)
+    /// resumes the stream from history.
+    #[allow(clippy::too_many_arguments)]
     pub fn push_keys(
         &self,
         keys: &[String],
@@ -277,6 +280,7 @@ impl Comet {
         stream: &str,
         frame: &Frame,
         mark: Option<&StreamMark>,
+        prev_seq: u64,
         publish_unix_micros: i64,
     ) -> Result<Fanout, LinkError> {
         self.metrics.pushes.with_label_values(&["keys"]).inc();
@@ -311,13 +315,39 @@ impl Comet {
                     .as_ref(),
                 _ => None,
             };
-            fanout.record(match batch {
-                Some(batch) => channel.push_positioned(Some(stream), batch),
-                None => channel.push(&push),
-            });
+            let queued = match (batch, channel.positioned()) {
+                (Some(batch), Some(state)) => {
+                    let capacity = self.config.protocol.send_queue;
+                    match state.push_direct(&channel, stream, batch, capacity, prev_seq) {
+                        Ok(queued) => queued,
+                        Err(since) => {
+                            self.metrics.direct_gaps.inc();
+                            self.resume_direct(channel.clone(), stream, since);
+                            Queued::Yes
+                        }
+                    }
+                }
+                _ => channel.push(&push),
+            };
+            fanout.record(queued);
         }
         self.record("keys", fanout);
         Ok(fanout)
+    }
+
+    /// Reads what `channel` missed of direct stream `stream` after `since`
+    /// and writes it (the stream's live batches are held meanwhile).
+    fn resume_direct(&self, channel: Arc<Channel>, stream: &str, since: StreamPosition) {
+        let Some(comet) = self.me.upgrade() else {
+            return;
+        };
+        let stream = stream.to_string();
+        tokio::spawn(async move {
+            if let Some(state) = channel.positioned() {
+                let target = resume::Resuming::Direct(&stream);
+                resume::resume(&comet, &channel, state, target, Some(since)).await;
+            }
+        });
     }
 
     /// BroadcastRoom: to every member of the room on this comet.
@@ -639,6 +669,7 @@ impl CometLink for Comet {
             &req.stream,
             &frame,
             mark.as_ref(),
+            req.prev_seq,
             req.publish_unix_micros,
         )?;
         Ok(PushMsgReply {})

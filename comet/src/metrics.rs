@@ -23,6 +23,7 @@ pub struct CometMetrics {
     pub stale_owners: IntCounter,
     pub replayed: IntCounter,
     pub gaps: IntCounterVec,
+    pub direct_gaps: IntCounter,
     pub sent_bytes: IntCounterVec,
     pub write_batch_frames: Histogram,
     pub delivery_latency: Histogram,
@@ -108,6 +109,10 @@ impl CometMetrics {
                 "Room pushes that showed this comet had missed earlier messages of the room, by outcome: filled (from history, before the push) or unfilled (members with positions closed to resync).",
                 &["outcome"],
             )?,
+            direct_gaps: IntCounter::new(
+                "pushcluster_comet_direct_gaps_total",
+                "Direct pushes that showed a connection with positions had missed earlier messages of its user's or key's stream (job's calls here failed meanwhile); each resumes the stream from history.",
+            )?,
             replayed: IntCounter::new(
                 "pushcluster_comet_replayed_messages_total",
                 "History messages written to resuming connections (positions opted in).",
@@ -170,6 +175,7 @@ impl CometMetrics {
         registry.register(Box::new(metrics.stale_owners.clone()))?;
         registry.register(Box::new(metrics.replayed.clone()))?;
         registry.register(Box::new(metrics.gaps.clone()))?;
+        registry.register(Box::new(metrics.direct_gaps.clone()))?;
         registry.register(Box::new(metrics.sent_bytes.clone()))?;
         registry.register(Box::new(metrics.write_batch_frames.clone()))?;
         registry.register(Box::new(metrics.delivery_latency.clone()))?;

@@ -218,6 +218,35 @@ impl PositionedState {
         }
     }
 
+    /// Queues a live batch of direct stream `stream` whose previous
+    /// message was `prev_seq` (0: unknown). `Err`: this connection never
+    /// got that one (job's calls here failed meanwhile): the batch is held,
+    /// and the caller resumes the stream from the position returned.
+    pub fn push_direct(
+        &self,
+        channel: &Channel,
+        stream: &str,
+        batch: &Arc<PositionedBatch>,
+        capacity: usize,
+        prev_seq: u64,
+    ) -> Result<Queued, StreamPosition> {
+        if let Ok(mut floors) = self.inner.lock() {
+            let floor = floors.get(Some(stream));
+            if floor.held.is_none()
+                && floor.epoch == batch.epoch
+                && floor.offset > 0
+                && prev_seq > floor.offset
+            {
+                floor.held = Some(vec![batch.clone()]);
+                return Err(StreamPosition {
+                    epoch: floor.epoch,
+                    offset: floor.offset,
+                });
+            }
+        }
+        Ok(self.push(channel, Some(stream), batch, capacity))
+    }
+
     /// Ends a hold of `stream`: held batches go out above `offset` of
     /// `epoch`, and so does every later one.
     pub fn release(&self, channel: &Channel, stream: StreamName, epoch: u64, offset: u64) {

@@ -554,7 +554,8 @@ async fn live_room_messages_during_a_resume_follow_the_replay_once() {
 
 /// A user's direct pushes while its connection resumes the user's stream
 /// come after the replay and the op-20 reply, once each, positioned in
-/// the stream; a goim client of the same user gets them plain.
+/// the stream; a goim client of the same user gets them plain. A push
+/// whose previous message never came has the client catch up first.
 #[tokio::test]
 async fn direct_pushes_during_a_resume_follow_the_replay_once() {
     let logic = Arc::new(FakeLogic::default());
@@ -579,7 +580,7 @@ async fn direct_pushes_during_a_resume_follow_the_replay_once() {
             }),
         }
     );
-    let push = |seq: u64, generation: u64| {
+    let push = |seq: u64, generation: u64, prev_seq: u64| {
         let mut batch = RawBatch::default();
         batch.push(1000, seq.to_string().as_bytes());
         let mark = StreamMark {
@@ -591,12 +592,20 @@ async fn direct_pushes_during_a_resume_follow_the_replay_once() {
         let keys = ["k".to_string(), "plain".to_string()];
         harness
             .comet
-            .push_keys(&keys, 1000, "@mid:7", &batch.finish(), Some(&mark), 0)
+            .push_keys(
+                &keys,
+                1000,
+                "@mid:7",
+                &batch.finish(),
+                Some(&mark),
+                prev_seq,
+                0,
+            )
             .expect("push");
     };
     // Live while the history is read: 10 is in the history too.
-    push(10, 1);
-    push(11, 1);
+    push(10, 1, 0);
+    push(11, 1, 10);
     history
         .send(HistoryReply {
             epoch: 5,
@@ -623,8 +632,8 @@ async fn direct_pushes_during_a_resume_follow_the_replay_once() {
         (1000, "11".into(), Some(11))
     );
     // A redelivery by a newer partition owner is dropped; 12 is new.
-    push(11, 2);
-    push(12, 2);
+    push(11, 2, 10);
+    push(12, 2, 11);
     let (frame, position) = tokio::time::timeout(WAIT, async {
         loop {
             if let Some(decoded) = decode_positioned_stream(&mut client.buf).expect("valid frame") {
@@ -639,7 +648,34 @@ async fn direct_pushes_during_a_resume_follow_the_replay_once() {
     let position = position.expect("positioned");
     assert_eq!(frame.body, "12");
     assert_eq!((position.stream.as_str(), position.offset), ("@mid:7", 12));
-    for body in ["10", "11", "12"] {
+    // 13 never came here (job's call failed); 14 says it was before: the
+    // client with positions catches up from history, the goim one cannot.
+    push(14, 2, 13);
+    history
+        .send(HistoryReply {
+            epoch: 5,
+            messages: vec![history_message(13), history_message(14)],
+            recovered: true,
+            offset: 14,
+            reason: String::new(),
+        })
+        .await
+        .expect("reply");
+    for offset in [13, 14] {
+        assert_eq!(
+            client.recv_positioned().await,
+            (1000, offset.to_string(), Some(offset))
+        );
+    }
+    assert_eq!(client.recv_positioned().await.0, op::RESUME_REPLY);
+    assert_eq!(
+        logic.history_calls.lock().expect("lock")[1].since,
+        Some(StreamPosition {
+            epoch: 5,
+            offset: 12
+        })
+    );
+    for body in ["10", "11", "12", "14"] {
         let frame = plain.recv().await.expect("pushed");
         assert_eq!((frame.op, frame.body), (1000, Bytes::from(body)));
     }

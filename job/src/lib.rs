@@ -26,7 +26,7 @@
 pub mod grpc;
 pub mod metrics;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -51,6 +51,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::metrics::JobMetrics;
+
+/// How long the set of reporting comets is reused (comets report every
+/// few seconds; their reports expire after `logic.online_expire`).
+const REPORTS_CACHE: Duration = Duration::from_secs(1);
 
 /// Most key pushes a push lane takes from its queue at once (each is still
 /// its own call, in order).
@@ -208,6 +212,8 @@ struct Shared {
     addrs: Mutex<HashMap<String, String>>,
     /// Where direct streams' connections are (sessions).
     registry: OnceLock<Arc<dyn Registry>>,
+    /// Comets with a fresh report, and when that was read.
+    reporting: Mutex<Option<(Instant, Arc<HashSet<String>>)>>,
     metrics: JobMetrics,
 }
 
@@ -433,8 +439,14 @@ impl Shared {
                 }
             }
             LaneKey::Direct(stream) => {
+                let mut previous = previous;
                 for delivery in batch {
-                    self.deliver_direct(stream, delivery).await;
+                    let at = (delivery.position.epoch, delivery.position.seq);
+                    let prev_seq = previous
+                        .filter(|(epoch, _)| *epoch == at.0)
+                        .map_or(0, |(_, seq)| seq);
+                    self.deliver_direct(stream, delivery, prev_seq).await;
+                    previous = Some(at);
                 }
             }
             LaneKey::Broadcast => {
@@ -485,7 +497,9 @@ impl Shared {
     /// A push to a direct stream: to every live connection of the user (or
     /// key) the registry knows now, each comet its own keys in one call.
     /// Nobody online: acked — the stream's history keeps it for the user.
-    async fn deliver_direct(&self, stream: &str, delivery: Delivery) {
+    /// `prev_seq`: the stream's message before (0: unknown), so a comet
+    /// that missed it has its clients with positions catch up.
+    async fn deliver_direct(&self, stream: &str, delivery: Delivery, prev_seq: u64) {
         let Some(registry) = self.registry.get() else {
             return self.drop_all("push", "no_registry", vec![delivery]).await;
         };
@@ -507,6 +521,18 @@ impl Shared {
                 return;
             }
         };
+        let reporting = match self.reporting_comets(registry.as_ref()).await {
+            Ok(reporting) => reporting,
+            Err(error) => {
+                self.metrics
+                    .failures
+                    .with_label_values(&["push", "registry"])
+                    .inc();
+                tracing::warn!(%error, "cannot read comet reports; the push goes back to the bus");
+                delivery.nack(self.config.delivery.backoff_max).await;
+                return;
+            }
+        };
         let mut by_server: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (key, server) in found {
             by_server.entry(server).or_default().push(key);
@@ -518,25 +544,72 @@ impl Shared {
         }
         let calls = by_server.into_iter().map(|(server, mut keys)| {
             keys.sort();
-            let request = self.push_request(&delivery, keys, stream);
+            let request = PushMsgReq {
+                prev_seq,
+                ..self.push_request(&delivery, keys, stream)
+            };
+            let reports = reporting.contains(&server);
             async move {
-                self.call_comet(&server, "push", |link| {
-                    let request = request.clone();
-                    async move { link.push_msg(request).await }
-                })
-                .await
+                let outcome = self
+                    .call_comet(&server, "push", |link| {
+                        let request = request.clone();
+                        async move { link.push_msg(request).await }
+                    })
+                    .await;
+                (reports, outcome)
             }
         });
+        let mut gone = 0u64;
         let outcomes: Vec<CallOutcome> = join_all(calls)
             .await
             .into_iter()
-            .map(|outcome| match outcome {
+            .map(|(reports, outcome)| match outcome {
                 // A comet that left since: its clients reconnect and resume.
                 CallOutcome::CometGone => CallOutcome::Ok,
+                // One that stopped reporting and does not answer is gone
+                // too: its sessions are offline, as logic judges them for
+                // goim's pushes. (It is still called: reports are read a
+                // second late, and a comet just restarted may not be in
+                // them yet.)
+                CallOutcome::Unavailable if !reports => {
+                    gone += 1;
+                    CallOutcome::Ok
+                }
                 other => other,
             })
             .collect();
+        if gone > 0 {
+            self.metrics
+                .dropped
+                .with_label_values(&["push", "offline"])
+                .inc_by(gone);
+        }
         self.settle("push", vec![delivery], &outcomes).await;
+    }
+
+    /// The comets whose report is fresh, read at most every
+    /// [`REPORTS_CACHE`].
+    async fn reporting_comets(
+        &self,
+        registry: &dyn Registry,
+    ) -> Result<Arc<HashSet<String>>, pushcluster_backplane::registry::RegistryError> {
+        if let Ok(cache) = self.reporting.lock()
+            && let Some((at, servers)) = cache.as_ref()
+            && at.elapsed() < REPORTS_CACHE
+        {
+            return Ok(servers.clone());
+        }
+        let servers: HashSet<String> = registry
+            .comet_reports()
+            .await?
+            .into_iter()
+            .map(|report| report.server)
+            .collect();
+        let servers = Arc::new(servers);
+        if let Ok(mut cache) = self.reporting.lock() {
+            *cache = Some((Instant::now(), servers.clone()));
+        }
+        Ok(servers)
     }
 
     /// PushMsgReq for `keys` on one comet (`stream`: the direct stream, or
@@ -556,6 +629,7 @@ impl Shared {
             seqs: fields.seqs,
             publish_unix_micros: fields.publish_unix_micros,
             stream: stream.to_string(),
+            prev_seq: 0,
         }
     }
 
@@ -782,6 +856,7 @@ impl Job {
             health: Mutex::new(HashMap::new()),
             addrs: Mutex::new(HashMap::new()),
             registry: OnceLock::new(),
+            reporting: Mutex::new(None),
             metrics,
         });
         Job {

@@ -8,7 +8,7 @@ use pushcluster_api::pb::logic::PushMsg;
 use pushcluster_api::protocol::{Frame, decode_stream, op};
 use pushcluster_backplane::bus::MemoryBus;
 use pushcluster_backplane::discovery::StaticDiscovery;
-use pushcluster_backplane::registry::{MemoryRegistry, Session};
+use pushcluster_backplane::registry::{CometReport, MemoryRegistry, Session};
 use tokio::sync::{Notify, Semaphore};
 
 use super::*;
@@ -399,15 +399,34 @@ fn pushes(comet: &RecordingComet) -> Vec<(String, Vec<String>, String)> {
 /// online is acked (its stream's history keeps it), not retried.
 #[tokio::test]
 async fn direct_pushes_find_the_users_connections_when_delivered() {
-    let (c1, c2) = (
+    let (c1, c2, c4) = (
         Arc::new(RecordingComet::default()),
         Arc::new(RecordingComet::default()),
+        Arc::new(RecordingComet::failing(u32::MAX)),
     );
+    let mut config = JobConfig::default();
+    config.delivery.backoff_base = Duration::from_millis(1);
+    config.delivery.backoff_max = Duration::from_millis(2);
     let harness = start(
-        vec![("c1", c1.clone()), ("c2", c2.clone())],
-        JobConfig::default(),
+        vec![("c1", c1.clone()), ("c2", c2.clone()), ("c4", c4.clone())],
+        config,
     );
-    for (mid, key, server) in [(7, "a", "c1"), (7, "b", "c2"), (7, "gone", "c9")] {
+    for server in ["c1", "c2"] {
+        let report = CometReport {
+            server: server.into(),
+            ..CometReport::default()
+        };
+        harness.sessions.report_comet(report).await.expect("report");
+    }
+    // c9 left discovery; c4 is still in it but neither reports nor answers
+    // (gone: its sessions are offline, as logic judges them for goim's
+    // pushes — not a reason to give the push back).
+    for (mid, key, server) in [
+        (7, "a", "c1"),
+        (7, "b", "c2"),
+        (7, "gone", "c9"),
+        (7, "quiet", "c4"),
+    ] {
         let session = Session {
             mid,
             key: key.into(),
@@ -433,15 +452,15 @@ async fn direct_pushes_find_the_users_connections_when_delivered() {
             .with_label_values(&["push", reason])
             .get()
     };
-    // Its own lane: done by now or soon.
+    // Mid 8's push, and mid 7's on c4; in their own lanes.
     tokio::time::timeout(Duration::from_secs(10), async {
-        while dropped("offline") == 0 {
+        while dropped("offline") < 2 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })
     .await
-    .expect("the push to nobody settled");
-    assert_eq!(dropped("offline"), 1);
+    .expect("the pushes to nobody settled");
+    assert_eq!(dropped("offline"), 2);
 
     // Mid 8 connects: its next push finds it.
     let session = Session {
@@ -470,7 +489,13 @@ async fn direct_pushes_find_the_users_connections_when_delivered() {
             "to a key".into()
         )
     );
-    assert_eq!(dropped("offline"), 1);
+    assert_eq!(dropped("offline"), 2);
+    let gave_up = harness
+        .metrics
+        .failures
+        .with_label_values(&["push", "gave_up"])
+        .get();
+    assert_eq!(gave_up, 0);
     harness.stop().await;
 }
 

@@ -347,14 +347,14 @@ async fn a_killed_comet_leaves_the_registry_and_does_not_delay_the_other() {
         fleet
             .push(1, "/goim/push/keys?operation=1000&keys=on-a", "x")
             .await;
-        if fleet.logics[1]
-            .metric(
-                "pushcluster_logic_push_targets_offline_total",
-                &[("target", "key")],
-            )
-            .await
-            >= 1.0
-        {
+        // Counted by job, which finds a direct push's connections.
+        let offline = Fleet::sum(
+            &fleet.jobs,
+            "pushcluster_job_messages_dropped_total",
+            &[("kind", "push"), ("reason", "offline")],
+        )
+        .await;
+        if offline >= 1.0 {
             break;
         }
         assert!(started.elapsed() < WAIT, "the dead comet's session stayed");

@@ -278,8 +278,9 @@ async fn logic_service_serves_goim_comets() {
         .await;
     server
         .wait_metric(
-            "pushcluster_logic_push_targets_offline_total",
-            &[("target", "key")],
+            // Counted by job, which finds a direct push's connections.
+            "pushcluster_job_messages_dropped_total",
+            &[("kind", "push"), ("reason", "offline")],
             1.0,
         )
         .await;

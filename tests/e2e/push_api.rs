@@ -24,8 +24,9 @@ async fn key_pushes_reach_every_named_key_that_watches_the_op() {
     deaf.expect_silence().await;
     server
         .wait_metric(
-            "pushcluster_logic_push_targets_offline_total",
-            &[("target", "key")],
+            // Counted by job, which finds a direct push's connections.
+            "pushcluster_job_messages_dropped_total",
+            &[("kind", "push"), ("reason", "offline")],
             1.0,
         )
         .await;
@@ -33,7 +34,18 @@ async fn key_pushes_reach_every_named_key_that_watches_the_op() {
 
 #[tokio::test]
 async fn mid_pushes_reach_every_connection_of_the_user() {
-    let server = Server::start();
+    mid_pushes_reach_every_connection(Server::start(), true).await;
+}
+
+/// With `history.direct` off, logic looks the users up and publishes per
+/// comet, as goim does, and counts those it finds offline.
+#[tokio::test]
+async fn mid_pushes_without_direct_streams_go_per_comet_as_in_goim() {
+    let server = Server::start_with("history: {direct: {enabled: false}}");
+    mid_pushes_reach_every_connection(server, false).await;
+}
+
+async fn mid_pushes_reach_every_connection(server: Server, direct_streams: bool) {
     let mut phone = TcpClient::auth(
         server.tcp(),
         json!({"mid": 9, "key": "phone", "accepts": [1000]}),
@@ -51,6 +63,23 @@ async fn mid_pushes_reach_every_connection_of_the_user() {
     assert_eq!(body(&phone.recv().await), "for 9");
     assert_eq!(body(&inner_frames(&web.recv_frame().await)[0]), "for 9");
     other.expect_silence().await;
+    // Mid 404 is offline: job finds nobody for its direct push, or logic
+    // nobody to publish to.
+    server
+        .push("/goim/push/mids?operation=1000&mids=404", "for nobody")
+        .await;
+    let (name, labels): (&str, &[(&str, &str)]) = if direct_streams {
+        (
+            "pushcluster_job_messages_dropped_total",
+            &[("kind", "push"), ("reason", "offline")],
+        )
+    } else {
+        (
+            "pushcluster_logic_push_targets_offline_total",
+            &[("target", "mid")],
+        )
+    };
+    server.wait_metric(name, labels, 1.0).await;
 }
 
 #[tokio::test]

@@ -3,6 +3,7 @@
 //! room) with the position it last saw, everything it missed, in order and
 //! once, then an op-20 reply, then live messages.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,13 +27,19 @@ pub struct PositionedClient {
 pub type Received = (Frame, Option<FramePosition>);
 
 impl PositionedClient {
-    /// Connects, authenticates with `"positions": true` (and `since` for
-    /// `room` when given) and reads the auth reply.
+    /// Connects anonymously (no mid: no direct stream), authenticates with
+    /// `"positions": true` (and `since` for `room` when given) and reads
+    /// the auth reply.
     pub async fn join(addr: SocketAddr, room: &str, since: Option<&Value>) -> PositionedClient {
-        let mut auth = json!({"mid": 1, "room_id": room, "positions": true, "accepts": [1000]});
+        let mut auth = json!({"room_id": room, "positions": true, "accepts": [1000]});
         if let Some(since) = since {
             auth["since"] = json!({ room: since });
         }
+        Self::auth(addr, auth).await
+    }
+
+    /// Connects and authenticates with this auth body; reads the reply.
+    pub async fn auth(addr: SocketAddr, auth: Value) -> PositionedClient {
         let stream = TcpStream::connect(addr).await.expect("connect");
         let mut client = PositionedClient {
             stream,
@@ -279,72 +286,174 @@ async fn changing_room_resumes_the_new_room() {
     );
 }
 
-/// One resuming client of the distributed tests: joins any comet of
-/// `comets` that answers, reads room messages, and whenever its connection
-/// ends joins again with the last position it saw — until it has `total`.
+async fn push_to(server: &Server, target: &str, body: &str) {
+    server
+        .push(&format!("/goim/push/{target}&operation=1000"), body)
+        .await;
+}
+
+impl PositionedClient {
+    /// Frames until `replies` op-20 replies came: the bodies of each
+    /// stream's positioned messages, and the replies.
+    async fn until_resumed(
+        &mut self,
+        replies: usize,
+    ) -> (HashMap<String, Vec<String>>, Vec<Value>) {
+        let mut streams: HashMap<String, Vec<String>> = HashMap::new();
+        let mut resumed = Vec::new();
+        while resumed.len() < replies {
+            let (frame, position) = self.recv().await;
+            match position {
+                Some(position) => streams
+                    .entry(position.stream)
+                    .or_default()
+                    .push(body(&frame)),
+                None => {
+                    assert_eq!(frame.op, op::RESUME_REPLY, "{frame:?}");
+                    resumed.push(serde_json::from_slice(&frame.body).expect("JSON"));
+                }
+            }
+        }
+        (streams, resumed)
+    }
+}
+
+/// Pushes to a user and to a key are kept in their direct streams whether
+/// or not anyone is online. A client with positions gets them positioned
+/// and resumes its own streams — never another user's — and a goim client
+/// of the same user gets the live ones as goim frames.
+#[tokio::test]
+async fn a_users_direct_messages_are_kept_while_it_is_away_and_replayed_once() {
+    let server = Server::start();
+    let auth = json!({"mid": 5, "key": "k5", "positions": true, "accepts": [1000]});
+    let mut client = PositionedClient::auth(server.tcp(), auth.clone()).await;
+    let joined = client.resume_reply().await;
+    assert_eq!(
+        (&joined["room"], &joined["reason"]),
+        (&json!("@mid:5"), &json!("fresh"))
+    );
+    let epoch = joined["epoch"].as_str().expect("epoch").to_string();
+    let mut plain = TcpClient::auth(server.tcp(), json!({"mid": 5, "accepts": [1000]})).await;
+
+    push_to(&server, "mids?mids=5", "d1").await;
+    push_to(&server, "keys?keys=k5", "k1").await;
+    let mut positions = serde_json::Map::new();
+    for _ in 0..2 {
+        let (frame, position) = client.recv().await;
+        let position = position.unwrap_or_else(|| panic!("no position on {frame:?}"));
+        assert_eq!(position.epoch.to_string(), epoch);
+        let expected = if position.stream == "@mid:5" {
+            "d1"
+        } else {
+            "k1"
+        };
+        assert_eq!(body(&frame), expected, "{position:?}");
+        positions.insert(position.stream, since(&epoch, position.offset));
+    }
+    assert_eq!(body(&plain.recv().await), "d1");
+
+    drop(client);
+    push_to(&server, "mids?mids=5", "d2").await;
+    push_to(&server, "keys?keys=k5", "k2").await;
+    push_to(&server, "mids?mids=5&mids=6", "d3").await;
+    // Another user's stream, named in `since`, is not this client's.
+    positions.insert("@mid:6".into(), since(&epoch, 0));
+    let mut auth = auth;
+    auth["since"] = Value::Object(positions);
+    let mut client = PositionedClient::auth(server.tcp(), auth).await;
+    let (streams, replies) = client.until_resumed(2).await;
+    assert_eq!(streams["@mid:5"], ["d2", "d3"]);
+    assert_eq!(streams["@key:k5"], ["k2"]);
+    assert_eq!(streams.len(), 2, "{streams:?}");
+    for reply in &replies {
+        assert_eq!(reply["recovered"], json!(true), "{reply}");
+    }
+    client.expect_silence().await;
+    assert_eq!(body(&plain.recv().await), "d2");
+    assert_eq!(body(&plain.recv().await), "d3");
+    plain.expect_silence().await;
+}
+
+/// One resuming client of the distributed tests, user `mid`: joins any
+/// comet of `comets` that answers, reads room messages and pushes to its
+/// user, and whenever its connection ends joins again with the last
+/// position it saw in each — until it has `total` of each. Returns the
+/// bodies of each stream in the order received, and its joins.
 async fn resuming_client(
     comets: Arc<Mutex<Vec<SocketAddr>>>,
     first: usize,
     room: &'static str,
+    mid: i64,
     total: usize,
-) -> (Vec<String>, usize) {
-    let mut bodies = Vec::new();
-    let mut since: Option<Value> = None;
+) -> (Vec<String>, Vec<String>, usize) {
+    let user = format!("@mid:{mid}");
+    let mut bodies: HashMap<String, Vec<String>> = HashMap::new();
+    let mut since = serde_json::Map::new();
     let mut joins = 0;
     let mut attempt = first;
     let deadline = Instant::now() + Duration::from_secs(90);
-    while bodies.len() < total {
+    let done = |bodies: &HashMap<String, Vec<String>>| {
+        [room, user.as_str()]
+            .iter()
+            .all(|stream| bodies.get(*stream).map_or(0, Vec::len) >= total)
+    };
+    while !done(&bodies) {
         assert!(
             Instant::now() < deadline,
-            "client {first} stuck at {} of {total}",
-            bodies.len()
+            "client {first} stuck at {:?} of {total}",
+            bodies
+                .iter()
+                .map(|(stream, got)| (stream, got.len()))
+                .collect::<Vec<_>>()
         );
         let addr = {
             let comets = comets.lock().expect("lock");
             comets[attempt % comets.len()]
         };
         attempt += 1;
-        let Some(mut client) = PositionedClient::try_join(addr, room, since.as_ref()).await else {
+        let auth = json!({"mid": mid, "room_id": room, "positions": true, "accepts": [1000], "since": since});
+        let Some(mut client) = PositionedClient::try_auth(addr, &auth).await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         joins += 1;
-        while bodies.len() < total {
+        while !done(&bodies) {
             let Some((frame, position)) = client.read_for(Duration::from_secs(30)).await else {
                 break;
             };
             match position {
                 Some(position) => {
-                    bodies.push(body(&frame));
-                    since = Some(
+                    bodies
+                        .entry(position.stream.clone())
+                        .or_default()
+                        .push(body(&frame));
+                    since.insert(
+                        position.stream,
                         json!({"epoch": position.epoch.to_string(), "offset": position.offset}),
                     );
                 }
                 None if frame.op == op::RESUME_REPLY => {
                     let reply: Value = serde_json::from_slice(&frame.body).expect("JSON");
-                    if since.is_some() {
+                    let stream = reply["room"].as_str().expect("room").to_string();
+                    if since.contains_key(&stream) {
                         assert_eq!(reply["recovered"], json!(true), "client {first}: {reply}");
                     }
-                    since = Some(json!({"epoch": reply["epoch"], "offset": reply["offset"]}));
+                    since.insert(
+                        stream,
+                        json!({"epoch": reply["epoch"], "offset": reply["offset"]}),
+                    );
                 }
                 None => {}
             }
         }
     }
-    (bodies, joins)
+    let mut take = |stream: &str| bodies.remove(stream).unwrap_or_default();
+    (take(room), take(&user), joins)
 }
 
 impl PositionedClient {
-    /// `join` that gives up quietly on a comet that is gone or draining.
-    async fn try_join(
-        addr: SocketAddr,
-        room: &str,
-        since: Option<&Value>,
-    ) -> Option<PositionedClient> {
-        let mut auth = json!({"room_id": room, "positions": true});
-        if let Some(since) = since {
-            auth["since"] = json!({ room: since });
-        }
+    /// `auth` that gives up quietly on a comet that is gone or draining.
+    async fn try_auth(addr: SocketAddr, auth: &Value) -> Option<PositionedClient> {
         let stream = TcpStream::connect(addr).await.ok()?;
         let mut client = PositionedClient {
             stream,
@@ -352,7 +461,7 @@ impl PositionedClient {
         };
         client
             .stream
-            .write_all(&auth_frame(&auth).encode())
+            .write_all(&auth_frame(auth).encode())
             .await
             .ok()?;
         let (reply, _) = client.read_for(Duration::from_secs(5)).await?;
@@ -364,10 +473,10 @@ impl PositionedClient {
     }
 }
 
-/// Clients with positions on both comets of a fleet, room pushes all along,
-/// and every comet replaced in turn — drained with SIGTERM, or killed with
-/// SIGKILL — while they arrive: every client gets every message exactly
-/// once, in order.
+/// Clients with positions on both comets of a fleet, room pushes and
+/// pushes to each client's user all along, and every comet replaced in
+/// turn — drained with SIGTERM, or killed with SIGKILL — while they
+/// arrive: every client gets every message exactly once, in order.
 async fn comets_go_away_while_clients_resume(kill: bool) {
     const CLIENTS: usize = 16;
     const TOTAL: usize = 300;
@@ -376,7 +485,16 @@ async fn comets_go_away_while_clients_resume(kill: bool) {
         fleet.comets.iter().map(Server::tcp).collect::<Vec<_>>(),
     ));
     let clients: Vec<_> = (0..CLIENTS)
-        .map(|i| tokio::spawn(resuming_client(comets.clone(), i, "live://roll", TOTAL)))
+        .map(|i| {
+            let mid = 100 + i as i64;
+            tokio::spawn(resuming_client(
+                comets.clone(),
+                i,
+                "live://roll",
+                mid,
+                TOTAL,
+            ))
+        })
         .collect();
     // Every client joined (each comet reports its room members to logic).
     let logic = &fleet.logics[0];
@@ -392,17 +510,27 @@ async fn comets_go_away_while_clients_resume(kill: bool) {
         let pushed = pushed.clone();
         tokio::spawn(async move {
             let http = reqwest::Client::new();
+            let mids: Vec<String> = (0..CLIENTS).map(|i| format!("mids={}", 100 + i)).collect();
+            let mids = mids.join("&");
             for i in 0..TOTAL {
-                let url = format!(
-                    "http://{}/goim/push/room?operation=1000&type=live&room=roll",
-                    logics[i % logics.len()]
-                );
-                loop {
-                    let response = http.post(&url).body(i.to_string()).send().await;
-                    if response.is_ok_and(|r| r.status() == 200) {
-                        break;
+                let logic = logics[i % logics.len()];
+                for (url, body) in [
+                    (
+                        format!("http://{logic}/goim/push/room?operation=1000&type=live&room=roll"),
+                        i.to_string(),
+                    ),
+                    (
+                        format!("http://{logic}/goim/push/mids?operation=1000&{mids}"),
+                        format!("direct {i}"),
+                    ),
+                ] {
+                    loop {
+                        let response = http.post(&url).body(body.clone()).send().await;
+                        if response.is_ok_and(|r| r.status() == 200) {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                     }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 pushed.store(i + 1, std::sync::atomic::Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -422,10 +550,15 @@ async fn comets_go_away_while_clients_resume(kill: bool) {
     }
     pusher.await.expect("pusher");
     let expected: Vec<String> = (0..TOTAL).map(|i| i.to_string()).collect();
+    let expected_direct: Vec<String> = (0..TOTAL).map(|i| format!("direct {i}")).collect();
     let mut resumes = 0;
     for client in clients {
-        let (bodies, joins) = client.await.expect("client");
-        assert_eq!(bodies, expected, "every message once, in order");
+        let (room, direct, joins) = client.await.expect("client");
+        assert_eq!(room, expected, "every room message once, in order");
+        assert_eq!(
+            direct, expected_direct,
+            "every direct message once, in order"
+        );
         resumes += joins - 1;
     }
     // Every client of the first comet moved with a third of the pushes to

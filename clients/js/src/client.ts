@@ -65,7 +65,11 @@ export interface PushClientOptions {
 export interface PushMessage {
   op: number;
   body: Uint8Array;
-  /** The room it was pushed to (room messages of a client with positions). */
+  /**
+   * Where it sits, for a client with positions: the room it was pushed to,
+   * or the direct stream of a push to the user (`@mid:<mid>`) or to the
+   * connection's key (`@key:<key>`).
+   */
   room?: string;
   position?: Position;
   /** Written from history after a (re)join, before the resume event. */
@@ -74,8 +78,9 @@ export interface PushMessage {
   json<T = unknown>(): T;
 }
 
-/** What the server said after the client joined a room. */
+/** What the server said after the client joined a room or resumed a direct stream. */
 export interface ResumeInfo {
+  /** The room, or the direct stream (`@mid:<mid>`, `@key:<key>`). */
   room: string;
   /** Everything missed since the position sent was replayed. */
   recovered: boolean;
@@ -90,7 +95,11 @@ export interface PushClientEvents {
   /** Connected and authenticated. */
   open: { url: string };
   message: PushMessage;
-  /** After each join of a room (connect or changeRoom): before live messages. */
+  /**
+   * After each join of a room (connect or changeRoom), and for the user's
+   * direct stream at each connect: before that room's or stream's live
+   * messages.
+   */
   resume: ResumeInfo;
   heartbeat: { online: number };
   roomChanged: { room: string };
@@ -112,7 +121,8 @@ export class PushClient {
   private attempts = 0;
   private urlIndex = 0;
   private seq = 1;
-  private joining = false;
+  /** Rooms and direct streams whose resume reply has not come yet. */
+  private readonly joining = new Set<string>();
   private heartbeatTimer: ReturnType<typeof setInterval> | null = null;
   private reconnectTimer: ReturnType<typeof setTimeout> | null = null;
   private awaitingHeartbeat = false;
@@ -195,7 +205,7 @@ export class PushClient {
     }
     if (this.resumeEnabled && room) {
       const since = this.positions.get(room);
-      this.joining = true;
+      this.joining.add(room);
       this.send(Op.ChangeRoom, JSON.stringify(since ? { room, since } : { room }));
     } else {
       this.send(Op.ChangeRoom, room);
@@ -290,11 +300,31 @@ export class PushClient {
       }
       if (this.resumeEnabled) {
         auth.positions = true;
-        const since = this.room ? this.positions.get(this.room) : undefined;
-        if (since) {
-          auth.since = { [this.room]: since };
+        // The room's position, and the user's and key's direct streams
+        // (`@mid:<mid>`, `@key:<key>`): the server resumes the ones that
+        // are this connection's own and ignores the rest.
+        const since: Record<string, Position> = {};
+        for (const [name, position] of this.positions) {
+          if (name === this.room || name.startsWith("@")) {
+            since[name] = position;
+          }
         }
-        this.joining = this.room !== "";
+        if (Object.keys(since).length > 0) {
+          auth.since = since;
+        }
+        this.joining.clear();
+        if (this.room) {
+          this.joining.add(this.room);
+        }
+        const mid = this.options.mid ?? 0;
+        if (mid !== 0) {
+          this.joining.add(`@mid:${mid}`);
+        }
+        // A key's stream is resumed only when named in `since`.
+        const keyStream = `@key:${this.options.key ?? ""}`;
+        if (keyStream in since) {
+          this.joining.add(keyStream);
+        }
       }
       this.seq = 1;
       this.send(Op.Auth, JSON.stringify(auth));
@@ -356,7 +386,7 @@ export class PushClient {
       case Op.ResumeReply: {
         const info = JSON.parse(bodyText(frame)) as ResumeInfo;
         this.positions.set(info.room, { epoch: info.epoch, offset: info.offset });
-        this.joining = false;
+        this.joining.delete(info.room);
         this.emit("resume", info);
         return;
       }
@@ -370,7 +400,7 @@ export class PushClient {
           body,
           room: frame.room,
           position: frame.position,
-          replayed: this.joining && frame.position !== undefined,
+          replayed: frame.room !== undefined && frame.position !== undefined && this.joining.has(frame.room),
           text: () => bodyText(frame),
           json: <T>() => JSON.parse(bodyText(frame)) as T,
         });
@@ -406,7 +436,7 @@ export class PushClient {
     const socket = this.socket;
     this.socket = null;
     this.authenticated = false;
-    this.joining = false;
+    this.joining.clear();
     if (socket) {
       socket.onopen = null;
       socket.onmessage = null;

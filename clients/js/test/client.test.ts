@@ -7,7 +7,7 @@ import { createHmac } from "node:crypto";
 import { after, before, describe, test } from "node:test";
 
 import { PushClient, type PushClientOptions, type PushMessage, type ResumeInfo } from "../src/index.js";
-import { Fleet, type Process, pushRoom, reservePort, sleep, startStandalone, until } from "./harness.js";
+import { Fleet, type Process, pushMid, pushRoom, reservePort, sleep, startStandalone, until } from "./harness.js";
 
 /** A client that records what it gets. */
 function recorder(options: PushClientOptions) {
@@ -184,34 +184,43 @@ describe("a fleet on NATS", () => {
     await fleet.stop();
   });
 
-  test("a client whose comet is drained moves to the other and resumes there", async () => {
+  test("a client whose comet is drained moves to the other and resumes its room and its user's messages there", async () => {
     const urls = fleet.comets.map((comet) => `ws://${comet.addr("comet.websocket")}/sub`);
-    const r = recorder({ urls, room: "live://fleet" });
+    const mid = 4242;
+    const r = recorder({ urls, room: "live://fleet", mid, accepts: [1000] });
     r.client.connect();
-    await until("the join", () => r.resumes.length === 1);
+    await until("the joins", () => r.resumes.length === 2);
+    assert.deepEqual(r.resumes.map((info) => info.room).sort(), [`@mid:${mid}`, "live://fleet"]);
     assert.equal(r.opens[0], urls[0]);
     const http = fleet.logic.addr("logic.http");
     const total = 120;
     const pushing = (async () => {
       for (let i = 0; i < total; i += 1) {
         await pushRoom(http, "live://fleet", String(i));
+        await pushMid(http, mid, `direct ${i}`);
         await sleep(10);
       }
     })();
-    await until("some messages", () => r.messages.length >= 20);
+    await until("some messages", () => r.messages.length >= 40);
     // The first comet drains (SIGTERM) and comes back; meanwhile the client
     // is on the second one.
     await fleet.restartComet(0);
     await pushing;
-    await until("every message", () => r.messages.length >= total, 20_000);
+    await until("every message", () => r.messages.length >= 2 * total, 20_000);
     await sleep(200);
+    const of = (stream: string) => r.messages.filter((m) => m.room === stream).map((m) => m.text());
     assert.deepEqual(
-      r.texts(),
+      of("live://fleet"),
       Array.from({ length: total }, (_, i) => String(i)),
     );
+    assert.deepEqual(
+      of(`@mid:${mid}`),
+      Array.from({ length: total }, (_, i) => `direct ${i}`),
+    );
+    assert.equal(r.messages.length, 2 * total);
     assert.ok(r.opens.length >= 2, JSON.stringify(r.opens));
     assert.equal(r.opens[1], urls[1]);
-    assert.ok(r.resumes.slice(1).every((info) => info.recovered), JSON.stringify(r.resumes));
+    assert.ok(r.resumes.slice(2).every((info) => info.recovered), JSON.stringify(r.resumes));
     r.client.close();
   });
 });

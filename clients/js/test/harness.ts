@@ -246,11 +246,17 @@ export function sleep(ms: number): Promise<void> {
 /** A room push through logic's HTTP API (`room` is `type://id`). */
 export async function pushRoom(logicHttp: string, room: string, body: string): Promise<void> {
   const [type, id] = room.split("://");
+  await push(logicHttp, `room?operation=1000&type=${type}&room=${encodeURIComponent(id ?? "")}`, room, body);
+}
+
+/** A push to a user (goim's `/goim/push/mids`), op 1000. */
+export async function pushMid(logicHttp: string, mid: number, body: string): Promise<void> {
+  await push(logicHttp, `mids?operation=1000&mids=${mid}`, `mid ${mid}`, body);
+}
+
+async function push(logicHttp: string, route: string, room: string, body: string): Promise<void> {
   for (;;) {
-    const response = await fetch(
-      `http://${logicHttp}/goim/push/room?operation=1000&type=${type}&room=${encodeURIComponent(id ?? "")}`,
-      { method: "POST", body },
-    );
+    const response = await fetch(`http://${logicHttp}/goim/push/${route}`, { method: "POST", body });
     if (response.status === 429) {
       await sleep(200);
       continue;
