@@ -600,6 +600,10 @@ pub struct HistorySpec {
     /// matching prefix wins.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rooms: Vec<RoomHistoryRuleSpec>,
+    /// Pushes to mids and keys, kept per user and per key whether or not
+    /// it is online (default on, 900 s, 1000 messages).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct: Option<DirectHistorySpec>,
     /// The least time any message stays in the push stream, delivered or
     /// not (default 900 s): also how long an accepted message waits for a
     /// job when every job is down.
@@ -622,6 +626,25 @@ pub struct RoomHistorySpec {
     /// At most this many of the room's latest messages are replayed.
     #[schemars(range(min = 1))]
     pub max_messages: u32,
+}
+
+/// `history.direct`: each user's and each key's stream of direct pushes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DirectHistorySpec {
+    /// Off: mid and key pushes go per comet, as in goim (a push to nobody
+    /// online is dropped, nothing is replayed).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Direct messages older than this are not replayed (default 900).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_age_seconds: Option<u32>,
+    /// At most this many of one user's latest direct messages are replayed
+    /// (default 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_messages: Option<u32>,
 }
 
 /// `history.rooms[]`: rooms whose id starts with `prefix`.

@@ -290,6 +290,15 @@ pub fn render_config(pc: &PushCluster) -> Result<Config, RenderError> {
                 max_messages: rule.max_messages as usize,
             })
             .collect();
+        if let Some(direct) = &history.direct {
+            config.history.direct.enabled = direct.enabled;
+            if let Some(max_age) = direct.max_age_seconds {
+                config.history.direct.max_age = seconds(max_age);
+            }
+            if let Some(max_messages) = direct.max_messages {
+                config.history.direct.max_messages = max_messages as usize;
+            }
+        }
         if let Some(min_ttl) = history.min_ttl_seconds {
             config.history.min_ttl = seconds(min_ttl);
         }

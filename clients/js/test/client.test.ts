@@ -152,7 +152,9 @@ test("endpoints come from /goim/nodes/weighted; JWT auth", async () => {
     token,
   });
   r.client.connect();
-  await until("the join", () => r.resumes.length === 1);
+  // The room's join, and the user's direct stream (the token's subject).
+  await until("the joins", () => r.resumes.length === 2);
+  assert.deepEqual(r.resumes.map((info) => info.room).sort(), ["@mid:42", "live://jwt"]);
   assert.deepEqual(r.opens, [`ws://127.0.0.1:${wsPort}/sub`]);
   assert.equal(tokens, 1);
   await pushRoom(server.addr("logic.http"), "live://jwt", "signed");
