@@ -17,6 +17,8 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
+use pushcluster_api::streams::is_direct;
+
 use crate::spec::{ClientSpec, PUSH_OP, PUSHER_EVENT, ServerKind, Transport, mid_of};
 
 /// Connections opened from one loopback source address: one address has
@@ -91,17 +93,41 @@ pub struct Since {
     pub offset: u64,
 }
 
+/// Where a `--resume` client is in its room and in its user's direct
+/// stream (`@mid:<mid>`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Positions {
+    pub room: Option<Since>,
+    pub user: Option<Since>,
+}
+
+impl Positions {
+    pub fn set(&mut self, user: bool, since: Since) {
+        if user {
+            self.user = Some(since);
+        } else {
+            self.room = Some(since);
+        }
+    }
+}
+
 /// What a connection reads, for its worker.
 pub enum Received<'a> {
     /// A pushed body.
     Body(&'a [u8]),
-    /// The position of the body just handed over (`--resume`).
-    Position(Since),
-    /// The op-20 reply after a join: whether everything missed was replayed.
-    Resumed { recovered: bool, since: Since },
+    /// The position of the body just handed over (`--resume`), in the
+    /// room or (`user`) in the user's direct stream.
+    Position { user: bool, since: Since },
+    /// The op-20 reply after a join of the room or of the user's stream:
+    /// whether everything missed was replayed.
+    Resumed {
+        user: bool,
+        recovered: bool,
+        since: Since,
+    },
 }
 
-fn auth_frame(identity: &Identity, resume: bool, since: Option<Since>) -> Bytes {
+fn auth_frame(identity: &Identity, resume: bool, positions: Positions) -> Bytes {
     let room = format!("{}://{}", identity.namespace, identity.room);
     let mut body = format!(
         r#"{{"mid":{},"key":"{}","room_id":"{room}","platform":"bench","accepts":[{PUSH_OP}]"#,
@@ -109,11 +135,19 @@ fn auth_frame(identity: &Identity, resume: bool, since: Option<Since>) -> Bytes 
     );
     if resume {
         body.push_str(r#","positions":true"#);
-        if let Some(since) = since {
-            body.push_str(&format!(
-                r#","since":{{"{room}":{{"epoch":"{}","offset":{}}}}}"#,
-                since.epoch, since.offset
-            ));
+        let user = format!("@mid:{}", identity.mid);
+        let since: Vec<String> = [(room, positions.room), (user, positions.user)]
+            .into_iter()
+            .filter_map(|(name, since)| {
+                let since = since?;
+                Some(format!(
+                    r#""{name}":{{"epoch":"{}","offset":{}}}"#,
+                    since.epoch, since.offset
+                ))
+            })
+            .collect();
+        if !since.is_empty() {
+            body.push_str(&format!(r#","since":{{{}}}"#, since.join(",")));
         }
     }
     body.push('}');
@@ -157,10 +191,13 @@ fn goim_bodies(
         }
     } else if frame.op == PUSH_OP {
         if let Some(position) = position {
-            on_body(Received::Position(Since {
-                epoch: position.epoch,
-                offset: position.offset,
-            }));
+            on_body(Received::Position {
+                user: is_direct(&position.stream),
+                since: Since {
+                    epoch: position.epoch,
+                    offset: position.offset,
+                },
+            });
         }
         on_body(Received::Body(&frame.body));
     } else if frame.op == op::RESUME_REPLY
@@ -173,6 +210,7 @@ fn goim_bodies(
                 .unwrap_or(0)
         };
         on_body(Received::Resumed {
+            user: reply["room"].as_str().is_some_and(is_direct),
             recovered: reply["recovered"].as_bool().unwrap_or(false),
             since: Since {
                 epoch: number("epoch"),
@@ -196,16 +234,16 @@ impl Connection {
         source: Option<Ipv4Addr>,
     ) -> anyhow::Result<Connection> {
         let addr = spec.addrs[identity.index % spec.addrs.len()];
-        Connection::open_at(spec, addr, identity, source, None).await
+        Connection::open_at(spec, addr, identity, source, Positions::default()).await
     }
 
-    /// Opens to `addr`; a `--resume` client sends `since` when it has one.
+    /// Opens to `addr`; a `--resume` client sends its positions.
     pub async fn open_at(
         spec: &ClientSpec,
         addr: SocketAddr,
         identity: &Identity,
         source: Option<Ipv4Addr>,
-        since: Option<Since>,
+        since: Positions,
     ) -> anyhow::Result<Connection> {
         tokio::time::timeout(
             HANDSHAKE_LIMIT,
@@ -220,7 +258,7 @@ impl Connection {
         addr: SocketAddr,
         identity: &Identity,
         source: Option<Ipv4Addr>,
-        since: Option<Since>,
+        since: Positions,
     ) -> anyhow::Result<Connection> {
         let auth = auth_frame(identity, spec.resume, since);
         let stream = tcp(addr, source)
@@ -459,7 +497,11 @@ mod tests {
         let mut seen = Vec::new();
         let mut record = |received: Received<'_>| match received {
             Received::Body(body) => seen.push(String::from_utf8_lossy(body).into_owned()),
-            Received::Position(since) => seen.push(format!("@{}", since.offset)),
+            Received::Position { user, since } => seen.push(format!(
+                "@{}{}",
+                since.offset,
+                if user { " user" } else { "" }
+            )),
             Received::Resumed { recovered, .. } => seen.push(format!("resumed {recovered}")),
         };
         goim_bodies((outer, None), &mut record);
@@ -468,11 +510,21 @@ mod tests {
         pushcluster_api::protocol::put_positioned_frame(&mut positioned, PUSH_OP, b"c", 7, 1, "r");
         let (frame, position) = decode(&mut positioned).expect("a frame");
         goim_bodies((frame, position), &mut record);
+        pushcluster_api::protocol::put_positioned_frame(
+            &mut positioned,
+            PUSH_OP,
+            b"d",
+            9,
+            1,
+            "@mid:3",
+        );
+        let (frame, position) = decode(&mut positioned).expect("a frame");
+        goim_bodies((frame, position), &mut record);
         let reply = Frame::server(
             op::RESUME_REPLY,
             Bytes::from(r#"{"recovered":true,"epoch":"1","offset":7}"#),
         );
         goim_bodies((reply, None), &mut record);
-        assert_eq!(seen, ["a", "b", "@7", "c", "resumed true"]);
+        assert_eq!(seen, ["a", "b", "@7", "c", "@9 user", "d", "resumed true"]);
     }
 }

@@ -46,6 +46,17 @@ impl Plan {
         churn_rate: f64,
         hold_ms: u64,
     ) -> Vec<WorkerSpec> {
+        self.specs_with_direct(fanout, max_pushes, 0, churn_rate, hold_ms)
+    }
+
+    fn specs_with_direct(
+        &self,
+        fanout: Fanout,
+        max_pushes: usize,
+        direct_pushes: usize,
+        churn_rate: f64,
+        hold_ms: u64,
+    ) -> Vec<WorkerSpec> {
         let workers = self.workers();
         let share = self.connections.div_ceil(workers);
         (0..workers)
@@ -61,6 +72,7 @@ impl Plan {
                     rooms: self.rooms.max(1),
                     connect_rate: self.connect_rate / workers as f64,
                     max_pushes,
+                    direct_pushes,
                     churn_rate: churn_rate / workers as f64,
                     churn_hold_ms: hold_ms,
                     worker,
@@ -540,6 +552,9 @@ pub struct Load {
     pub size: usize,
     pub settle: Duration,
     pub max_pushes: usize,
+    /// Pushes per second to single users (`/goim/push/mids`) besides the
+    /// scenario's, walking over every connection's user; 0: none.
+    pub direct_rate: f64,
     /// Sampled every second for the lag curve (`--lag-url`).
     pub lag_url: Option<String>,
 }
@@ -559,8 +574,14 @@ pub async fn fanout(plan: &Plan, load: &Load) -> anyhow::Result<Report> {
     } else {
         load.max_pushes
     };
+    let max_direct = if load.direct_rate > 0.0 {
+        (load.direct_rate * load.duration.as_secs_f64() * 1.2) as usize + 100
+    } else {
+        0
+    };
     let mut servers = Servers::before_connecting(&plan.pids);
-    let workers = Workers::start(plan, plan.specs(load.fanout, max_pushes, 0.0, 0)).await?;
+    let specs = plan.specs_with_direct(load.fanout, max_pushes, max_direct, 0.0, 0);
+    let workers = Workers::start(plan, specs).await?;
     servers.connected();
     let local = workers.handles.len() == 1;
 
@@ -573,8 +594,8 @@ pub async fn fanout(plan: &Plan, load: &Load) -> anyhow::Result<Report> {
     }
     let expected_of = {
         let (connected, total, fanout) = (workers.connected, plan.connections, load.fanout);
-        move |seq: u64| -> u64 {
-            match fanout {
+        move |seq: u64, fanout_of: Option<Fanout>| -> u64 {
+            match fanout_of.unwrap_or(fanout) {
                 Fanout::Room => room_members[(seq % rooms as u64) as usize],
                 Fanout::Broadcast => connected,
                 Fanout::Mids { per_push } => Fanout::mid_targets(seq, per_push, total)
@@ -654,7 +675,7 @@ pub async fn fanout(plan: &Plan, load: &Load) -> anyhow::Result<Report> {
                 let push = async move {
                     let _permit = permit;
                     if publisher.push(n, fanout, body(n, size)).await {
-                        expected.fetch_add(expected_of(n), Ordering::Relaxed);
+                        expected.fetch_add(expected_of(n, None), Ordering::Relaxed);
                     } else if let Ok(mut refused) = refused.lock() {
                         refused.push(n);
                     }
@@ -665,6 +686,52 @@ pub async fn fanout(plan: &Plan, load: &Load) -> anyhow::Result<Report> {
                 } else {
                     push.await;
                 }
+            }
+            while started_pushes.join_next().await.is_some() {}
+        }));
+    }
+    // Direct pushes, paced on their own: push n to one user.
+    let direct_sent = Arc::new(AtomicU64::new(0));
+    if load.direct_rate > 0.0 {
+        let (publisher, sent, refused, expected, expected_of, in_flight, direct_sent) = (
+            publisher.clone(),
+            sent.clone(),
+            refused.clone(),
+            expected.clone(),
+            expected_of.clone(),
+            in_flight.clone(),
+            direct_sent.clone(),
+        );
+        let (rate, size, base) = (load.direct_rate, load.size, max_pushes as u64);
+        tasks.push(tokio::spawn(async move {
+            let direct = Fanout::Mids { per_push: 1 };
+            let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut started_pushes = tokio::task::JoinSet::new();
+            let mut n = 0u64;
+            while Instant::now() < deadline && (n as usize) < max_direct {
+                ticks.tick().await;
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break;
+                };
+                let (publisher, sent, refused, expected, expected_of) = (
+                    publisher.clone(),
+                    sent.clone(),
+                    refused.clone(),
+                    expected.clone(),
+                    expected_of.clone(),
+                );
+                started_pushes.spawn(async move {
+                    let _permit = permit;
+                    if publisher.push(n, direct, body(base + n, size)).await {
+                        expected.fetch_add(expected_of(n, Some(direct)), Ordering::Relaxed);
+                    } else if let Ok(mut refused) = refused.lock() {
+                        refused.push(base + n);
+                    }
+                    sent.fetch_add(1, Ordering::Relaxed);
+                });
+                n += 1;
+                direct_sent.store(n, Ordering::Relaxed);
             }
             while started_pushes.join_next().await.is_some() {}
         }));
@@ -688,7 +755,8 @@ pub async fn fanout(plan: &Plan, load: &Load) -> anyhow::Result<Report> {
         }
         None => None,
     };
-    let attempted = sent.load(Ordering::Relaxed);
+    let direct = direct_sent.load(Ordering::Relaxed);
+    let attempted = sent.load(Ordering::Relaxed) - direct;
     let refused = refused.lock().map(|r| r.clone()).unwrap_or_default();
     let connected = workers.connected;
     let failed_count = workers.failed.len();
@@ -696,6 +764,7 @@ pub async fn fanout(plan: &Plan, load: &Load) -> anyhow::Result<Report> {
     let finish = Finish {
         pushes: attempted,
         refused: refused.clone(),
+        direct,
     };
     let controller_cpu = cpu_seconds(None).unwrap_or(0.0) - controller_cpu_start;
     let reports = workers.finish(&finish).await?;
@@ -717,13 +786,19 @@ pub async fn fanout(plan: &Plan, load: &Load) -> anyhow::Result<Report> {
     report.add("connections_failed", failed_count as u64);
     report.add("connections_closed_by_server", totals.closed);
     report.add("rooms", rooms as u64);
-    report.add("pushes_sent", attempted - refused.len() as u64);
-    report.add("pushes_refused", refused.len() as u64);
+    let direct_refused = refused.iter().filter(|&&n| n >= max_pushes as u64).count() as u64;
+    let refused_count = refused.len() as u64 - direct_refused;
+    report.add("pushes_sent", attempted - refused_count);
+    report.add("pushes_refused", refused_count);
+    if load.direct_rate > 0.0 {
+        report.add("direct_pushes_sent", direct - direct_refused);
+        report.add("direct_pushes_refused", direct_refused);
+    }
     report.add("pushes_throttled", publisher.throttled());
     report.add("push_rate_per_s", attempted as f64 / pushing.as_secs_f64());
     report.add(
         "accepted_push_rate_per_s",
-        (attempted - refused.len() as u64) as f64 / pushing.as_secs_f64(),
+        (attempted - refused_count) as f64 / pushing.as_secs_f64(),
     );
     if let Some(curve) = lag_curve {
         report.add("lag_max_messages", curve.iter().copied().max().unwrap_or(0));
@@ -801,6 +876,7 @@ pub async fn lone(
     let finish = Finish {
         pushes: count as u64,
         refused: refused.clone(),
+        direct: 0,
     };
     let reports = workers.finish(&finish).await?;
     let totals = totals(&reports, true)?;

@@ -194,6 +194,11 @@ struct FanoutArgs {
     /// Stop after this many pushes (bounds the accounting's memory).
     #[arg(long, default_value_t = 2_000_000)]
     max_pushes: usize,
+    /// Pushes per second to single users (`/goim/push/mids`, one
+    /// connection's user each, walking over all of them) on top of the
+    /// scenario's own; with `--resume` they are resumed too.
+    #[arg(long, default_value_t = 0.0)]
+    direct_rate: f64,
     /// A logic `/metrics` URL (standalone: the admin port's): its
     /// `pushcluster_logic_bus_lag_max_messages` is sampled every second and
     /// reported as the lag curve.
@@ -211,6 +216,7 @@ impl FanoutArgs {
             size: self.size,
             settle: self.settle,
             max_pushes: self.max_pushes,
+            direct_rate: self.direct_rate,
             lag_url: self.lag_url.clone(),
         }
     }

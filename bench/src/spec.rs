@@ -87,6 +87,11 @@ pub struct WorkerSpec {
     pub connect_rate: f64,
     /// Pushes the loss accounting can track.
     pub max_pushes: usize,
+    /// Direct pushes (`--direct-rate`) it can track: sequence numbers
+    /// `max_pushes ..`, push `n` to the user of connection
+    /// `mid_targets(n, 1, total)`.
+    #[serde(default)]
+    pub direct_pushes: usize,
     /// Connection churn: connects per second (0: none) and how long each
     /// connection stays before closing.
     pub churn_rate: f64,
@@ -123,8 +128,12 @@ pub enum WorkerEvent {
 pub struct Finish {
     /// Pushes `0 .. pushes` were attempted.
     pub pushes: u64,
-    /// Of those, the ones the server refused.
+    /// Of those, the ones the server refused (direct ones by their
+    /// sequence number, `max_pushes + n`).
     pub refused: Vec<u64>,
+    /// Direct pushes `0 .. direct` were attempted.
+    #[serde(default)]
+    pub direct: u64,
 }
 
 /// A worker's totals.

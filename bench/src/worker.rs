@@ -13,7 +13,7 @@ use anyhow::Context;
 use hdrhistogram::Histogram;
 use tokio::io::AsyncBufReadExt;
 
-use crate::client::{Connection, Identity, Received, Since, source_for};
+use crate::client::{Connection, Identity, Positions, Received, source_for};
 use crate::report::cpu_seconds;
 use crate::spec::{Fanout, FinalReport, Finish, WorkerEvent, WorkerSpec, now_nanos, stamp};
 
@@ -64,7 +64,9 @@ impl Worker {
             .map(|_| histogram().map(Mutex::new))
             .collect::<anyhow::Result<_>>()?;
         Ok(Arc::new(Worker {
-            copies: (0..spec.max_pushes).map(|_| AtomicU32::new(0)).collect(),
+            copies: (0..spec.max_pushes + spec.direct_pushes)
+                .map(|_| AtomicU32::new(0))
+                .collect(),
             connected: Mutex::new(vec![false; spec.count]),
             spec,
             started: Instant::now(),
@@ -141,35 +143,50 @@ impl Worker {
         let shard = &self.latency[index % SHARDS];
         let client = &self.spec.client;
         let identity = Identity::new(&client.namespace, index, self.spec.room_of(index));
-        let mut last_seq: Option<u64> = None;
-        let mut since: Option<Since> = None;
+        // The last push seen of the scenario's, and of the direct ones.
+        let mut last_seq: [Option<u64>; 2] = [None, None];
+        let mut since = Positions::default();
         let mut closed_at: Option<Instant> = None;
         let mut next = Some(connection);
         let mut attempt = index;
         while let Some(connection) = next.take() {
-            let mut replaying = closed_at.is_some();
+            // Until its op-20 reply: the room's, the user's stream's.
+            let rejoin = closed_at.is_some();
+            let mut replaying = [rejoin; 2];
+            let mut body_of_user = false;
             connection
                 .receive(|received| match received {
                     Received::Body(body) => {
-                        if replaying {
+                        if replaying[usize::from(body_of_user)] {
                             self.replayed.fetch_add(1, Ordering::Relaxed);
                         }
                         self.record(shard, &mut last_seq, body);
+                        body_of_user = false;
                     }
-                    Received::Position(position) => since = Some(position),
+                    Received::Position { user, since: at } => {
+                        since.set(user, at);
+                        body_of_user = user;
+                    }
                     Received::Resumed {
+                        user,
                         recovered,
                         since: at,
                     } => {
-                        since = Some(at);
-                        replaying = false;
-                        if let Some(closed) = closed_at.take() {
+                        since.set(user, at);
+                        replaying[usize::from(user)] = false;
+                        if rejoin {
                             let counter = if recovered {
                                 &self.resumes_recovered
                             } else {
                                 &self.resumes_not_recovered
                             };
                             counter.fetch_add(1, Ordering::Relaxed);
+                        }
+                        // The gap: from the end to the room's reply.
+                        if user {
+                            return;
+                        }
+                        if let Some(closed) = closed_at.take() {
                             if let Ok(mut gap) = self.resume_gap.lock() {
                                 let micros = closed.elapsed().as_micros() as u64;
                                 let _ = gap.record(micros.clamp(1, LATENCY_MAX_US));
@@ -202,14 +219,16 @@ impl Worker {
         }
     }
 
-    /// Counts one received body: copies of its push, order, latency.
-    fn record(&self, shard: &Mutex<Histogram<u64>>, last_seq: &mut Option<u64>, body: &[u8]) {
+    /// Counts one received body: copies of its push, order (of the
+    /// scenario's pushes and of the direct ones, each), latency.
+    fn record(&self, shard: &Mutex<Histogram<u64>>, last_seq: &mut [Option<u64>; 2], body: &[u8]) {
         let now = now_nanos();
         self.received.fetch_add(1, Ordering::Relaxed);
         self.last_receive.fetch_max(now, Ordering::Relaxed);
         let Some((sent, seq)) = stamp(body) else {
             return;
         };
+        let last_seq = &mut last_seq[usize::from(seq >= self.spec.max_pushes as u64)];
         if last_seq.is_some_and(|last| seq <= last) {
             self.out_of_order.fetch_add(1, Ordering::Relaxed);
         }
@@ -317,7 +336,19 @@ impl Worker {
         for (seq, copies) in self.copies.iter().enumerate() {
             let seq = seq as u64;
             let copies = u64::from(copies.load(Ordering::Relaxed));
-            let expected = if seq >= finish.pushes || refused.contains(&seq) {
+            let direct = seq.checked_sub(spec.max_pushes as u64);
+            let expected = if refused.contains(&seq) {
+                0
+            } else if let Some(n) = direct {
+                // A direct push reaches its one user's connection.
+                if n < finish.direct {
+                    Fanout::mid_targets(n, 1, spec.total)
+                        .filter(|&index| mine(index))
+                        .count() as u64
+                } else {
+                    0
+                }
+            } else if seq >= finish.pushes {
                 0
             } else {
                 match spec.fanout {
