@@ -19,6 +19,8 @@
 # PATH), BIN (target/release), KEEP=1 keeps the work dir with the logs,
 # LOGIC_EXTRA more `logic` settings (e.g. 'backpressure: { max_lag: 0 }'),
 # COMET_EXTRA more `comet` settings (e.g. 'drain: 5s'),
+# EXTRA more top-level settings for every process (e.g.
+# 'history: { direct: { enabled: false } }'),
 # ROLL=term|kill replaces every comet in turn while the bench runs (SIGTERM
 # and its drain, or SIGKILL; then the same comet starts again), ROLL_AFTER
 # seconds after the fleet is ready (5) and ROLL_GAP seconds apart (3) —
@@ -92,7 +94,8 @@ for ((i = 0; i < comets; i++)); do
 done
 common="nats: { url: \"nats://127.0.0.1:$nats_port\" }
 logic: { auth: { mode: none }, api: { allow_unauthenticated: true }${LOGIC_EXTRA:+, $LOGIC_EXTRA} }
-discovery: { kind: static, logics: [\"127.0.0.1:3119\"], comets: [${comet_list%, }] }"
+discovery: { kind: static, logics: [\"127.0.0.1:3119\"], comets: [${comet_list%, }] }
+${EXTRA:-}"
 
 connect=()
 comet_pids=()

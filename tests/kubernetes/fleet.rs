@@ -738,7 +738,9 @@ async fn roll_client(
             let frame = loop {
                 match decode_positioned_stream(&mut buf) {
                     Ok(Some((frame, position))) => {
-                        if let Some(position) = position {
+                        // The room's position (its user's direct stream,
+                        // `@mid:<mid>`, has positions of its own).
+                        if let Some(position) = position.filter(|p| p.stream == "live://roll") {
                             since = Some(json!({
                                 "epoch": position.epoch.to_string(),
                                 "offset": position.offset
@@ -765,6 +767,7 @@ async fn roll_client(
             let session = &mut all[index];
             if frame.op == op::RESUME_REPLY
                 && let Ok(reply) = serde_json::from_slice::<Value>(&frame.body)
+                && reply["room"] == "live://roll"
             {
                 since = Some(json!({"epoch": reply["epoch"], "offset": reply["offset"]}));
                 session.resumed = Some((
