@@ -186,11 +186,11 @@ impl Worker {
                         if user {
                             return;
                         }
-                        if let Some(closed) = closed_at.take() {
-                            if let Ok(mut gap) = self.resume_gap.lock() {
-                                let micros = closed.elapsed().as_micros() as u64;
-                                let _ = gap.record(micros.clamp(1, LATENCY_MAX_US));
-                            }
+                        if let Some(closed) = closed_at.take()
+                            && let Ok(mut gap) = self.resume_gap.lock()
+                        {
+                            let micros = closed.elapsed().as_micros() as u64;
+                            let _ = gap.record(micros.clamp(1, LATENCY_MAX_US));
                         }
                     }
                 })

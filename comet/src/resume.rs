@@ -25,7 +25,6 @@ use pushcluster_api::pb::logic::{HistoryMessage, HistoryReply, HistoryReq, Strea
 use pushcluster_api::protocol::{
     EncodedPush, Frame, inner_frames, op, positioned_header_len, put_positioned_frame, skip_frames,
 };
-
 use pushcluster_api::streams::{self, DirectStream};
 use tokio::time::Instant;
 

@@ -766,7 +766,7 @@ impl Lanes {
         // Senders only try_send under the map lock, so nothing can arrive
         // between this check and the removal.
         match rx.try_recv() {
-            Ok(delivery) => Retire::Process(delivery),
+            Ok(delivery) => Retire::Process(Box::new(delivery)),
             Err(_) => {
                 if map.get(key).is_some_and(|lane| lane.id == id) {
                     map.remove(key);
@@ -794,7 +794,7 @@ impl Lanes {
                 Ok(Some(delivery)) => delivery,
                 Ok(None) => break,
                 Err(_) => match self.retire(&key, id, &mut rx, &waiting) {
-                    Retire::Process(delivery) => delivery,
+                    Retire::Process(delivery) => *delivery,
                     Retire::Stay => continue,
                     Retire::Exit => break,
                 },
@@ -837,7 +837,7 @@ impl Lanes {
 }
 
 enum Retire {
-    Process(Delivery),
+    Process(Box<Delivery>),
     Stay,
     Exit,
 }
