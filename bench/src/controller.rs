@@ -566,6 +566,32 @@ fn check_support(server: ServerKind, fanout: Fanout) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What each push of a run adds up to.
+#[derive(Clone)]
+struct Tally {
+    publisher: Publisher,
+    sent: Arc<AtomicU64>,
+    /// Sequence numbers of the pushes the server refused.
+    refused: Arc<Mutex<Vec<u64>>>,
+    /// Copies the workers should receive.
+    expected: Arc<AtomicU64>,
+    /// How many connections push `n` of a fanout reaches.
+    expected_of: Arc<dyn Fn(u64, Fanout) -> u64 + Send + Sync>,
+}
+
+impl Tally {
+    /// Push `n` of `fanout`, its body stamped with sequence `seq`.
+    async fn push(&self, n: u64, fanout: Fanout, seq: u64, size: usize) {
+        if self.publisher.push(n, fanout, body(seq, size)).await {
+            self.expected
+                .fetch_add((self.expected_of)(n, fanout), Ordering::Relaxed);
+        } else if let Ok(mut refused) = self.refused.lock() {
+            refused.push(seq);
+        }
+        self.sent.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Room, mids or broadcast pushes to connected clients.
 pub async fn fanout(plan: &Plan, load: &Load) -> anyhow::Result<Report> {
     check_support(plan.client.server, load.fanout)?;
@@ -593,9 +619,9 @@ pub async fn fanout(plan: &Plan, load: &Load) -> anyhow::Result<Report> {
         room_members[index % rooms] += 1;
     }
     let expected_of = {
-        let (connected, total, fanout) = (workers.connected, plan.connections, load.fanout);
-        move |seq: u64, fanout_of: Option<Fanout>| -> u64 {
-            match fanout_of.unwrap_or(fanout) {
+        let (connected, total) = (workers.connected, plan.connections);
+        move |seq: u64, fanout: Fanout| -> u64 {
+            match fanout {
                 Fanout::Room => room_members[(seq % rooms as u64) as usize],
                 Fanout::Broadcast => connected,
                 Fanout::Mids { per_push } => Fanout::mid_targets(seq, per_push, total)
@@ -620,7 +646,13 @@ pub async fn fanout(plan: &Plan, load: &Load) -> anyhow::Result<Report> {
     let seq = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(Mutex::new(Vec::new()));
     let expected = Arc::new(AtomicU64::new(0));
-    let expected_of = Arc::new(expected_of);
+    let tally = Tally {
+        publisher: publisher.clone(),
+        sent: sent.clone(),
+        refused: refused.clone(),
+        expected: expected.clone(),
+        expected_of: Arc::new(expected_of),
+    };
     let lag_curve = load.lag_url.clone().map(sample_lag);
     let started = Instant::now();
     let started_ns = now_nanos();
@@ -637,15 +669,7 @@ pub async fn fanout(plan: &Plan, load: &Load) -> anyhow::Result<Report> {
     let in_flight = Arc::new(tokio::sync::Semaphore::new(load.concurrency.max(1)));
     let mut tasks = Vec::new();
     for _ in 0..pushers {
-        let (publisher, sent, seq, refused, expected, expected_of, in_flight) = (
-            publisher.clone(),
-            sent.clone(),
-            seq.clone(),
-            refused.clone(),
-            expected.clone(),
-            expected_of.clone(),
-            in_flight.clone(),
-        );
+        let (tally, seq, in_flight) = (tally.clone(), seq.clone(), in_flight.clone());
         let (rate, size, fanout) = (load.rate, load.size, load.fanout);
         tasks.push(tokio::spawn(async move {
             let mut ticks = (rate > 0.0).then(|| {
@@ -665,21 +689,10 @@ pub async fn fanout(plan: &Plan, load: &Load) -> anyhow::Result<Report> {
                 let Ok(permit) = in_flight.clone().acquire_owned().await else {
                     break;
                 };
-                let (publisher, sent, refused, expected, expected_of) = (
-                    publisher.clone(),
-                    sent.clone(),
-                    refused.clone(),
-                    expected.clone(),
-                    expected_of.clone(),
-                );
+                let tally = tally.clone();
                 let push = async move {
                     let _permit = permit;
-                    if publisher.push(n, fanout, body(n, size)).await {
-                        expected.fetch_add(expected_of(n, None), Ordering::Relaxed);
-                    } else if let Ok(mut refused) = refused.lock() {
-                        refused.push(n);
-                    }
-                    sent.fetch_add(1, Ordering::Relaxed);
+                    tally.push(n, fanout, n, size).await;
                 };
                 if ticks.is_some() {
                     started_pushes.spawn(push);
@@ -693,15 +706,8 @@ pub async fn fanout(plan: &Plan, load: &Load) -> anyhow::Result<Report> {
     // Direct pushes, paced on their own: push n to one user.
     let direct_sent = Arc::new(AtomicU64::new(0));
     if load.direct_rate > 0.0 {
-        let (publisher, sent, refused, expected, expected_of, in_flight, direct_sent) = (
-            publisher.clone(),
-            sent.clone(),
-            refused.clone(),
-            expected.clone(),
-            expected_of.clone(),
-            in_flight.clone(),
-            direct_sent.clone(),
-        );
+        let (tally, in_flight, direct_sent) =
+            (tally.clone(), in_flight.clone(), direct_sent.clone());
         let (rate, size, base) = (load.direct_rate, load.size, max_pushes as u64);
         tasks.push(tokio::spawn(async move {
             let direct = Fanout::Mids { per_push: 1 };
@@ -714,21 +720,10 @@ pub async fn fanout(plan: &Plan, load: &Load) -> anyhow::Result<Report> {
                 let Ok(permit) = in_flight.clone().acquire_owned().await else {
                     break;
                 };
-                let (publisher, sent, refused, expected, expected_of) = (
-                    publisher.clone(),
-                    sent.clone(),
-                    refused.clone(),
-                    expected.clone(),
-                    expected_of.clone(),
-                );
+                let tally = tally.clone();
                 started_pushes.spawn(async move {
                     let _permit = permit;
-                    if publisher.push(n, direct, body(base + n, size)).await {
-                        expected.fetch_add(expected_of(n, Some(direct)), Ordering::Relaxed);
-                    } else if let Ok(mut refused) = refused.lock() {
-                        refused.push(base + n);
-                    }
-                    sent.fetch_add(1, Ordering::Relaxed);
+                    tally.push(n, direct, base + n, size).await;
                 });
                 n += 1;
                 direct_sent.store(n, Ordering::Relaxed);

@@ -44,7 +44,7 @@ use pushcluster_api::protocol::RawBatch;
 use pushcluster_api::streams::DirectStream;
 use pushcluster_backplane::bus::{Bus, BusError, Delivery};
 use pushcluster_backplane::discovery::{CometEndpoint, Discovery};
-use pushcluster_backplane::registry::Registry;
+use pushcluster_backplane::registry::{Registry, RegistryError};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
@@ -503,13 +503,21 @@ impl Shared {
         let Some(registry) = self.registry.get() else {
             return self.drop_all("push", "no_registry", vec![delivery]).await;
         };
-        let found = match DirectStream::parse(stream) {
-            Some(DirectStream::Mid(mid)) => registry.servers_by_mids(&[mid]).await,
-            Some(DirectStream::Key(key)) => registry.servers_by_keys(&[key]).await,
-            None => return self.drop_all("push", "invalid", vec![delivery]).await,
+        let Some(target) = DirectStream::parse(stream) else {
+            return self.drop_all("push", "invalid", vec![delivery]).await;
         };
-        let found = match found {
-            Ok(found) => found,
+        let lookup = async {
+            let found = match &target {
+                DirectStream::Mid(mid) => registry.servers_by_mids(&[*mid]).await?,
+                DirectStream::Key(key) => {
+                    registry.servers_by_keys(std::slice::from_ref(key)).await?
+                }
+            };
+            let reporting = self.reporting_comets(registry.as_ref()).await?;
+            Ok::<_, RegistryError>((found, reporting))
+        };
+        let (found, reporting) = match lookup.await {
+            Ok(both) => both,
             Err(error) => {
                 // Sessions unreadable: the message waits in the stream.
                 self.metrics
@@ -517,18 +525,6 @@ impl Shared {
                     .with_label_values(&["push", "registry"])
                     .inc();
                 tracing::warn!(%error, "cannot read sessions; the push goes back to the bus");
-                delivery.nack(self.config.delivery.backoff_max).await;
-                return;
-            }
-        };
-        let reporting = match self.reporting_comets(registry.as_ref()).await {
-            Ok(reporting) => reporting,
-            Err(error) => {
-                self.metrics
-                    .failures
-                    .with_label_values(&["push", "registry"])
-                    .inc();
-                tracing::warn!(%error, "cannot read comet reports; the push goes back to the bus");
                 delivery.nack(self.config.delivery.backoff_max).await;
                 return;
             }
@@ -592,7 +588,7 @@ impl Shared {
     async fn reporting_comets(
         &self,
         registry: &dyn Registry,
-    ) -> Result<Arc<HashSet<String>>, pushcluster_backplane::registry::RegistryError> {
+    ) -> Result<Arc<HashSet<String>>, RegistryError> {
         if let Ok(cache) = self.reporting.lock()
             && let Some((at, servers)) = cache.as_ref()
             && at.elapsed() < REPORTS_CACHE
