@@ -89,6 +89,9 @@ impl Config {
         if comet.broadcast_queue == 0 {
             return Err(invalid("comet.broadcast_queue", "must be > 0"));
         }
+        if comet.limits.rooms_per_connection == 0 {
+            return Err(invalid("comet.limits.rooms_per_connection", "must be > 0"));
+        }
         if comet.logic_timeout.is_zero() {
             return Err(invalid("comet.logic_timeout", "must be > 0"));
         }
@@ -550,6 +553,9 @@ pub struct LimitsConfig {
     /// Frames a client may send per second on one connection (burst of
     /// twice this); a connection over it is closed.
     pub frames_per_second_per_connection: u32,
+    /// Rooms one connection may be in at once (goim's room and those joined
+    /// with op 22 or the auth body's `rooms`); a join past it is refused.
+    pub rooms_per_connection: usize,
 }
 
 impl Default for LimitsConfig {
@@ -559,6 +565,7 @@ impl Default for LimitsConfig {
             max_connections_per_ip: 0,
             new_connections_per_second_per_ip: 0,
             frames_per_second_per_connection: 50,
+            rooms_per_connection: 16,
         }
     }
 }

@@ -50,6 +50,14 @@ pub mod op {
     /// it joined a room (auth or op 12), once any replay is written and
     /// before live messages; the body is JSON (`docs/recovery.md`).
     pub const RESUME_REPLY: i32 = 20;
+    /// pushcluster: join one more room (body: the room id, or for a client
+    /// with positions `{"room", "since"}`); answered with op 23, JSON
+    /// `{"room", "ok", "reason"}` (`docs/goim-compatibility.md`).
+    pub const JOIN: i32 = 22;
+    pub const JOIN_REPLY: i32 = 23;
+    /// pushcluster: leave one room (body: the room id); answered with op 25.
+    pub const LEAVE: i32 = 24;
+    pub const LEAVE_REPLY: i32 = 25;
 }
 
 /// A decoded frame.

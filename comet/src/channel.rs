@@ -15,7 +15,7 @@ use bytes::Bytes;
 use pushcluster_api::protocol::EncodedPush;
 use tokio::sync::Notify;
 
-use crate::resume::{PositionedBatch, PositionedState, StreamName};
+use crate::resume::{PositionedBatch, PositionedState};
 use crate::room::Room;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,7 +136,7 @@ pub struct Channel {
     pub transport: TransportKind,
     capacity: usize,
     watched_ops: Mutex<Vec<i32>>,
-    pub(crate) room: Mutex<Option<Arc<Room>>>,
+    pub(crate) rooms: Mutex<ChannelRooms>,
     queue: Mutex<QueueState>,
     wake: Notify,
     /// When the client's next heartbeat is due, and when a write that
@@ -147,6 +147,75 @@ pub struct Channel {
     write_due_ms: AtomicU64,
     /// Set for connections that opted in to positions.
     positioned: Option<Box<PositionedState>>,
+}
+
+/// The rooms a connection is in. goim's one room is `primary`; rooms
+/// joined besides (op 22, the auth body's `rooms`) and the rooms a token
+/// allows live in a box only connections that use them allocate.
+#[derive(Default)]
+pub struct ChannelRooms {
+    pub primary: Option<Arc<Room>>,
+    more: Option<Box<MoreRooms>>,
+}
+
+#[derive(Default)]
+struct MoreRooms {
+    joined: Vec<Arc<Room>>,
+    /// `Some`: only these may be joined.
+    allowed: Option<Vec<String>>,
+}
+
+impl ChannelRooms {
+    fn more_mut(&mut self) -> &mut MoreRooms {
+        self.more.get_or_insert_with(Box::default)
+    }
+
+    /// goim's room first, then the others in the order joined.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Room>> {
+        self.primary
+            .iter()
+            .chain(self.more.iter().flat_map(|more| more.joined.iter()))
+    }
+
+    pub fn first(&self) -> Option<&Arc<Room>> {
+        self.all().next()
+    }
+
+    pub fn count(&self) -> usize {
+        self.all().count()
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.all().any(|room| &*room.id == id)
+    }
+
+    /// Whether the connection may be in room `id`.
+    pub fn allows(&self, id: &str) -> bool {
+        match self.more.as_ref().and_then(|more| more.allowed.as_ref()) {
+            Some(allowed) => allowed.iter().any(|room| room == id),
+            None => true,
+        }
+    }
+
+    pub fn add(&mut self, room: Arc<Room>) {
+        self.more_mut().joined.push(room);
+    }
+
+    /// Takes a joined room (not goim's) out of the list.
+    pub fn remove(&mut self, id: &str) -> Option<Arc<Room>> {
+        let more = self.more.as_mut()?;
+        let at = more.joined.iter().position(|room| &*room.id == id)?;
+        Some(more.joined.swap_remove(at))
+    }
+
+    /// Takes every room out: goim's and the joined ones.
+    pub fn take_all(&mut self) -> Vec<Arc<Room>> {
+        let mut all: Vec<Arc<Room>> = self.primary.take().into_iter().collect();
+        if let Some(more) = self.more.as_mut() {
+            all.append(&mut more.joined);
+        }
+        all
+    }
 }
 
 impl Channel {
@@ -167,7 +236,7 @@ impl Channel {
             transport,
             capacity: capacity.max(1),
             watched_ops: Mutex::new(Vec::new()),
-            room: Mutex::new(None),
+            rooms: Mutex::new(ChannelRooms::default()),
             queue: Mutex::new(QueueState {
                 frames: VecDeque::new(),
                 published_us: VecDeque::new(),
@@ -192,9 +261,9 @@ impl Channel {
         self.positioned.as_deref()
     }
 
-    /// Queues a positioned batch of the room (`None`) or of a direct
-    /// stream (positioned connections only).
-    pub fn push_positioned(&self, stream: StreamName, batch: &Arc<PositionedBatch>) -> Queued {
+    /// Queues a positioned batch of a room or a direct stream, by its name
+    /// (positioned connections only).
+    pub fn push_positioned(&self, stream: &str, batch: &Arc<PositionedBatch>) -> Queued {
         match &self.positioned {
             Some(state) => state.push(self, stream, batch, self.capacity),
             None => self.push(&batch.push),
@@ -225,20 +294,37 @@ impl Channel {
             .unwrap_or(false)
     }
 
-    /// The room's online count for heartbeat replies (0 outside a room).
+    /// The room's online count for heartbeat replies: goim's room (the
+    /// one op 12 moves), else the first room joined; 0 outside any room.
     pub fn room_online(&self) -> i32 {
-        self.room
+        self.rooms
             .lock()
             .ok()
-            .and_then(|room| room.as_ref().map(|r| r.online_num()))
+            .and_then(|rooms| rooms.first().map(|r| r.online_num()))
             .unwrap_or(0)
     }
 
+    /// goim's room: the auth body's `room_id`, moved by op 12.
     pub fn room_id(&self) -> Option<Arc<str>> {
-        self.room
+        self.rooms
             .lock()
             .ok()
-            .and_then(|room| room.as_ref().map(|r| r.id.clone()))
+            .and_then(|rooms| rooms.primary.as_ref().map(|r| r.id.clone()))
+    }
+
+    /// Every room the connection is in.
+    pub fn room_ids(&self) -> Vec<Arc<str>> {
+        self.rooms
+            .lock()
+            .map(|rooms| rooms.all().map(|room| room.id.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Only these rooms may be joined (the token's `room`/`rooms` claims).
+    pub fn restrict_rooms(&self, allowed: Vec<String>) {
+        if let Ok(mut rooms) = self.rooms.lock() {
+            rooms.more_mut().allowed = Some(allowed);
+        }
     }
 
     /// Queues a push encoded for both transports.

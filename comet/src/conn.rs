@@ -238,7 +238,7 @@ async fn open<'a, T: Transport>(
     started: Instant,
 ) -> Option<Session<'a>> {
     let mut budget = FrameBudget::new(comet.config().limits.frames_per_second_per_connection);
-    let (auth, reply) = handshake(comet, transport, ip, cookie, started, &mut budget).await?;
+    let (auth, mut reply) = handshake(comet, transport, ip, cookie, started, &mut budget).await?;
     let kind = transport.kind();
     let mut channel = Channel::new(
         comet.next_channel_id(),
@@ -252,6 +252,9 @@ async fn open<'a, T: Transport>(
     if reply.positions {
         channel = channel.with_positions();
     }
+    if reply.rooms_restricted {
+        channel.restrict_rooms(std::mem::take(&mut reply.allowed_rooms));
+    }
     let channel = Arc::new(channel);
     // Queued before the channel becomes reachable, so it is the first
     // frame the client sees.
@@ -262,25 +265,45 @@ async fn open<'a, T: Transport>(
         let direct = resume::direct_streams(&channel, reply.direct_streams, &reply.direct_since);
         let joins_room = !reply.room_id.is_empty();
         if joins_room {
-            state.hold(None);
+            state.hold(&reply.room_id);
         }
-        for (name, _) in &direct {
-            state.hold(Some(name));
+        for name in direct.iter().map(|(name, _)| name).chain(&reply.rooms) {
+            state.hold(name);
         }
-        comet.register(&channel, &reply.room_id);
+        comet.register(&channel, &reply.room_id, &reply.rooms);
+        // Rooms left out (over the limit) hold nothing.
+        let joined = channel.room_ids();
+        for room in &reply.rooms {
+            if !joined.iter().any(|id| &**id == room) {
+                state.forget(room);
+            }
+        }
         let room = async {
             if joins_room {
                 let target = resume::Resuming::Room(&reply.room_id);
                 resume::resume(comet, &channel, state, target, reply.since).await;
             }
         };
+        let more = reply
+            .rooms
+            .iter()
+            .filter(|room| joined.iter().any(|id| &**id == room.as_str()))
+            .map(|room| {
+                let since = reply.rooms_since.get(room).copied();
+                resume::resume(comet, &channel, state, resume::Resuming::Room(room), since)
+            });
         let streams = direct.iter().map(|(name, since)| {
             let target = resume::Resuming::Direct(name);
             resume::resume(comet, &channel, state, target, *since)
         });
-        futures_util::future::join(room, futures_util::future::join_all(streams)).await;
+        futures_util::future::join3(
+            room,
+            futures_util::future::join_all(more),
+            futures_util::future::join_all(streams),
+        )
+        .await;
     } else {
-        comet.register(&channel, &reply.room_id);
+        comet.register(&channel, &reply.room_id, &reply.rooms);
     }
     comet
         .metrics
@@ -494,7 +517,8 @@ impl Session<'_> {
                             op::CHANGE_ROOM if self.channel.positioned().is_some() => {
                                 Box::pin(self.change_room_with_positions(frame)).await
                             }
-                            op::HEARTBEAT | op::CHANGE_ROOM | op::SUB | op::UNSUB => {
+                            op::JOIN => Box::pin(self.join_room(frame)).await,
+                            op::HEARTBEAT | op::CHANGE_ROOM | op::SUB | op::UNSUB | op::LEAVE => {
                                 self.handle(frame)
                             }
                             // Boxed for the same reason as the handshake.
@@ -601,8 +625,25 @@ impl Session<'_> {
             op::CHANGE_ROOM => {
                 self.count_upstream("change_room");
                 let room = String::from_utf8_lossy(&frame.body);
-                self.comet.rooms.change(&self.channel, &room);
-                self.reply(&frame, op::CHANGE_ROOM_REPLY, frame.body.clone())
+                let changed = self.comet.rooms.change(&self.channel, &room);
+                self.comet.count_join(changed.map(|_| true));
+                match changed {
+                    Ok(()) => self.reply(&frame, op::CHANGE_ROOM_REPLY, frame.body.clone()),
+                    Err(refusal) => {
+                        let body = join_answer(&room, Err(refusal.label()));
+                        self.reply(&frame, op::CHANGE_ROOM_REPLY, body)
+                    }
+                }
+            }
+            op::LEAVE => {
+                self.count_upstream("leave");
+                let room = resume::Join::parse_change_room(&frame.body).room;
+                let answer = if self.comet.rooms.leave_one(&self.channel, &room) {
+                    Ok(())
+                } else {
+                    Err("not_member")
+                };
+                self.reply(&frame, op::LEAVE_REPLY, join_answer(&room, answer))
             }
             op::SUB => {
                 self.count_upstream("sub");
@@ -623,6 +664,37 @@ impl Session<'_> {
         }
     }
 
+    /// Op 22: one more room. The body is the room id, or `{"room", "since"}`
+    /// (a client with positions resumes the room from `since`: the op-23
+    /// reply comes first, then the replay and the op-20 reply).
+    async fn join_room(&mut self, frame: Frame) -> Result<(), CloseReason> {
+        self.count_upstream("join");
+        let join = resume::Join::parse_change_room(&frame.body);
+        let already = self
+            .channel
+            .rooms
+            .lock()
+            .map(|rooms| rooms.contains(&join.room))
+            .unwrap_or(false);
+        let positioned = self.channel.positioned().filter(|_| !already);
+        if let Some(state) = positioned {
+            state.hold(&join.room);
+        }
+        let joined = self.comet.rooms.join_more(&self.channel, &join.room);
+        self.comet.count_join(joined);
+        let answer = joined.map(|_| ()).map_err(|refusal| refusal.label());
+        self.reply(&frame, op::JOIN_REPLY, join_answer(&join.room, answer))?;
+        if let Some(state) = positioned {
+            if joined.is_ok() {
+                let target = resume::Resuming::Room(&join.room);
+                resume::resume(self.comet, &self.channel, state, target, join.since).await;
+            } else {
+                state.forget(&join.room);
+            }
+        }
+        Ok(())
+    }
+
     /// Op 12 of a connection with positions: the body may carry where the
     /// client left off in the new room (`resume::Join`); the op-13 reply
     /// comes first, then the replay and the op-20 reply.
@@ -632,14 +704,28 @@ impl Session<'_> {
         let Some(state) = self.channel.positioned() else {
             return Ok(());
         };
-        let moving =
-            !join.room.is_empty() && self.channel.room_id().as_deref() != Some(&*join.room);
-        if moving {
-            state.hold(None);
+        // Entering a room it is not in yet (not one it joined besides).
+        let entering = !join.room.is_empty()
+            && !self
+                .channel
+                .rooms
+                .lock()
+                .map(|rooms| rooms.contains(&join.room))
+                .unwrap_or(true);
+        if entering {
+            state.hold(&join.room);
         }
-        self.comet.rooms.change(&self.channel, &join.room);
+        let changed = self.comet.rooms.change(&self.channel, &join.room);
+        self.comet.count_join(changed.map(|_| true));
+        if let Err(refusal) = changed {
+            if entering {
+                state.forget(&join.room);
+            }
+            let body = join_answer(&join.room, Err(refusal.label()));
+            return self.reply(&frame, op::CHANGE_ROOM_REPLY, body);
+        }
         self.reply(&frame, op::CHANGE_ROOM_REPLY, frame.body.clone())?;
-        if moving {
+        if entering {
             let target = resume::Resuming::Room(&join.room);
             resume::resume(self.comet, &self.channel, state, target, join.since).await;
         }
@@ -685,4 +771,14 @@ impl Session<'_> {
             }
         });
     }
+}
+
+/// The JSON body of a join, leave or refused change-room reply:
+/// `{"room", "ok"}`, with `"reason"` when refused.
+fn join_answer(room: &str, answer: Result<(), &str>) -> Bytes {
+    let body = match answer {
+        Ok(()) => serde_json::json!({"room": room, "ok": true}),
+        Err(reason) => serde_json::json!({"room": room, "ok": false, "reason": reason}),
+    };
+    Bytes::from(body.to_string())
 }

@@ -57,7 +57,7 @@ use crate::channel::{Channel, CloseReason, Queued};
 use crate::limits::Admission;
 use crate::metrics::CometMetrics;
 use crate::resume::PositionedBatch;
-use crate::room::{Fanout, Rooms};
+use crate::room::{Fanout, JoinRefusal, Rooms};
 use crate::stream_guard::{StreamGuard, StreamMark};
 
 pub use crate::server::CometServer;
@@ -118,7 +118,7 @@ impl Comet {
             me: me.clone(),
             id,
             buckets: Buckets::new(config.bucket.size),
-            rooms: Rooms::new(ROOM_SHARDS),
+            rooms: Rooms::new(ROOM_SHARDS, config.limits.rooms_per_connection),
             guard: StreamGuard::default(),
             admission: Admission::new(config.limits.clone()),
             config,
@@ -184,18 +184,32 @@ impl Comet {
         closed
     }
 
+    /// Counts a join's outcome (`pushcluster_comet_room_joins_total`).
+    pub(crate) fn count_join(&self, joined: Result<bool, JoinRefusal>) {
+        let result = match joined {
+            Ok(true) => "ok",
+            Ok(false) => "already",
+            Err(refusal) => refusal.label(),
+        };
+        self.metrics.room_joins.with_label_values(&[result]).inc();
+    }
+
     pub(crate) fn next_channel_id(&self) -> u64 {
         self.next_channel_id.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Makes an authenticated channel reachable: by key (replacing an older
-    /// connection with the same key) and in its room.
-    pub(crate) fn register(&self, channel: &Arc<Channel>, room: &str) {
+    /// connection with the same key) and in its rooms (logic allowed them;
+    /// past `comet.limits.rooms_per_connection` the rest are left out).
+    pub(crate) fn register(&self, channel: &Arc<Channel>, room: &str, more: &[String]) {
         if let Some(old) = self.buckets.put(channel.clone()) {
             old.close(CloseReason::Replaced);
         }
         if !room.is_empty() {
-            self.rooms.change(channel, room);
+            self.count_join(self.rooms.change(channel, room).map(|_| true));
+        }
+        for room in more {
+            self.count_join(self.rooms.join_more(channel, room));
         }
         if let Ok(mut ips) = self.ips.lock() {
             *ips.entry(channel.ip).or_insert(0) += 1;
@@ -213,7 +227,7 @@ impl Comet {
     /// Undoes [`register`](Self::register).
     pub(crate) fn unregister(&self, channel: &Arc<Channel>) {
         self.buckets.remove(channel);
-        self.rooms.change(channel, "");
+        self.rooms.leave_all(channel);
         if let Ok(mut ips) = self.ips.lock()
             && let Some(count) = ips.get_mut(&channel.ip)
         {

@@ -207,6 +207,7 @@ mod tests {
             max_connections_per_ip: per_ip,
             new_connections_per_second_per_ip: rate,
             frames_per_second_per_connection: 0,
+            ..LimitsConfig::default()
         })
     }
 

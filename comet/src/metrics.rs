@@ -24,6 +24,7 @@ pub struct CometMetrics {
     pub replayed: IntCounter,
     pub gaps: IntCounterVec,
     pub direct_gaps: IntCounter,
+    pub room_joins: IntCounterVec,
     pub sent_bytes: IntCounterVec,
     pub write_batch_frames: Histogram,
     pub delivery_latency: Histogram,
@@ -113,6 +114,11 @@ impl CometMetrics {
                 "pushcluster_comet_direct_gaps_total",
                 "Direct pushes that showed a connection with positions had missed earlier messages of its user's or key's stream (job's calls here failed meanwhile); each resumes the stream from history.",
             )?,
+            room_joins: counter(
+                "pushcluster_comet_room_joins_total",
+                "Rooms connections asked to enter (auth, op 12, op 22), by result: ok, already (in it), limit (comet.limits.rooms_per_connection), forbidden (not in the token's rooms), invalid (empty or overlong id).",
+                &["result"],
+            )?,
             replayed: IntCounter::new(
                 "pushcluster_comet_replayed_messages_total",
                 "History messages written to resuming connections (positions opted in).",
@@ -176,6 +182,7 @@ impl CometMetrics {
         registry.register(Box::new(metrics.replayed.clone()))?;
         registry.register(Box::new(metrics.gaps.clone()))?;
         registry.register(Box::new(metrics.direct_gaps.clone()))?;
+        registry.register(Box::new(metrics.room_joins.clone()))?;
         registry.register(Box::new(metrics.sent_bytes.clone()))?;
         registry.register(Box::new(metrics.write_batch_frames.clone()))?;
         registry.register(Box::new(metrics.delivery_latency.clone()))?;

@@ -119,34 +119,23 @@ impl PositionedBatch {
     }
 }
 
-/// A positioned channel's place in its room's stream and in its own
+/// A positioned channel's place in each of its rooms and in its own
 /// direct streams (`@mid:<mid>`, `@key:<key>`).
 #[derive(Default)]
 pub struct PositionedState {
-    inner: Mutex<Floors>,
+    /// By room id or stream name: a few entries.
+    inner: Mutex<Vec<(String, Floor)>>,
 }
 
-#[derive(Default)]
-struct Floors {
-    room: Floor,
-    /// By stream name; at most the connection's two direct streams.
-    direct: Vec<(String, Floor)>,
-}
-
-impl Floors {
-    fn get(&mut self, stream: Option<&str>) -> &mut Floor {
-        let Some(name) = stream else {
-            return &mut self.room;
-        };
-        let at = match self.direct.iter().position(|(known, _)| known == name) {
-            Some(at) => at,
-            None => {
-                self.direct.push((name.to_string(), Floor::default()));
-                self.direct.len() - 1
-            }
-        };
-        &mut self.direct[at].1
-    }
+fn floor<'a>(floors: &'a mut Vec<(String, Floor)>, name: &str) -> &'a mut Floor {
+    let at = match floors.iter().position(|(known, _)| known == name) {
+        Some(at) => at,
+        None => {
+            floors.push((name.to_string(), Floor::default()));
+            floors.len() - 1
+        }
+    };
+    &mut floors[at].1
 }
 
 #[derive(Default)]
@@ -169,15 +158,19 @@ impl Floor {
     }
 }
 
-/// Which of a connection's streams: its room (`None`) or a direct stream.
-pub type StreamName<'a> = Option<&'a str>;
-
 impl PositionedState {
-    /// Live batches of `stream` wait from now until
-    /// [`release`](Self::release).
-    pub fn hold(&self, stream: StreamName) {
+    /// Live batches of `stream` (a room id or a direct stream's name) wait
+    /// from now until [`release`](Self::release).
+    pub fn hold(&self, stream: &str) {
         if let Ok(mut floors) = self.inner.lock() {
-            floors.get(stream).held = Some(Vec::new());
+            floor(&mut floors, stream).held = Some(Vec::new());
+        }
+    }
+
+    /// The connection left room `stream`: its place there is forgotten.
+    pub fn forget(&self, stream: &str) {
+        if let Ok(mut floors) = self.inner.lock() {
+            floors.retain(|(name, _)| name != stream);
         }
     }
 
@@ -188,14 +181,14 @@ impl PositionedState {
     pub fn push(
         &self,
         channel: &Channel,
-        stream: StreamName,
+        stream: &str,
         batch: &Arc<PositionedBatch>,
         capacity: usize,
     ) -> Queued {
         let Ok(mut floors) = self.inner.lock() else {
             return Queued::Closed;
         };
-        let floor = floors.get(stream);
+        let floor = floor(&mut floors, stream);
         if let Some(held) = &mut floor.held {
             if held.len() >= capacity {
                 drop(floors);
@@ -205,7 +198,7 @@ impl PositionedState {
             return Queued::Yes;
         }
         let push = floor.above(batch);
-        if stream.is_some()
+        if streams::is_direct(stream)
             && let Some(last) = batch.offsets.last()
         {
             floor.epoch = batch.epoch;
@@ -230,7 +223,7 @@ impl PositionedState {
         prev_seq: u64,
     ) -> Result<Queued, StreamPosition> {
         if let Ok(mut floors) = self.inner.lock() {
-            let floor = floors.get(Some(stream));
+            let floor = floor(&mut floors, stream);
             if floor.held.is_none()
                 && floor.epoch == batch.epoch
                 && floor.offset > 0
@@ -243,21 +236,21 @@ impl PositionedState {
                 });
             }
         }
-        Ok(self.push(channel, Some(stream), batch, capacity))
+        Ok(self.push(channel, stream, batch, capacity))
     }
 
     /// Ends a hold of `stream`: held batches go out above `offset` of
     /// `epoch`, and so does every later one.
-    pub fn release(&self, channel: &Channel, stream: StreamName, epoch: u64, offset: u64) {
+    pub fn release(&self, channel: &Channel, stream: &str, epoch: u64, offset: u64) {
         let Ok(mut floors) = self.inner.lock() else {
             return;
         };
-        let floor = floors.get(stream);
+        let floor = floor(&mut floors, stream);
         floor.epoch = epoch;
         floor.offset = offset;
         for batch in floor.held.take().unwrap_or_default() {
             let push = floor.above(&batch);
-            if stream.is_some() && batch.epoch == floor.epoch {
+            if streams::is_direct(stream) && batch.epoch == floor.epoch {
                 let last = batch.offsets.last().copied().unwrap_or(0);
                 floor.offset = floor.offset.max(last);
             }
@@ -326,11 +319,11 @@ pub async fn resume(
     target: Resuming<'_>,
     since: Option<StreamPosition>,
 ) {
-    let (name, stream) = match target {
-        Resuming::Room(room) => (room, None),
-        Resuming::Direct(name) => (name, Some(name)),
+    let (name, direct) = match target {
+        Resuming::Room(room) => (room, false),
+        Resuming::Direct(name) => (name, true),
     };
-    let reply = if stream.is_none() && streams::is_direct(name) {
+    let reply = if !direct && streams::is_direct(name) {
         // A room named like a direct stream never reads that stream: it
         // would be another user's messages.
         HistoryReply {
@@ -349,7 +342,7 @@ pub async fn resume(
     let messages: Vec<&HistoryMessage> = reply
         .messages
         .iter()
-        .filter(|m| stream.is_none() || channel.watches(m.op))
+        .filter(|m| !direct || channel.watches(m.op))
         .collect();
     comet.metrics.replayed.inc_by(messages.len() as u64);
     for chunk in messages.chunks(REPLAY_BATCH) {
@@ -370,10 +363,8 @@ pub async fn resume(
     });
     let frame = Frame::server(op::RESUME_REPLY, Bytes::from(status.to_string()));
     channel.push(&EncodedPush::new(&frame));
-    state.release(channel, stream, reply.epoch, reply.offset);
-    if stream.is_none()
-        && let Some(room) = comet.rooms.get(name)
-    {
+    state.release(channel, name, reply.epoch, reply.offset);
+    if !direct && let Some(room) = comet.rooms.get(name) {
         room.joined_at(reply.epoch, reply.offset);
     }
 }

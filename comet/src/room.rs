@@ -1,5 +1,6 @@
-//! Rooms: who is in which room on this comet. A connection is in at most
-//! one room. Rooms are sharded by id; a room push holds only that room's
+//! Rooms: who is in which room on this comet. A connection is in goim's
+//! one room (op 12 moves it) and in any others it joined (op 22, the auth
+//! body's `rooms`), up to `comet.limits.rooms_per_connection`. Rooms are sharded by id; a room push holds only that room's
 //! member lock, and queueing to a member never waits, so one busy room never
 //! stalls another and every member sees a room's pushes in the same order.
 //!
@@ -15,9 +16,9 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use pushcluster_api::protocol::{EncodedPush, Frame, op, skip_frames};
+use pushcluster_api::protocol::{EncodedPush, Frame, MAX_STREAM_NAME, op, skip_frames};
 
-use crate::channel::{Channel, Queued};
+use crate::channel::{Channel, ChannelRooms, Queued};
 use crate::resume::PositionedBatch;
 use crate::stream_guard::{HighWater, StreamMark};
 
@@ -200,7 +201,7 @@ impl Room {
             };
             let send = |channel: &Channel, fanout: &mut Fanout, with_positions: bool| {
                 fanout.record(match (&positioned, with_positions) {
-                    (Some(batch), true) => channel.push_positioned(None, batch),
+                    (Some(batch), true) => channel.push_positioned(&self.id, batch),
                     _ => channel.push(push),
                 })
             };
@@ -228,7 +229,7 @@ impl Room {
         for chunk in members.chunks(FANOUT_CHUNK) {
             for (channel, with_positions) in chunk {
                 fanout.record(match (&positioned, with_positions) {
-                    (Some(batch), true) => channel.push_positioned(None, batch),
+                    (Some(batch), true) => channel.push_positioned(&self.id, batch),
                     _ => channel.push(push),
                 });
             }
@@ -241,15 +242,59 @@ impl Room {
 pub struct Rooms {
     shards: Vec<Mutex<HashMap<Arc<str>, Arc<Room>>>>,
     hasher: RandomState,
+    /// `comet.limits.rooms_per_connection`.
+    max_per_connection: usize,
+}
+
+/// Why a connection may not join a room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinRefusal {
+    /// It is in `comet.limits.rooms_per_connection` rooms already.
+    Limit,
+    /// Its token does not allow the room.
+    Forbidden,
+    /// An empty or overlong room id.
+    Invalid,
+}
+
+impl JoinRefusal {
+    pub fn label(self) -> &'static str {
+        match self {
+            JoinRefusal::Limit => "limit",
+            JoinRefusal::Forbidden => "forbidden",
+            JoinRefusal::Invalid => "invalid",
+        }
+    }
+}
+
+/// Whether a connection in `rooms` may enter room `id`; `replacing`: it
+/// leaves one room for it (op 12), so the count does not grow.
+fn check_join(
+    rooms: &ChannelRooms,
+    id: &str,
+    max: usize,
+    replacing: bool,
+) -> Result<(), JoinRefusal> {
+    if id.is_empty() || id.len() > MAX_STREAM_NAME {
+        return Err(JoinRefusal::Invalid);
+    }
+    if !rooms.allows(id) {
+        return Err(JoinRefusal::Forbidden);
+    }
+    if !replacing && rooms.count() >= max {
+        return Err(JoinRefusal::Limit);
+    }
+    Ok(())
 }
 
 impl Rooms {
-    pub fn new(shards: usize) -> Self {
+    pub fn new(shards: usize, max_per_connection: usize) -> Self {
         Rooms {
             shards: (0..shards.max(1))
                 .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
             hasher: RandomState::new(),
+            max_per_connection: max_per_connection.max(1),
         }
     }
 
@@ -305,20 +350,83 @@ impl Rooms {
         }
     }
 
-    /// Moves a channel to `id` (empty: out of every room). Moving to the room
-    /// it is already in changes nothing (goim dropped the room when alone).
-    pub fn change(&self, channel: &Arc<Channel>, id: &str) {
-        let Ok(mut current) = channel.room.lock() else {
-            return;
+    /// Moves a channel's goim room (op 12) to `id` (empty: out of it). Moving
+    /// to the room it is already in changes nothing (goim dropped the room
+    /// when alone); moving to a room it joined besides makes that its goim
+    /// room.
+    pub fn change(&self, channel: &Arc<Channel>, id: &str) -> Result<(), JoinRefusal> {
+        let Ok(mut rooms) = channel.rooms.lock() else {
+            return Ok(());
         };
-        if current.as_ref().is_some_and(|room| &*room.id == id) {
-            return;
-        }
-        if let Some(old) = current.take() {
-            self.leave(&old, channel.id);
+        if rooms.primary.as_ref().is_some_and(|room| &*room.id == id) {
+            return Ok(());
         }
         if !id.is_empty() {
-            *current = self.join(id, channel);
+            check_join(&rooms, id, self.max_per_connection, rooms.primary.is_some())?;
+        }
+        if let Some(old) = rooms.primary.take() {
+            self.leave_room(channel, &old);
+        }
+        if !id.is_empty() {
+            rooms.primary = match rooms.remove(id) {
+                Some(joined) => Some(joined),
+                None => self.join(id, channel),
+            };
+        }
+        Ok(())
+    }
+
+    /// Adds room `id` to the channel's rooms (op 22, the auth body's
+    /// `rooms`). `Ok(false)`: it was already in it.
+    pub fn join_more(&self, channel: &Arc<Channel>, id: &str) -> Result<bool, JoinRefusal> {
+        let Ok(mut rooms) = channel.rooms.lock() else {
+            return Ok(false);
+        };
+        if rooms.contains(id) {
+            return Ok(false);
+        }
+        check_join(&rooms, id, self.max_per_connection, false)?;
+        if let Some(room) = self.join(id, channel) {
+            rooms.add(room);
+        }
+        Ok(true)
+    }
+
+    /// Takes the channel out of room `id` (op 24; goim's room too). `false`:
+    /// it was not in it.
+    pub fn leave_one(&self, channel: &Arc<Channel>, id: &str) -> bool {
+        let Ok(mut rooms) = channel.rooms.lock() else {
+            return false;
+        };
+        let room = match rooms.remove(id) {
+            Some(room) => room,
+            None if rooms.primary.as_ref().is_some_and(|room| &*room.id == id) => {
+                match rooms.primary.take() {
+                    Some(room) => room,
+                    None => return false,
+                }
+            }
+            None => return false,
+        };
+        self.leave_room(channel, &room);
+        true
+    }
+
+    /// Takes the channel out of every room (its connection ended).
+    pub fn leave_all(&self, channel: &Arc<Channel>) {
+        let all = match channel.rooms.lock() {
+            Ok(mut rooms) => rooms.take_all(),
+            Err(_) => return,
+        };
+        for room in all {
+            self.leave_room(channel, &room);
+        }
+    }
+
+    fn leave_room(&self, channel: &Channel, room: &Arc<Room>) {
+        self.leave(room, channel.id);
+        if let Some(state) = channel.positioned() {
+            state.forget(&room.id);
         }
     }
 
@@ -382,18 +490,18 @@ mod tests {
 
     #[test]
     fn join_change_and_leave() {
-        let rooms = Rooms::new(4);
+        let rooms = Rooms::new(4, 16);
         let (a, b) = (channel(1), channel(2));
-        rooms.change(&a, "live://1");
-        rooms.change(&b, "live://1");
+        rooms.change(&a, "live://1").expect("changed");
+        rooms.change(&b, "live://1").expect("changed");
         assert_eq!(rooms.counts()["live://1"], 2);
         assert_eq!(a.room_online(), 2);
 
-        rooms.change(&a, "live://2");
+        rooms.change(&a, "live://2").expect("changed");
         assert_eq!(rooms.counts()["live://1"], 1);
         assert_eq!(rooms.counts()["live://2"], 1);
 
-        rooms.change(&b, "");
+        rooms.change(&b, "").expect("changed");
         assert_eq!(
             rooms.get("live://1").map(|_| ()),
             None,
@@ -405,10 +513,10 @@ mod tests {
 
     #[test]
     fn changing_to_the_same_room_keeps_it() {
-        let rooms = Rooms::new(1);
+        let rooms = Rooms::new(1, 16);
         let a = channel(1);
-        rooms.change(&a, "live://1");
-        rooms.change(&a, "live://1");
+        rooms.change(&a, "live://1").expect("changed");
+        rooms.change(&a, "live://1").expect("changed");
         assert_eq!(rooms.counts()["live://1"], 1);
         assert_eq!(a.room_id().as_deref(), Some("live://1"));
     }
@@ -416,9 +524,9 @@ mod tests {
     #[tokio::test]
     async fn redelivered_frames_reach_members_once() {
         use pushcluster_api::protocol::RawBatch;
-        let rooms = Rooms::new(1);
+        let rooms = Rooms::new(1, 16);
         let a = channel(1);
-        rooms.change(&a, "live://1");
+        rooms.change(&a, "live://1").expect("changed");
         let room = rooms.get("live://1").expect("room");
         let batch = |bodies: &[&str]| {
             let mut batch = RawBatch::default();
@@ -468,13 +576,13 @@ mod tests {
     }
 
     async fn quiet_room_beside_a_busy_one() {
-        let rooms = Arc::new(Rooms::new(4));
+        let rooms = Arc::new(Rooms::new(4, 16));
         let busy: Vec<Arc<Channel>> = (0..FANOUT_CHUNK as u64 * 4).map(channel).collect();
         for member in &busy {
-            rooms.change(member, "live://busy");
+            rooms.change(member, "live://busy").expect("changed");
         }
         let quiet = channel(1_000_000);
-        rooms.change(&quiet, "live://quiet");
+        rooms.change(&quiet, "live://quiet").expect("changed");
         let frame = |body: &str| Frame::server(1000, bytes::Bytes::from(body.to_string()));
         let fan_out = |room: &'static str, body: &'static str| {
             let rooms = rooms.clone();
@@ -514,9 +622,9 @@ mod tests {
 
     #[test]
     fn cluster_counts_win_when_known() {
-        let rooms = Rooms::new(1);
+        let rooms = Rooms::new(1, 16);
         let a = channel(1);
-        rooms.change(&a, "live://1");
+        rooms.change(&a, "live://1").expect("changed");
         assert_eq!(a.room_online(), 1);
         rooms.set_all_online(&HashMap::from([("live://1".to_string(), 40)]));
         assert_eq!(a.room_online(), 40);

@@ -62,13 +62,20 @@ impl LogicLink for FakeLogic {
         let body = String::from_utf8_lossy(&req.token).into_owned();
         let mut parts: Vec<&str> = body.split_whitespace().collect();
         // Trailing words: `positions`, `direct` (mid and key pushes go
-        // through direct streams), `since=EPOCH/OFFSET` (of the user's).
+        // through direct streams), `since=EPOCH/OFFSET` (of the user's),
+        // `rooms=A,B` (rooms besides), `allowed=A,B` (the token's rooms).
         let (mut positions, mut direct_streams) = (false, false);
         let mut direct_since = std::collections::HashMap::new();
+        let (mut rooms, mut allowed_rooms) = (Vec::new(), None);
+        let list = |text: &str| text.split(',').map(str::to_string).collect::<Vec<_>>();
         while parts.len() > 3 {
             match parts.pop() {
                 Some("positions") => positions = true,
                 Some("direct") => direct_streams = true,
+                Some(word) if word.starts_with("rooms=") => rooms = list(&word[6..]),
+                Some(word) if word.starts_with("allowed=") => {
+                    allowed_rooms = Some(list(&word[8..]));
+                }
                 Some(word) => {
                     let (epoch, offset) = word
                         .strip_prefix("since=")
@@ -89,6 +96,10 @@ impl LogicLink for FakeLogic {
                 since: None,
                 direct_streams,
                 direct_since,
+                rooms,
+                rooms_restricted: allowed_rooms.is_some(),
+                allowed_rooms: allowed_rooms.unwrap_or_default(),
+                rooms_since: Default::default(),
                 mid: mid
                     .parse()
                     .map_err(|_| LinkError::InvalidArgument("mid".into()))?,
@@ -681,6 +692,107 @@ async fn direct_pushes_during_a_resume_follow_the_replay_once() {
     }
     assert!(plain.silent_for(Duration::from_millis(200)).await);
     assert!(client.silent_for(Duration::from_millis(200)).await);
+    harness.stop().await;
+}
+
+/// A connection in several rooms: rooms from its auth, joins (op 22) and
+/// leaves (op 24) with their replies, the per-connection limit and the
+/// token's rooms enforced — on op 12 too — and a bad request answered
+/// without closing anything.
+#[tokio::test]
+async fn a_connection_joins_and_leaves_rooms_within_its_limit_and_token() {
+    let harness = start(|config| config.limits.rooms_per_connection = 3).await;
+    let mut client = Tcp::auth(
+        harness.tcp,
+        "1 k live://a rooms=live://b allowed=live://a,live://b,live://c,live://d",
+    )
+    .await;
+    let push = |room: &'static str| {
+        let comet = harness.comet.clone();
+        async move {
+            let mut batch = RawBatch::default();
+            batch.push(1000, room.as_bytes());
+            comet
+                .push_room(room, &batch.finish(), None, 0)
+                .await
+                .expect("push");
+        }
+    };
+    let mut ask = async |op: i32, body: &str| {
+        client.send(&frame(op, 9, body)).await;
+        let reply = client.recv().await.expect("a reply");
+        (reply.op, String::from_utf8_lossy(&reply.body).into_owned())
+    };
+    let ok = |room: &str| format!(r#"{{"ok":true,"room":"{room}"}}"#);
+    let refused =
+        |room: &str, reason: &str| format!(r#"{{"ok":false,"reason":"{reason}","room":"{room}"}}"#);
+    assert_eq!(
+        ask(op::JOIN, "live://c").await,
+        (op::JOIN_REPLY, ok("live://c"))
+    );
+    assert_eq!(
+        ask(op::JOIN, "live://x").await,
+        (op::JOIN_REPLY, refused("live://x", "forbidden"))
+    );
+    assert_eq!(
+        ask(op::JOIN, "live://d").await,
+        (op::JOIN_REPLY, refused("live://d", "limit"))
+    );
+    assert_eq!(
+        ask(op::JOIN, "live://c").await,
+        (op::JOIN_REPLY, ok("live://c"))
+    );
+    assert_eq!(
+        ask(op::JOIN, "").await,
+        (op::JOIN_REPLY, refused("", "invalid"))
+    );
+    assert_eq!(
+        ask(op::CHANGE_ROOM, "live://x").await,
+        (op::CHANGE_ROOM_REPLY, refused("live://x", "forbidden"))
+    );
+    assert_eq!(
+        ask(op::LEAVE, "live://b").await,
+        (op::LEAVE_REPLY, ok("live://b"))
+    );
+    assert_eq!(
+        ask(op::LEAVE, "live://b").await,
+        (op::LEAVE_REPLY, refused("live://b", "not_member"))
+    );
+    drop(ask);
+    let counts = harness.comet.rooms.counts();
+    assert_eq!(
+        (
+            counts.get("live://a"),
+            counts.get("live://b"),
+            counts.get("live://c")
+        ),
+        (Some(&1), None, Some(&1))
+    );
+    for room in ["live://b", "live://a", "live://c"] {
+        push(room).await;
+    }
+    for room in ["live://a", "live://c"] {
+        assert_eq!(client.recv().await.map(|f| f.body), Some(Bytes::from(room)));
+    }
+    assert!(client.silent_for(Duration::from_millis(200)).await);
+    let joins = |result| {
+        harness
+            .comet
+            .metrics
+            .room_joins
+            .with_label_values(&[result])
+            .get()
+    };
+    assert_eq!(
+        (
+            joins("ok"),
+            joins("already"),
+            joins("forbidden"),
+            joins("limit"),
+            joins("invalid")
+        ),
+        (3, 1, 2, 1, 1)
+    );
     harness.stop().await;
 }
 

@@ -28,6 +28,9 @@ pub struct AuthBody {
     /// the webhook wants in `webhook` mode). Never logged.
     #[serde(default, deserialize_with = "null_is_default")]
     pub token: String,
+    /// pushcluster's addition: rooms to be in besides `room_id`.
+    #[serde(default, deserialize_with = "null_is_default")]
+    pub rooms: Vec<String>,
 }
 
 /// pushcluster's resume fields of the auth body (`docs/recovery.md`):
@@ -154,6 +157,11 @@ pub struct Identity {
     /// `None`: logic generates a key.
     pub key: Option<String>,
     pub room_id: String,
+    /// Rooms besides `room_id`.
+    pub rooms: Vec<String>,
+    /// `Some`: the connection may be in these rooms only (the token's
+    /// `room`/`rooms` claims, the webhook's `rooms`).
+    pub allowed_rooms: Option<Vec<String>>,
     pub accepts: Vec<i32>,
 }
 
@@ -164,6 +172,8 @@ impl Identity {
             mid: body.mid,
             key: Some(body.key).filter(|k| !k.is_empty()),
             room_id: body.room_id,
+            rooms: body.rooms,
+            allowed_rooms: None,
             accepts: body.accepts,
         }
     }
@@ -351,6 +361,11 @@ fn hold_to_claims(body: AuthBody, claims: Claims) -> Result<Identity, AuthError>
         Some(allowed) if allowed.len() == 1 => allowed[0].clone(),
         _ => body.room_id,
     };
+    if let Some(allowed) = &allowed_rooms
+        && let Some(room) = body.rooms.iter().find(|room| !allowed.contains(room))
+    {
+        return Err(AuthError::RoomForbidden(room.clone()));
+    }
     let accepts = match claims.accepts {
         Some(allowed) if body.accepts.is_empty() => allowed,
         Some(allowed) => {
@@ -365,6 +380,8 @@ fn hold_to_claims(body: AuthBody, claims: Claims) -> Result<Identity, AuthError>
         mid,
         key,
         room_id,
+        rooms: body.rooms,
+        allowed_rooms,
         accepts,
     })
 }
@@ -439,6 +456,9 @@ struct WebhookAnswer {
     key: Option<String>,
     #[serde(default)]
     room_id: Option<String>,
+    /// The rooms the connection may be in (then the body's are checked).
+    #[serde(default)]
+    rooms: Option<Vec<String>>,
     #[serde(default)]
     accepts: Option<Vec<i32>>,
     #[serde(default)]
@@ -522,6 +542,16 @@ impl WebhookClient {
         if let Some(accepts) = answer.accepts {
             identity.accepts = accepts;
         }
+        if let Some(allowed) = answer.rooms {
+            if let Some(room) = std::iter::once(&identity.room_id)
+                .filter(|room| !room.is_empty())
+                .chain(&identity.rooms)
+                .find(|room| !allowed.contains(room))
+            {
+                return Err(AuthError::RoomForbidden(room.clone()));
+            }
+            identity.allowed_rooms = Some(allowed);
+        }
         Ok(identity)
     }
 }
@@ -561,6 +591,7 @@ mod tests {
                 platform: "web".into(),
                 accepts: vec![1000, 1001, 1002],
                 token: String::new(),
+                rooms: Vec::new(),
             }
         );
     }

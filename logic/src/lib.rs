@@ -696,6 +696,24 @@ impl LogicLink for Logic {
         } else {
             HashMap::new()
         };
+        let rooms_since = if resume.positions {
+            identity
+                .rooms
+                .iter()
+                .filter_map(|room| {
+                    let since = resume.since.get(room)?;
+                    Some((
+                        room.clone(),
+                        StreamPosition {
+                            epoch: since.epoch,
+                            offset: since.offset,
+                        },
+                    ))
+                })
+                .collect()
+        } else {
+            HashMap::new()
+        };
         Ok(ConnectReply {
             mid: session.mid,
             key: session.key,
@@ -706,6 +724,10 @@ impl LogicLink for Logic {
             since: since.filter(|_| resume.positions),
             direct_streams: self.direct_streams,
             direct_since,
+            rooms: identity.rooms,
+            rooms_restricted: identity.allowed_rooms.is_some(),
+            allowed_rooms: identity.allowed_rooms.unwrap_or_default(),
+            rooms_since,
         })
     }
 

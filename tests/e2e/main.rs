@@ -12,6 +12,7 @@ mod observability;
 mod operator;
 mod push_api;
 mod resume;
+mod rooms;
 mod security;
 mod websocket;
 mod wire;

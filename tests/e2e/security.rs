@@ -14,17 +14,17 @@ use tokio::net::TcpSocket;
 
 use crate::common::{QUIET, Server, TcpClient, WAIT, WsClient, auth_frame, body, frame};
 
-const SECRET: &str = "a-test-secret-of-at-least-32-bytes!!";
+pub const SECRET: &str = "a-test-secret-of-at-least-32-bytes!!";
 const API_TOKEN: &str = "push-api-token-0123456789";
 
-fn now() -> u64 {
+pub fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .expect("clock")
         .as_secs()
 }
 
-fn hs256(claims: Value, secret: &str) -> String {
+pub fn hs256(claims: Value, secret: &str) -> String {
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         &claims,
@@ -35,7 +35,7 @@ fn hs256(claims: Value, secret: &str) -> String {
 
 /// Connects from `from` (any 127.x address), sends the auth frame and
 /// reports whether the comet answered it (true) or closed (false).
-async fn try_auth(addr: SocketAddr, from: IpAddr, body: &Value) -> bool {
+pub async fn try_auth(addr: SocketAddr, from: IpAddr, body: &Value) -> bool {
     let socket = TcpSocket::new_v4().expect("socket");
     socket.bind(SocketAddr::new(from, 0)).expect("bind");
     let Ok(mut stream) = socket.connect(addr).await else {
