@@ -42,8 +42,10 @@ export interface PushClientOptions {
   nodesUrl?: string;
   /** With `nodesUrl`: connect with `wss://` to the nodes' WSS port. */
   secure?: boolean;
-  /** The room to join (`live://1000`); empty: none. */
+  /** The room to join (`live://1000`); empty: none. goim's one room, moved by `changeRoom`. */
   room?: string;
+  /** Rooms to be in besides `room` (pushcluster; `join` adds more). */
+  rooms?: string[];
   mid?: number;
   /** Connection key; empty: the server makes one. */
   key?: string;
@@ -76,6 +78,17 @@ export interface PushMessage {
   replayed: boolean;
   text(): string;
   json<T = unknown>(): T;
+}
+
+/** The server's answer to `join` or `leave`. */
+export interface RoomAnswer {
+  room: string;
+  ok: boolean;
+  /**
+   * When not ok: limit, forbidden, invalid (join); not_member (leave);
+   * disconnected (the connection ended before the answer).
+   */
+  reason?: string;
 }
 
 /** What the server said after the client joined a room or resumed a direct stream. */
@@ -115,6 +128,10 @@ export class PushClient {
   private readonly options: PushClientOptions;
   private readonly listeners = new Map<keyof PushClientEvents, Set<Listener<never>>>();
   private readonly positions = new Map<string, Position>();
+  /** Rooms besides `room`, joined again after each reconnect. */
+  private readonly extraRooms = new Set<string>();
+  /** `join`/`leave` calls waiting for their reply, by room. */
+  private readonly pending = new Map<string, { op: number; resolve: (answer: RoomAnswer) => void }[]>();
   private socket: WebSocketLike | null = null;
   private room: string;
   private stopped = true;
@@ -134,6 +151,9 @@ export class PushClient {
     }
     this.options = options;
     this.room = options.room ?? "";
+    for (const room of options.rooms ?? []) {
+      this.extraRooms.add(room);
+    }
   }
 
   on<E extends keyof PushClientEvents>(event: E, listener: Listener<PushClientEvents[E]>): () => void {
@@ -209,6 +229,66 @@ export class PushClient {
       this.send(Op.ChangeRoom, JSON.stringify(since ? { room, since } : { room }));
     } else {
       this.send(Op.ChangeRoom, room);
+    }
+  }
+
+  /** The rooms besides `currentRoom` the client is in (or will join on connecting). */
+  get rooms(): string[] {
+    return [...this.extraRooms];
+  }
+
+  /**
+   * Joins one more room (pushcluster's op 22), resuming it if a position is
+   * known; resolves with the server's answer. Needs a connection: rejects
+   * when there is none. Joined rooms are joined again after reconnects.
+   */
+  join(room: string): Promise<RoomAnswer> {
+    const since = this.resumeEnabled ? this.positions.get(room) : undefined;
+    const body = since ? JSON.stringify({ room, since }) : room;
+    if (this.resumeEnabled && !this.extraRooms.has(room) && room !== this.room) {
+      this.joining.add(room);
+    }
+    return this.ask(Op.Join, Op.JoinReply, room, body);
+  }
+
+  /** Leaves a room (pushcluster's op 24); resolves with the server's answer. */
+  leave(room: string): Promise<RoomAnswer> {
+    return this.ask(Op.Leave, Op.LeaveReply, room, room);
+  }
+
+  private ask(op: number, replyOp: number, room: string, body: string): Promise<RoomAnswer> {
+    if (!this.connected) {
+      return Promise.reject(new Error(`not connected: cannot ${op === Op.Join ? "join" : "leave"} ${room}`));
+    }
+    return new Promise((resolve) => {
+      const waiting = this.pending.get(room) ?? [];
+      waiting.push({ op: replyOp, resolve });
+      this.pending.set(room, waiting);
+      this.send(op, body);
+    });
+  }
+
+  private answered(op: number, answer: RoomAnswer): void {
+    if (op === Op.JoinReply && answer.ok) {
+      this.extraRooms.add(answer.room);
+    }
+    if (op === Op.LeaveReply) {
+      this.extraRooms.delete(answer.room);
+      if (answer.room === this.room) {
+        this.room = "";
+      }
+    }
+    if (!answer.ok) {
+      this.joining.delete(answer.room);
+    }
+    const waiting = this.pending.get(answer.room) ?? [];
+    const at = waiting.findIndex((entry) => entry.op === op);
+    if (at >= 0) {
+      const [entry] = waiting.splice(at, 1);
+      entry?.resolve(answer);
+    }
+    if (waiting.length === 0) {
+      this.pending.delete(answer.room);
     }
   }
 
@@ -295,6 +375,9 @@ export class PushClient {
         platform: this.options.platform ?? "web",
         accepts: this.options.accepts ?? [],
       };
+      if (this.extraRooms.size > 0) {
+        auth.rooms = [...this.extraRooms];
+      }
       if (token) {
         auth.token = token;
       }
@@ -305,7 +388,7 @@ export class PushClient {
         // are this connection's own and ignores the rest.
         const since: Record<string, Position> = {};
         for (const [name, position] of this.positions) {
-          if (name === this.room || name.startsWith("@")) {
+          if (name === this.room || this.extraRooms.has(name) || name.startsWith("@")) {
             since[name] = position;
           }
         }
@@ -313,8 +396,10 @@ export class PushClient {
           auth.since = since;
         }
         this.joining.clear();
-        if (this.room) {
-          this.joining.add(this.room);
+        for (const room of [this.room, ...this.extraRooms]) {
+          if (room) {
+            this.joining.add(room);
+          }
         }
         const mid = this.options.mid ?? 0;
         if (mid !== 0) {
@@ -383,6 +468,15 @@ export class PushClient {
       case Op.SubReply:
       case Op.UnsubReply:
         return;
+      case Op.JoinReply:
+      case Op.LeaveReply: {
+        try {
+          this.answered(frame.op, JSON.parse(bodyText(frame)) as RoomAnswer);
+        } catch (error) {
+          this.emit("error", new Error(`unreadable room answer: ${String(error)}`));
+        }
+        return;
+      }
       case Op.ResumeReply: {
         const info = JSON.parse(bodyText(frame)) as ResumeInfo;
         this.positions.set(info.room, { epoch: info.epoch, offset: info.offset });
@@ -437,6 +531,13 @@ export class PushClient {
     this.socket = null;
     this.authenticated = false;
     this.joining.clear();
+    // Unanswered joins and leaves: the connection is gone.
+    for (const [room, waiting] of this.pending) {
+      for (const entry of waiting) {
+        entry.resolve({ room, ok: false, reason: "disconnected" });
+      }
+    }
+    this.pending.clear();
     if (socket) {
       socket.onopen = null;
       socket.onmessage = null;

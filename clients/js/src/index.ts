@@ -6,6 +6,7 @@ export {
   type PushMessage,
   type ReconnectOptions,
   type ResumeInfo,
+  type RoomAnswer,
   type WebSocketConstructor,
   type WebSocketLike,
 } from "./client.js";

@@ -15,6 +15,10 @@ export const Op = {
   Unsub: 16,
   UnsubReply: 17,
   ResumeReply: 20,
+  Join: 22,
+  JoinReply: 23,
+  Leave: 24,
+  LeaveReply: 25,
 } as const;
 
 export const HEADER_LEN = 16;

@@ -77,6 +77,40 @@ describe("standalone", () => {
     r.client.close();
   });
 
+  test("joins and leaves rooms; after a reconnect every room resumes", async () => {
+    const r = recorder({ urls: [wsUrl(server)], room: "live://m0", rooms: ["live://m1"] });
+    r.client.connect();
+    await until("the joins", () => r.resumes.length === 2);
+    assert.deepEqual(await r.client.join("live://m2"), { room: "live://m2", ok: true });
+    assert.deepEqual(await r.client.join(""), { room: "", ok: false, reason: "invalid" });
+    await until("the new room's join", () => r.resumes.length === 3);
+    assert.deepEqual(r.client.rooms.sort(), ["live://m1", "live://m2"]);
+    const http = server.addr("logic.http");
+    for (const room of ["live://m0", "live://m1", "live://m2"]) {
+      await pushRoom(http, room, `${room} live`);
+    }
+    await until("a message per room", () => r.messages.length === 3);
+    r.client.reconnect();
+    for (const room of ["live://m0", "live://m1", "live://m2"]) {
+      await pushRoom(http, room, `${room} away`);
+    }
+    await until("the rejoins", () => r.resumes.length === 6);
+    assert.ok(r.resumes.slice(3).every((info) => info.recovered), JSON.stringify(r.resumes));
+    await until("what was missed", () => r.messages.length === 6);
+    assert.deepEqual(
+      r.messages.slice(3).map((m) => [m.room, m.text(), m.replayed]).sort(),
+      ["live://m0", "live://m1", "live://m2"].map((room) => [room, `${room} away`, true]),
+    );
+    assert.deepEqual(await r.client.leave("live://m1"), { room: "live://m1", ok: true });
+    assert.deepEqual(await r.client.leave("live://m1"), { room: "live://m1", ok: false, reason: "not_member" });
+    await pushRoom(http, "live://m1", "gone");
+    await pushRoom(http, "live://m2", "still here");
+    await until("the last message", () => r.messages.length === 7);
+    assert.equal(r.messages[6]?.text(), "still here");
+    r.client.close();
+    await assert.rejects(r.client.join("live://m3"), /not connected/);
+  });
+
   test("a reconnect loses and repeats nothing", async () => {
     const r = recorder({ urls: [wsUrl(server)], room: "live://js3" });
     r.client.connect();
