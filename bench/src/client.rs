@@ -127,12 +127,22 @@ pub enum Received<'a> {
     },
 }
 
-fn auth_frame(identity: &Identity, resume: bool, positions: Positions) -> Bytes {
+fn auth_frame(spec: &ClientSpec, identity: &Identity, positions: Positions) -> Bytes {
+    let resume = spec.resume;
     let room = format!("{}://{}", identity.namespace, identity.room);
     let mut body = format!(
         r#"{{"mid":{},"key":"{}","room_id":"{room}","platform":"bench","accepts":[{PUSH_OP}]"#,
         identity.mid, identity.key
     );
+    if spec.rooms_per_client > 1 {
+        let more: Vec<String> = (1..spec.rooms_per_client)
+            .map(|j| {
+                let other = (identity.room + j) % spec.room_count.max(1);
+                format!(r#""{}://{other}""#, identity.namespace)
+            })
+            .collect();
+        body.push_str(&format!(r#","rooms":[{}]"#, more.join(",")));
+    }
     if resume {
         body.push_str(r#","positions":true"#);
         let user = format!("@mid:{}", identity.mid);
@@ -260,7 +270,7 @@ impl Connection {
         source: Option<Ipv4Addr>,
         since: Positions,
     ) -> anyhow::Result<Connection> {
-        let auth = auth_frame(identity, spec.resume, since);
+        let auth = auth_frame(spec, identity, since);
         let stream = tcp(addr, source)
             .await
             .with_context(|| format!("connect {addr}"))?;

@@ -616,7 +616,9 @@ pub async fn fanout(plan: &Plan, load: &Load) -> anyhow::Result<Report> {
     let failed: std::collections::HashSet<usize> = workers.failed.iter().copied().collect();
     let mut room_members = vec![0u64; rooms];
     for index in (0..plan.connections).filter(|i| !failed.contains(i)) {
-        room_members[index % rooms] += 1;
+        for room in plan.client.rooms_of(index, rooms) {
+            room_members[room] += 1;
+        }
     }
     let expected_of = {
         let (connected, total) = (workers.connected, plan.connections);

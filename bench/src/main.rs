@@ -112,6 +112,10 @@ struct TargetArgs {
     /// (`ROLL=term bench/fleet.sh ...`): lost must stay 0.
     #[arg(long)]
     resume: bool,
+    /// Rooms each goim client is in (pushcluster's auth body `rooms`): its
+    /// own and the next ones of `--rooms`; at most `--rooms`.
+    #[arg(long, default_value_t = 1)]
+    rooms_per_client: usize,
 }
 
 impl TargetArgs {
@@ -147,6 +151,8 @@ impl TargetArgs {
                 pusher_key: self.app_key.clone(),
                 namespace: self.namespace.clone(),
                 resume: self.resume && self.server == ServerKind::Goim,
+                rooms_per_client: self.rooms_per_client.clamp(1, rooms.max(1)),
+                room_count: rooms.max(1),
             },
             http,
             app: PusherApp {

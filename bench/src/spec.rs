@@ -43,6 +43,12 @@ pub struct ClientSpec {
     /// reconnect (to the next address) and resume where they left off.
     #[serde(default)]
     pub resume: bool,
+    /// Rooms each client is in: its own (`index % room_count`) and the
+    /// next ones (goim clients; pushcluster's auth body `rooms`).
+    #[serde(default)]
+    pub rooms_per_client: usize,
+    #[serde(default)]
+    pub room_count: usize,
 }
 
 /// Who receives a push.
@@ -103,6 +109,15 @@ pub struct WorkerSpec {
 impl WorkerSpec {
     pub fn room_of(&self, index: usize) -> usize {
         index % self.rooms.max(1)
+    }
+}
+
+impl ClientSpec {
+    /// The rooms connection `index` is in, of `rooms`: its own and the
+    /// next `rooms_per_client - 1`.
+    pub fn rooms_of(&self, index: usize, rooms: usize) -> impl Iterator<Item = usize> {
+        let rooms = rooms.max(1);
+        (0..self.rooms_per_client.clamp(1, rooms)).map(move |j| (index + j) % rooms)
     }
 }
 

@@ -322,10 +322,12 @@ impl Worker {
         let mut room_members: Vec<u64> = vec![0; rooms];
         for (offset, open) in connected.iter().enumerate() {
             if *open {
-                room_members[spec.room_of(spec.first + offset)] += 1;
+                for room in spec.client.rooms_of(spec.first + offset, rooms) {
+                    room_members[room] += 1;
+                }
             }
         }
-        let open_connections: u64 = room_members.iter().sum();
+        let open_connections = connected.iter().filter(|open| **open).count() as u64;
         let mine = |index: usize| {
             index
                 .checked_sub(spec.first)
