@@ -43,6 +43,8 @@ pub struct Config {
     pub grpc_tls: Option<GrpcTlsConfig>,
     /// Room history: what a reconnecting client can get back.
     pub history: HistoryConfig,
+    /// What clients send (op 4), to the business backend.
+    pub upstream: UpstreamConfig,
 }
 
 impl Config {
@@ -91,6 +93,17 @@ impl Config {
         }
         if comet.limits.rooms_per_connection == 0 {
             return Err(invalid("comet.limits.rooms_per_connection", "must be > 0"));
+        }
+        if self.upstream.enabled {
+            if self.upstream.stream.is_empty() || self.upstream.subject.is_empty() {
+                return Err(invalid("upstream", "stream and subject must not be empty"));
+            }
+            if self.upstream.max_bytes == 0 || self.upstream.per_second_per_connection == 0 {
+                return Err(invalid(
+                    "upstream",
+                    "max_bytes and per_second_per_connection must be > 0",
+                ));
+            }
         }
         if comet.logic_timeout.is_zero() {
             return Err(invalid("comet.logic_timeout", "must be > 0"));
@@ -1373,6 +1386,45 @@ impl Default for DirectHistory {
             enabled: true,
             max_age: Duration::from_secs(15 * 60),
             max_messages: 1000,
+        }
+    }
+}
+
+/// `upstream`: messages clients send (op 4) go to the business backend
+/// through a JetStream stream, with the identity the server authenticated
+/// (`docs/upstream.md`). Off: op 4 is only logged, as in goim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub enabled: bool,
+    /// Longest message body accepted; longer ones are answered `too_large`.
+    pub max_bytes: usize,
+    /// Messages one connection may send per second (a burst of twice
+    /// this); more are answered `rate_limited`.
+    pub per_second_per_connection: u32,
+    /// The JetStream stream, created (or updated) by logic.
+    pub stream: String,
+    /// Messages are published to `<subject>.<comet id>`.
+    pub subject: String,
+    /// How long the stream keeps a message the backend did not take.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// The backend's durable consumer: logic reports its backlog
+    /// (`pushcluster_logic_upstream_pending`) for the alert when the
+    /// backend stops consuming. Empty: not watched.
+    pub consumer: String,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            enabled: false,
+            max_bytes: 4096,
+            per_second_per_connection: 10,
+            stream: "PUSHCLUSTER_UPSTREAM".into(),
+            subject: "pushcluster.upstream".into(),
+            max_age: Duration::from_secs(24 * 3600),
+            consumer: String::new(),
         }
     }
 }

@@ -149,3 +149,61 @@ async fn a_token_limits_the_rooms_a_connection_may_join() {
         )
         .await;
 }
+
+/// The same across a fleet: connections on two comets, each in several
+/// rooms; pushes through logic, NATS and job reach each member once, and
+/// logic's online counts add both comets' members of each room.
+#[tokio::test]
+async fn rooms_on_a_fleet_reach_every_member_once() {
+    let fleet = crate::fleet::Fleet::start();
+    let mut phone = TcpClient::auth(
+        fleet.comets[0].tcp(),
+        json!({"mid": 11, "room_id": "live://f1", "rooms": ["live://f2"], "accepts": [1000]}),
+    )
+    .await;
+    let mut laptop = TcpClient::auth(
+        fleet.comets[1].tcp(),
+        json!({"mid": 11, "room_id": "live://f2", "accepts": [1000]}),
+    )
+    .await;
+    assert_eq!(
+        ask(&mut laptop, op::JOIN, "live://f3").await,
+        (op::JOIN_REPLY, json!({"room": "live://f3", "ok": true}))
+    );
+    let logic = &fleet.logics[0];
+    crate::common::wait_until(|| async {
+        let (_, online) = logic
+            .get("/goim/online/room?type=live&rooms=f1&rooms=f2&rooms=f3")
+            .await;
+        online["data"] == json!({"f1": 1, "f2": 2, "f3": 1})
+    })
+    .await;
+    for (room, text) in [("f1", "one"), ("f2", "two"), ("f3", "three")] {
+        fleet
+            .push(
+                0,
+                &format!("/goim/push/room?operation=1000&type=live&room={room}"),
+                text,
+            )
+            .await;
+    }
+    fleet
+        .push(0, "/goim/push/mids?operation=1000&mids=11", "to 11")
+        .await;
+    let mut phone_got = vec![
+        body(&phone.recv().await),
+        body(&phone.recv().await),
+        body(&phone.recv().await),
+    ];
+    let mut laptop_got = vec![
+        body(&laptop.recv().await),
+        body(&laptop.recv().await),
+        body(&laptop.recv().await),
+    ];
+    phone_got.sort();
+    laptop_got.sort();
+    assert_eq!(phone_got, ["one", "to 11", "two"]);
+    assert_eq!(laptop_got, ["three", "to 11", "two"]);
+    phone.expect_silence().await;
+    laptop.expect_silence().await;
+}
