@@ -11,7 +11,7 @@ use pushcluster_api::config::{Config, DiscoveryKind, Role};
 use pushcluster_api::health::Readiness;
 use pushcluster_backplane::bus::BusMetrics;
 use pushcluster_backplane::discovery::{CometEndpoint, Discovery, StaticDiscovery};
-use pushcluster_backplane::nats::{Nats, NatsBus, NatsMetrics, NatsRegistry};
+use pushcluster_backplane::nats::{Nats, NatsBus, NatsMetrics, NatsRegistry, NatsUpstream};
 use pushcluster_comet::logic_client::GrpcLogic;
 use pushcluster_comet::metrics::CometMetrics;
 use pushcluster_comet::server::bind;
@@ -60,7 +60,7 @@ async fn discovery(
     }
 }
 
-async fn connect_nats(
+pub(crate) async fn connect_nats(
     config: &Config,
     name: &str,
     registry: &prometheus::Registry,
@@ -98,6 +98,7 @@ pub async fn run_comet(config: Config) -> anyhow::Result<()> {
         logic,
         CometMetrics::new(&registry)?,
     );
+    comet.set_upstream(config.upstream.clone());
     let server = CometServer::bind(comet)
         .await?
         .with_grpc_tls(tls.as_ref().map(GrpcTls::server));
@@ -137,22 +138,29 @@ pub async fn run_logic(config: Config) -> anyhow::Result<()> {
         config.history.clone(),
         stop_background.clone(),
     );
+    let upstream = config
+        .upstream
+        .enabled
+        .then(|| NatsUpstream::new(nats.clone(), config.upstream.clone()));
     let sessions = NatsRegistry::new(
         nats,
         config.logic.session_expire,
         config.logic.online_expire,
         stop_background.clone(),
     );
-    let logic = Arc::new(
-        Logic::new(
-            config.logic.clone(),
-            Arc::new(sessions),
-            Arc::new(bus.clone()),
-            LogicMetrics::new(&registry)?,
-        )?
-        .with_history(&config.history),
-    );
+    let mut logic = Logic::new(
+        config.logic.clone(),
+        Arc::new(sessions),
+        Arc::new(bus.clone()),
+        LogicMetrics::new(&registry)?,
+    )?
+    .with_history(&config.history);
+    if let Some(upstream) = upstream {
+        logic = logic.with_upstream(Arc::new(upstream), &config.upstream);
+    }
+    let logic = Arc::new(logic);
     tokio::spawn(logic.clone().watch_backpressure(stop_background.clone()));
+    tokio::spawn(logic.clone().watch_upstream(stop_background.clone()));
     let grpc_tls = GrpcTls::from_config(config.grpc_tls.as_ref())?.map(|tls| tls.server());
     let http = bind("logic.http.bind", &config.logic.http.bind).await?;
     let grpc = bind("logic.grpc.bind", &config.logic.grpc.bind).await?;

@@ -11,6 +11,7 @@ use pushcluster_api::config::{Config, Role};
 use pushcluster_api::health::Readiness;
 use pushcluster_backplane::bus::{BusMetrics, MemoryBus, MemoryBusConfig};
 use pushcluster_backplane::discovery::{CometEndpoint, StaticDiscovery};
+use pushcluster_backplane::nats::NatsUpstream;
 use pushcluster_backplane::registry::MemoryRegistry;
 use pushcluster_comet::metrics::CometMetrics;
 use pushcluster_comet::server::bind;
@@ -38,15 +39,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.logic.session_expire,
         config.logic.online_expire,
     ));
-    let logic = Arc::new(
-        Logic::new(
-            config.logic.clone(),
-            sessions.clone(),
-            Arc::new(bus.clone()),
-            LogicMetrics::new(&registry)?,
-        )?
-        .with_history(&config.history),
-    );
+    let mut logic = Logic::new(
+        config.logic.clone(),
+        sessions.clone(),
+        Arc::new(bus.clone()),
+        LogicMetrics::new(&registry)?,
+    )?
+    .with_history(&config.history);
+    // Client messages for the backend need a place the backend reads:
+    // NATS, even here (everything else stays in memory).
+    if config.upstream.enabled {
+        let nats = crate::fleet::connect_nats(&config, "pushcluster-standalone", &registry).await?;
+        let upstream = NatsUpstream::new(nats, config.upstream.clone());
+        logic = logic.with_upstream(Arc::new(upstream), &config.upstream);
+    }
+    let logic = Arc::new(logic);
 
     let id = comet_id(&config);
     let comet = Comet::new(
@@ -55,6 +62,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         logic.clone(),
         CometMetrics::new(&registry)?,
     );
+    comet.set_upstream(config.upstream.clone());
     // Standalone's links are in process; its gRPC ports (for goim tools)
     // take grpc_tls like a fleet's.
     let tls = GrpcTls::from_config(config.grpc_tls.as_ref())?;
@@ -104,6 +112,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     let stop_http = CancellationToken::new();
     tokio::spawn(logic.clone().watch_backpressure(stop_http.clone()));
+    tokio::spawn(logic.clone().watch_upstream(stop_http.clone()));
     let http_task = supervisor.spawn(
         "logic HTTP server",
         Box::pin(

@@ -18,3 +18,4 @@ pub mod nats;
 pub mod registry;
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
+pub mod upstream;

@@ -321,6 +321,7 @@ async fn open<'a, T: Transport>(
         heartbeat,
         next_renew: Instant::now() + renew_interval(),
         budget,
+        upstream_budget: None,
     })
 }
 
@@ -442,6 +443,9 @@ struct Session<'a> {
     heartbeat: Duration,
     next_renew: Instant,
     budget: FrameBudget,
+    /// Op-4 messages' rate (`upstream.per_second_per_connection`), made at
+    /// the first one.
+    upstream_budget: Option<Box<FrameBudget>>,
 }
 
 impl Session<'_> {
@@ -733,20 +737,82 @@ impl Session<'_> {
     }
 
     /// Any other op goes to logic's Receive; goim answers it with the same
-    /// op and no body.
+    /// op and no body. With `upstream` on, op 4 is a message for the
+    /// backend: answered with op 5, `{"id"}` once stored, or `{"error"}`
+    /// (too_large, rate_limited, unavailable) — the client may resend.
     async fn receive(&mut self, frame: Frame) -> Result<(), CloseReason> {
-        self.count_upstream("other");
+        let upstream = self
+            .comet
+            .upstream()
+            .filter(|_| frame.op == op::SEND_MSG)
+            .map(|config| (config.max_bytes, config.per_second_per_connection));
+        self.count_upstream(if upstream.is_some() { "send" } else { "other" });
+        if let Some((max_bytes, per_second)) = upstream {
+            let refusal = if frame.body.len() > max_bytes {
+                Some("too_large")
+            } else if !self
+                .upstream_budget
+                .get_or_insert_with(|| Box::new(FrameBudget::new(per_second)))
+                .take()
+            {
+                Some("rate_limited")
+            } else {
+                None
+            };
+            if let Some(error) = refusal {
+                return self.answer_upstream(&frame, Err(error));
+            }
+        }
         let request = ReceiveReq {
             mid: self.channel.mid,
             proto: Some((&frame).into()),
+            key: self.channel.key.clone(),
+            server: self.comet.id().to_string(),
+            rooms: self
+                .channel
+                .room_ids()
+                .iter()
+                .map(|id| id.to_string())
+                .collect(),
+            connection: self.channel.id,
         };
         let call = self.comet.logic().receive(request);
-        match timeout(self.comet.config().logic_timeout, call).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => log_logic_error("Receive", &error),
-            Err(_) => log_logic_error("Receive", &LinkError::Unavailable("timed out".into())),
+        let answer = match timeout(self.comet.config().logic_timeout, call).await {
+            Ok(Ok(reply)) => Ok(reply.id),
+            Ok(Err(error)) => {
+                log_logic_error("Receive", &error);
+                Err(match error {
+                    LinkError::InvalidArgument(_) => "too_large",
+                    _ => "unavailable",
+                })
+            }
+            Err(_) => {
+                log_logic_error("Receive", &LinkError::Unavailable("timed out".into()));
+                Err("unavailable")
+            }
+        };
+        if upstream.is_some() {
+            return self.answer_upstream(&frame, answer.as_deref().map_err(|e| *e));
         }
         self.reply(&frame, frame.op, Bytes::new())
+    }
+
+    /// Op 5 for an upstream message: `{"id"}` or `{"error"}`, counted.
+    fn answer_upstream(
+        &self,
+        frame: &Frame,
+        answer: Result<&str, &str>,
+    ) -> Result<(), CloseReason> {
+        let (result, body) = match answer {
+            Ok(id) => ("accepted", serde_json::json!({ "id": id })),
+            Err(error) => (error, serde_json::json!({ "error": error })),
+        };
+        self.comet
+            .metrics
+            .upstream_messages
+            .with_label_values(&[result])
+            .inc();
+        self.reply(frame, op::SEND_MSG_REPLY, Bytes::from(body.to_string()))
     }
 
     /// Refreshes the session in logic every 10–30 minutes of heartbeats.

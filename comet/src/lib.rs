@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pushcluster_api::config::CometConfig;
+use pushcluster_api::config::{CometConfig, UpstreamConfig};
 use pushcluster_api::link::{CometLink, LinkError, LogicLink};
 use pushcluster_api::pb::comet::{
     BroadcastReply, BroadcastReq, BroadcastRoomReply, BroadcastRoomReq, PushMsgReply, PushMsgReq,
@@ -98,6 +98,8 @@ pub struct Comet {
     /// Broadcasts queued or being sent; a drain waits until it is 0.
     broadcasts_pending: AtomicUsize,
     broadcasts_idle: Notify,
+    /// `upstream`, when on: op 4 goes to the backend, answered with op 5.
+    upstream: OnceLock<UpstreamConfig>,
 }
 
 /// A broadcast waiting for its turn.
@@ -134,7 +136,20 @@ impl Comet {
             broadcasts: OnceLock::new(),
             broadcasts_pending: AtomicUsize::new(0),
             broadcasts_idle: Notify::new(),
+            upstream: OnceLock::new(),
         })
+    }
+
+    /// Client messages (op 4) go to the backend through logic, each
+    /// answered with op 5 (`upstream.enabled`).
+    pub fn set_upstream(&self, config: UpstreamConfig) {
+        if config.enabled {
+            let _ = self.upstream.set(config);
+        }
+    }
+
+    pub(crate) fn upstream(&self) -> Option<&UpstreamConfig> {
+        self.upstream.get()
     }
 
     /// The server id stored in sessions and carried in `PushMsg.server`.

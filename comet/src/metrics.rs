@@ -25,6 +25,7 @@ pub struct CometMetrics {
     pub gaps: IntCounterVec,
     pub direct_gaps: IntCounter,
     pub room_joins: IntCounterVec,
+    pub upstream_messages: IntCounterVec,
     pub sent_bytes: IntCounterVec,
     pub write_batch_frames: Histogram,
     pub delivery_latency: Histogram,
@@ -119,6 +120,11 @@ impl CometMetrics {
                 "Rooms connections asked to enter (auth, op 12, op 22), by result: ok, already (in it), limit (comet.limits.rooms_per_connection), forbidden (not in the token's rooms), invalid (empty or overlong id).",
                 &["result"],
             )?,
+            upstream_messages: counter(
+                "pushcluster_comet_upstream_messages_total",
+                "Client messages (op 4) for the backend, by answer: accepted (stored; op 5 with its id), too_large, rate_limited, unavailable (op 5 with the error).",
+                &["result"],
+            )?,
             replayed: IntCounter::new(
                 "pushcluster_comet_replayed_messages_total",
                 "History messages written to resuming connections (positions opted in).",
@@ -183,6 +189,7 @@ impl CometMetrics {
         registry.register(Box::new(metrics.gaps.clone()))?;
         registry.register(Box::new(metrics.direct_gaps.clone()))?;
         registry.register(Box::new(metrics.room_joins.clone()))?;
+        registry.register(Box::new(metrics.upstream_messages.clone()))?;
         registry.register(Box::new(metrics.sent_bytes.clone()))?;
         registry.register(Box::new(metrics.write_batch_frames.clone()))?;
         registry.register(Box::new(metrics.delivery_latency.clone()))?;

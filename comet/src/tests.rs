@@ -139,8 +139,11 @@ impl LogicLink for FakeLogic {
     }
 
     async fn receive(&self, req: ReceiveReq) -> Result<ReceiveReply, LinkError> {
-        self.receives.lock().expect("lock").push(req);
-        Ok(ReceiveReply::default())
+        let mut receives = self.receives.lock().expect("lock");
+        receives.push(req);
+        Ok(ReceiveReply {
+            id: receives.len().to_string(),
+        })
     }
 
     async fn history(&self, req: HistoryReq) -> Result<HistoryReply, LinkError> {
@@ -792,6 +795,79 @@ async fn a_connection_joins_and_leaves_rooms_within_its_limit_and_token() {
             joins("invalid")
         ),
         (3, 1, 2, 1, 1)
+    );
+    harness.stop().await;
+}
+
+/// With `upstream` on, op 4 goes to logic with the session's identity and
+/// is answered op 5 with its id; too large or too fast is answered with an
+/// error and never reaches logic; other ops are answered as goim does.
+#[tokio::test]
+async fn upstream_messages_are_answered_with_their_id_or_a_reason() {
+    let harness = start(|_| {}).await;
+    harness
+        .comet
+        .set_upstream(pushcluster_api::config::UpstreamConfig {
+            enabled: true,
+            max_bytes: 8,
+            per_second_per_connection: 1,
+            ..Default::default()
+        });
+    let mut client = Tcp::auth(harness.tcp, "7 k7 live://u rooms=live://v").await;
+    let mut send = async |op: i32, seq: i32, body: &str| {
+        client.send(&frame(op, seq, body)).await;
+        let reply = client.recv().await.expect("a reply");
+        (
+            reply.op,
+            reply.seq,
+            String::from_utf8_lossy(&reply.body).into_owned(),
+        )
+    };
+    assert_eq!(
+        send(op::SEND_MSG, 1, "hi").await,
+        (op::SEND_MSG_REPLY, 1, r#"{"id":"1"}"#.into())
+    );
+    assert_eq!(
+        send(op::SEND_MSG, 2, "far too long").await,
+        (op::SEND_MSG_REPLY, 2, r#"{"error":"too_large"}"#.into())
+    );
+    // A burst of two a second: the second goes, the third is refused.
+    assert_eq!(send(op::SEND_MSG, 3, "two").await.2, r#"{"id":"2"}"#);
+    assert_eq!(
+        send(op::SEND_MSG, 4, "three").await.2,
+        r#"{"error":"rate_limited"}"#
+    );
+    // Any other op: to logic, answered with the same op and no body.
+    assert_eq!(send(1000, 5, "app").await, (1000, 5, String::new()));
+    drop(send);
+    let receives = harness.logic.receives.lock().expect("lock").clone();
+    assert_eq!(receives.len(), 3);
+    let first = &receives[0];
+    assert_eq!(
+        (
+            first.mid,
+            first.key.as_str(),
+            first.server.as_str(),
+            first.rooms.clone()
+        ),
+        (
+            7,
+            "k7",
+            "comet-test",
+            vec!["live://u".to_string(), "live://v".to_string()]
+        )
+    );
+    let sent = |result| {
+        harness
+            .comet
+            .metrics
+            .upstream_messages
+            .with_label_values(&[result])
+            .get()
+    };
+    assert_eq!(
+        (sent("accepted"), sent("too_large"), sent("rate_limited")),
+        (2, 1, 1)
     );
     harness.stop().await;
 }

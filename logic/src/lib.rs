@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use pushcluster_api::config::{HistoryConfig, LogicConfig, ReplayConfig};
+use pushcluster_api::config::{HistoryConfig, LogicConfig, ReplayConfig, UpstreamConfig};
 use pushcluster_api::link::{LinkError, LogicLink};
 use pushcluster_api::pb::logic::push_msg::Type as PushType;
 use pushcluster_api::pb::logic::{
@@ -35,6 +35,7 @@ use pushcluster_api::pb::logic::{
 use pushcluster_api::streams::DirectStream;
 use pushcluster_backplane::bus::{Bus, BusError, Since, Unrecovered};
 use pushcluster_backplane::registry::{CometReport, Registry, RegistryError, Session};
+use pushcluster_backplane::upstream::{Upstream, UpstreamMessage};
 use tokio_util::sync::CancellationToken;
 
 use crate::api_tokens::ApiTokens;
@@ -43,6 +44,9 @@ use crate::backpressure::Backpressure;
 use crate::balancer::{LoadBalancer, NodeInfo};
 use crate::history::HistoryReads;
 use crate::metrics::LogicMetrics;
+
+/// How often the backend's upstream backlog is read.
+const UPSTREAM_WATCH: Duration = Duration::from_secs(5);
 
 /// Direct-stream publishes in flight at once for one push to many users.
 const DIRECT_PUBLISH_CONCURRENCY: usize = 64;
@@ -118,6 +122,8 @@ pub struct Logic {
     history_reads: HistoryReads,
     /// Mid and key pushes go to direct streams (`history.direct`).
     direct_streams: bool,
+    /// Where client messages go (`upstream`), and their largest body.
+    upstream: Option<(Arc<dyn Upstream>, usize)>,
 }
 
 impl Logic {
@@ -143,6 +149,7 @@ impl Logic {
             replay: ReplayConfig::default(),
             history_reads: HistoryReads::new(ReplayConfig::default().concurrency),
             direct_streams: false,
+            upstream: None,
         })
     }
 
@@ -154,6 +161,34 @@ impl Logic {
         self.replay = history.replay;
         self.direct_streams = history.direct_streams();
         self
+    }
+
+    /// Client messages (op 4) go to `upstream` (`upstream.enabled`).
+    pub fn with_upstream(mut self, upstream: Arc<dyn Upstream>, config: &UpstreamConfig) -> Self {
+        self.upstream = Some((upstream, config.max_bytes));
+        self
+    }
+
+    /// Reports the backend's upstream backlog every few seconds until
+    /// `stop` (`pushcluster_logic_upstream_pending`).
+    pub async fn watch_upstream(self: Arc<Self>, stop: CancellationToken) {
+        let Some((upstream, _)) = self.upstream.clone() else {
+            return;
+        };
+        loop {
+            match upstream.pending().await {
+                Ok(Some(pending)) => self
+                    .metrics
+                    .upstream_pending
+                    .set(i64::try_from(pending).unwrap_or(i64::MAX)),
+                Ok(None) => {}
+                Err(error) => tracing::debug!(%error, "upstream backlog not read"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(UPSTREAM_WATCH) => {}
+            }
+        }
     }
 
     /// Reads the bus's lag for `logic.backpressure` until `stop`.
@@ -805,11 +840,55 @@ impl LogicLink for Logic {
         })
     }
 
+    /// A client's frame (op 4 or an application op). With `upstream` on it
+    /// goes to the upstream stream, its sender as the comet authenticated
+    /// it; its id (the stream sequence) is the answer. Off: logged, as goim.
     async fn receive(&self, req: ReceiveReq) -> Result<ReceiveReply, LinkError> {
         self.metrics.upstream_frames.inc();
-        let op = req.proto.as_ref().map(|p| p.op).unwrap_or_default();
-        tracing::debug!(mid = req.mid, op, "client frame received");
-        Ok(ReceiveReply {})
+        let (op, body) = req
+            .proto
+            .map(|proto| (proto.op, proto.body))
+            .unwrap_or_default();
+        let upstream = self
+            .upstream
+            .as_ref()
+            .filter(|_| op == pushcluster_api::protocol::op::SEND_MSG);
+        let Some((upstream, max_bytes)) = upstream else {
+            tracing::debug!(mid = req.mid, op, "client frame received");
+            return Ok(ReceiveReply::default());
+        };
+        let result = |label: &str| {
+            self.metrics
+                .upstream_messages
+                .with_label_values(&[label])
+                .inc();
+        };
+        if body.len() > *max_bytes {
+            result("too_large");
+            return Err(LinkError::InvalidArgument(format!(
+                "too_large: {} bytes, upstream.max_bytes is {max_bytes}",
+                body.len()
+            )));
+        }
+        let message = UpstreamMessage {
+            mid: req.mid,
+            key: req.key,
+            comet: req.server,
+            rooms: req.rooms,
+            op,
+            body,
+        };
+        match upstream.send(message).await {
+            Ok(id) => {
+                result("accepted");
+                Ok(ReceiveReply { id: id.to_string() })
+            }
+            Err(error) => {
+                result("unavailable");
+                tracing::warn!(%error, "upstream message not stored");
+                Err(LinkError::Unavailable(error.to_string()))
+            }
+        }
     }
 
     /// A room's history for a client joining it with positions. Reads wait

@@ -16,6 +16,8 @@ pub struct LogicMetrics {
     pub connects: IntCounterVec,
     pub disconnects: IntCounterVec,
     pub upstream_frames: IntCounter,
+    pub upstream_messages: IntCounterVec,
+    pub upstream_pending: IntGauge,
     pub online_reports: IntCounter,
     pub throttled: IntCounterVec,
     pub bus_lag_max: IntGauge,
@@ -87,6 +89,17 @@ impl LogicMetrics {
                 ),
                 &["result"],
             )?,
+            upstream_messages: IntCounterVec::new(
+                Opts::new(
+                    "pushcluster_logic_upstream_messages_total",
+                    "Client messages for the backend (upstream.enabled), by result: accepted (stored in the upstream stream), too_large, unavailable (NATS refused or failed).",
+                ),
+                &["result"],
+            )?,
+            upstream_pending: IntGauge::new(
+                "pushcluster_logic_upstream_pending",
+                "Client messages the backend's consumer (upstream.consumer) has not taken or acked yet.",
+            )?,
             upstream_frames: IntCounter::new(
                 "pushcluster_logic_upstream_frames_total",
                 "Client frames handed to Receive.",
@@ -141,6 +154,8 @@ impl LogicMetrics {
         registry.register(Box::new(metrics.connects.clone()))?;
         registry.register(Box::new(metrics.disconnects.clone()))?;
         registry.register(Box::new(metrics.upstream_frames.clone()))?;
+        registry.register(Box::new(metrics.upstream_messages.clone()))?;
+        registry.register(Box::new(metrics.upstream_pending.clone()))?;
         registry.register(Box::new(metrics.online_reports.clone()))?;
         registry.register(Box::new(metrics.throttled.clone()))?;
         registry.register(Box::new(metrics.bus_lag_max.clone()))?;

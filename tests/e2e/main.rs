@@ -14,5 +14,6 @@ mod push_api;
 mod resume;
 mod rooms;
 mod security;
+mod upstream;
 mod websocket;
 mod wire;

@@ -9,6 +9,7 @@
 pub mod bus;
 pub mod lease;
 pub mod registry;
+pub mod upstream;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +20,7 @@ use pushcluster_api::config::{NatsConfig, Storage};
 
 pub use bus::NatsBus;
 pub use registry::NatsRegistry;
+pub use upstream::NatsUpstream;
 
 /// Why talking to NATS failed.
 #[derive(Debug, thiserror::Error)]

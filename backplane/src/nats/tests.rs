@@ -426,3 +426,84 @@ async fn clients_start_without_nats_and_recover_when_it_comes() {
         .expect("publish");
     stop.cancel();
 }
+
+/// Client messages land in the upstream stream in order, their sender in
+/// the headers; the backend's consumer's backlog is what `pending` says.
+#[tokio::test]
+async fn upstream_messages_carry_their_sender_and_the_backends_backlog_shows() {
+    use crate::upstream::{Upstream, UpstreamMessage};
+    use futures_util::StreamExt as _;
+
+    let server = NatsServer::start();
+    let config = config(&server.url());
+    let upstream = NatsUpstream::new(
+        connect(&config).await,
+        pushcluster_api::config::UpstreamConfig {
+            enabled: true,
+            consumer: "backend".into(),
+            ..Default::default()
+        },
+    );
+    assert_eq!(
+        upstream.pending().await.expect("pending"),
+        None,
+        "no consumer yet"
+    );
+    let mut ids = Vec::new();
+    for text in ["hello", "typing", "bye"] {
+        let message = UpstreamMessage {
+            mid: 42,
+            key: "k42".into(),
+            comet: "comet-a".into(),
+            rooms: vec!["chat://1".into(), "chat://2".into()],
+            op: 4,
+            body: text.into(),
+        };
+        ids.push(upstream.send(message).await.expect("sent"));
+    }
+    assert!(ids.windows(2).all(|pair| pair[0] < pair[1]), "{ids:?}");
+
+    // The backend: a durable pull consumer on the stream.
+    let client = async_nats::connect(server.url()).await.expect("connect");
+    let jetstream = async_nats::jetstream::new(client);
+    let stream = jetstream
+        .get_stream("PUSHCLUSTER_UPSTREAM")
+        .await
+        .expect("stream");
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("backend".into()),
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    assert_eq!(upstream.pending().await.expect("pending"), Some(3));
+    let mut messages = consumer.messages().await.expect("messages");
+    for text in ["hello", "typing", "bye"] {
+        let message = tokio::time::timeout(WAIT, messages.next())
+            .await
+            .expect("in time")
+            .expect("a message")
+            .expect("ok");
+        assert_eq!(&message.payload[..], text.as_bytes());
+        let headers = message.headers.clone().expect("headers");
+        let one = |name: &str| headers.get(name).map(|v| v.as_str().to_string());
+        assert_eq!(one(upstream::HEADER_MID).as_deref(), Some("42"));
+        assert_eq!(one(upstream::HEADER_KEY).as_deref(), Some("k42"));
+        assert_eq!(one(upstream::HEADER_COMET).as_deref(), Some("comet-a"));
+        assert_eq!(one(upstream::HEADER_OP).as_deref(), Some("4"));
+        let rooms: Vec<String> = headers
+            .get_all(upstream::HEADER_ROOM)
+            .map(|v| v.as_str().to_string())
+            .collect();
+        assert_eq!(rooms, ["chat://1", "chat://2"]);
+        message.ack().await.expect("ack");
+    }
+    tokio::time::timeout(WAIT, async {
+        while upstream.pending().await.expect("pending") != Some(0) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the backlog drains");
+}
