@@ -303,7 +303,7 @@ async fn dashboard_panels_and_alert_rules_work_against_a_real_prometheus() {
             .iter()
             .flat_map(|g| g["rules"].as_array().expect("rules").iter())
             .collect();
-        assert_eq!(all.len(), 14, "every rule of alerts.yaml is loaded");
+        assert_eq!(all.len(), 16, "every rule of alerts.yaml is loaded");
         let broken: Vec<&&Value> = all.iter().filter(|r| r["health"] != "ok").collect();
         if broken.is_empty() {
             break;
