@@ -43,7 +43,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo check --manifest-path fuzz/Cargo.toml --target-dir target
 cargo test --workspace
 # The TypeScript client (clients/js) against real servers: the binary the
-# tests above built, and the nats-server installed above.
+# tests above built, and the nats-server installed above; its tests also
+# run the example chat backend (examples/chat-backend, the nats package).
+(cd examples/chat-backend && npm ci --no-audit --no-fund)
 (cd clients/js && npm ci --no-audit --no-fund && PUSHCLUSTER_BIN="$PWD/../../target/debug/pushcluster" npm test)
 # The operator, the chart and the fleet on a real Kubernetes (../shared/k8s).
 tests/kubernetes/run.sh

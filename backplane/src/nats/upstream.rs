@@ -99,12 +99,14 @@ impl Upstream for NatsUpstream {
         Ok(ack.sequence)
     }
 
+    /// Also creates the stream (logic calls this at start), so a backend
+    /// can make its consumer before the first client message.
     async fn pending(&self) -> Result<Option<u64>, BusError> {
+        self.ensure_stream().await?;
         let consumer = &self.inner.config.consumer;
         if consumer.is_empty() {
             return Ok(None);
         }
-        self.ensure_stream().await?;
         let stream = self
             .inner
             .nats

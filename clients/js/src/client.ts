@@ -80,6 +80,14 @@ export interface PushMessage {
   json<T = unknown>(): T;
 }
 
+/** The server's answer to `send`. */
+export interface SendAnswer {
+  /** The message's id in the upstream stream, once stored. */
+  id?: string;
+  /** Why not: too_large, rate_limited, unavailable (send again later), disconnected. */
+  error?: string;
+}
+
 /** The server's answer to `join` or `leave`. */
 export interface RoomAnswer {
   room: string;
@@ -130,6 +138,8 @@ export class PushClient {
   private readonly positions = new Map<string, Position>();
   /** Rooms besides `room`, joined again after each reconnect. */
   private readonly extraRooms = new Set<string>();
+  /** `send` calls waiting for their op-5 answer, by seq. */
+  private readonly sending = new Map<number, (answer: SendAnswer) => void>();
   /** `join`/`leave` calls waiting for their reply, by room. */
   private readonly pending = new Map<string, { op: number; resolve: (answer: RoomAnswer) => void }[]>();
   private socket: WebSocketLike | null = null;
@@ -226,9 +236,9 @@ export class PushClient {
     if (this.resumeEnabled && room) {
       const since = this.positions.get(room);
       this.joining.add(room);
-      this.send(Op.ChangeRoom, JSON.stringify(since ? { room, since } : { room }));
+      this.write(Op.ChangeRoom, JSON.stringify(since ? { room, since } : { room }));
     } else {
-      this.send(Op.ChangeRoom, room);
+      this.write(Op.ChangeRoom, room);
     }
   }
 
@@ -251,6 +261,22 @@ export class PushClient {
     return this.ask(Op.Join, Op.JoinReply, room, body);
   }
 
+  /**
+   * Sends a message to the business backend (op 4, with `upstream` on):
+   * resolves with `{id}` once the server stored it, or `{error}` —
+   * `unavailable` and `disconnected` may be sent again (the backend then
+   * sees it at least once). Needs a connection: rejects when there is none.
+   */
+  send(message: string): Promise<SendAnswer> {
+    if (!this.connected) {
+      return Promise.reject(new Error("not connected: cannot send"));
+    }
+    return new Promise((resolve) => {
+      const seq = this.write(Op.SendMsg, message);
+      this.sending.set(seq, resolve);
+    });
+  }
+
   /** Leaves a room (pushcluster's op 24); resolves with the server's answer. */
   leave(room: string): Promise<RoomAnswer> {
     return this.ask(Op.Leave, Op.LeaveReply, room, room);
@@ -264,7 +290,7 @@ export class PushClient {
       const waiting = this.pending.get(room) ?? [];
       waiting.push({ op: replyOp, resolve });
       this.pending.set(room, waiting);
-      this.send(op, body);
+      this.write(op, body);
     });
   }
 
@@ -294,21 +320,24 @@ export class PushClient {
 
   /** Adds ops to the ones key/mid pushes and broadcasts are received for. */
   subscribe(ops: number[]): void {
-    this.send(Op.Sub, ops.join(","));
+    this.write(Op.Sub, ops.join(","));
   }
 
   unsubscribe(ops: number[]): void {
-    this.send(Op.Unsub, ops.join(","));
+    this.write(Op.Unsub, ops.join(","));
   }
 
   private get resumeEnabled(): boolean {
     return this.options.resume ?? true;
   }
 
-  private send(op: number, body: string): void {
+  /** Writes a frame; its seq. */
+  private write(op: number, body: string): number {
+    const seq = this.seq++;
     if (this.socket && this.socket.readyState === 1) {
-      this.socket.send(encodeFrame(op, this.seq++, body));
+      this.socket.send(encodeFrame(op, seq, body));
     }
+    return seq;
   }
 
   private async endpoints(): Promise<string[]> {
@@ -412,7 +441,7 @@ export class PushClient {
         }
       }
       this.seq = 1;
-      this.send(Op.Auth, JSON.stringify(auth));
+      this.write(Op.Auth, JSON.stringify(auth));
     };
     socket.onmessage = (event) => this.receive(url, event.data);
     socket.onerror = () => {
@@ -468,6 +497,18 @@ export class PushClient {
       case Op.SubReply:
       case Op.UnsubReply:
         return;
+      case Op.SendMsgReply: {
+        const resolve = this.sending.get(frame.seq);
+        this.sending.delete(frame.seq);
+        let answer: SendAnswer;
+        try {
+          answer = JSON.parse(bodyText(frame)) as SendAnswer;
+        } catch {
+          answer = { error: "unreadable answer" };
+        }
+        resolve?.(answer);
+        return;
+      }
       case Op.JoinReply:
       case Op.LeaveReply: {
         try {
@@ -512,7 +553,7 @@ export class PushClient {
         return;
       }
       this.awaitingHeartbeat = true;
-      this.send(Op.Heartbeat, "");
+      this.write(Op.Heartbeat, "");
     };
     beat();
     this.heartbeatTimer = setInterval(beat, this.options.heartbeatMs ?? 30_000);
@@ -538,6 +579,10 @@ export class PushClient {
       }
     }
     this.pending.clear();
+    for (const resolve of this.sending.values()) {
+      resolve({ error: "disconnected" });
+    }
+    this.sending.clear();
     if (socket) {
       socket.onopen = null;
       socket.onmessage = null;

@@ -7,6 +7,7 @@ export {
   type ReconnectOptions,
   type ResumeInfo,
   type RoomAnswer,
+  type SendAnswer,
   type WebSocketConstructor,
   type WebSocketLike,
 } from "./client.js";

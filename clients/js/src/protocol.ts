@@ -5,6 +5,8 @@
 export const Op = {
   Heartbeat: 2,
   HeartbeatReply: 3,
+  SendMsg: 4,
+  SendMsgReply: 5,
   Auth: 7,
   AuthReply: 8,
   Raw: 9,

@@ -7,7 +7,21 @@ import { createHmac } from "node:crypto";
 import { after, before, describe, test } from "node:test";
 
 import { PushClient, type PushClientOptions, type PushMessage, type ResumeInfo } from "../src/index.js";
-import { Fleet, type Process, pushMid, pushRoom, reservePort, sleep, startStandalone, until } from "./harness.js";
+import { type ChildProcess, spawn } from "node:child_process";
+import { join } from "node:path";
+
+import {
+  Fleet,
+  Nats,
+  type Process,
+  pushMid,
+  pushRoom,
+  repo,
+  reservePort,
+  sleep,
+  startStandalone,
+  until,
+} from "./harness.js";
 
 /** A client that records what it gets. */
 function recorder(options: PushClientOptions) {
@@ -209,6 +223,53 @@ test("endpoints come from /goim/nodes/weighted; JWT auth", async () => {
   assert.equal(refused.opens.length, 0);
   refused.client.close();
   await server.stop();
+});
+
+describe("upstream to a chat backend", () => {
+  let nats: Nats;
+  let server: Process;
+  let backend: ChildProcess;
+  before(async () => {
+    nats = await Nats.start();
+    server = await startStandalone({
+      nats: { url: nats.url },
+      upstream: { enabled: true, max_bytes: 100, consumer: "chat-backend" },
+    });
+    // examples/chat-backend, as its README runs it.
+    backend = spawn(process.execPath, [join(repo, "examples/chat-backend/backend.mjs")], {
+      env: { ...process.env, NATS_URL: nats.url, PUSH_URL: `http://${server.addr("logic.http")}` },
+      stdio: ["ignore", "ignore", "inherit"],
+    });
+  });
+  after(async () => {
+    backend.kill("SIGTERM");
+    await server.stop();
+    await nats.stop();
+  });
+
+  test("a line one client sends reaches everyone in its room through the backend", async () => {
+    const alice = recorder({ urls: [wsUrl(server)], room: "chat://1", mid: 1, resume: false });
+    const bob = recorder({ urls: [wsUrl(server)], room: "chat://1", mid: 2, resume: false });
+    alice.client.connect();
+    bob.client.connect();
+    await until("both connected", () => alice.client.connected && bob.client.connected);
+    // NATS may still be connecting: "unavailable" is sent again, as an app would.
+    let answer = await alice.client.send("hello, bob");
+    for (let tries = 0; answer.error === "unavailable" && tries < 50; tries += 1) {
+      await sleep(200);
+      answer = await alice.client.send("hello, bob");
+    }
+    assert.match(answer.id ?? "", /^\d+$/, JSON.stringify(answer));
+    const line = { from: "1", text: "hello, bob" };
+    await until("bob hears alice", () => bob.messages.length === 1, 20_000);
+    await until("alice hears herself", () => alice.messages.length === 1);
+    assert.deepEqual(bob.messages[0]?.json(), line);
+    assert.deepEqual(alice.messages[0]?.json(), line);
+    assert.deepEqual(await alice.client.send("x".repeat(101)), { error: "too_large" });
+    alice.client.close();
+    bob.client.close();
+    await assert.rejects(alice.client.send("gone"), /not connected/);
+  });
 });
 
 describe("a fleet on NATS", () => {

@@ -12,7 +12,7 @@ import { fileURLToPath } from "node:url";
 
 const here = dirname(fileURLToPath(import.meta.url));
 // dist/test -> the repository root.
-const repo = resolve(here, "../../../..");
+export const repo = resolve(here, "../../../..");
 
 export function pushclusterBinary(): string {
   return process.env.PUSHCLUSTER_BIN ?? join(repo, "target/debug/pushcluster");
