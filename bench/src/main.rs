@@ -14,6 +14,7 @@ mod controller;
 mod push;
 mod report;
 mod spec;
+mod upstream;
 mod worker;
 
 use std::net::SocketAddr;
@@ -60,6 +61,9 @@ enum Scenario {
     /// Idle connections: open, hold, report the server's memory per
     /// connection.
     Idle(IdleArgs),
+    /// Messages from clients to the backend (op 4, `upstream` on), one in
+    /// flight per connection: the answers per second and their latency.
+    Upstream(UpstreamArgs),
     /// (internal) One worker process of a run.
     #[command(hide = true)]
     Worker {
@@ -264,6 +268,20 @@ struct ChurnArgs {
 }
 
 #[derive(Args)]
+struct UpstreamArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    #[arg(long, default_value_t = 100)]
+    connections: usize,
+    /// How long to send, in seconds.
+    #[arg(long, default_value = "10", value_parser = parse_secs)]
+    duration: Duration,
+    /// Bytes per message.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+}
+
+#[derive(Args)]
 struct IdleArgs {
     #[command(flatten)]
     target: TargetArgs,
@@ -321,6 +339,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Scenario::Idle(args) => {
             let plan = args.target.plan(args.connections, args.rooms, quiet)?;
             controller::idle(&plan, args.hold).await?
+        }
+        Scenario::Upstream(args) => {
+            let plan = args.target.plan(args.connections, 1, quiet)?;
+            upstream::run(&plan, args.duration, args.size).await?
         }
         Scenario::Worker { .. } => unreachable!("workers run in main"),
     };
