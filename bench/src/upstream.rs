@@ -22,6 +22,9 @@ use crate::worker::histogram;
 struct Tally {
     /// Op-5 answers by result: accepted, or the error.
     answers: BTreeMap<String, u64>,
+    /// Connections the server closed before the end (a frame-rate limit,
+    /// `comet.limits.frames_per_second_per_connection`, closes them).
+    closed: u64,
 }
 
 /// Runs `connections` goim TCP clients sending `size`-byte messages for
@@ -71,10 +74,14 @@ pub async fn run(plan: &Plan, duration: Duration, size: usize) -> anyhow::Result
                     body: body.clone().into(),
                 };
                 let sent = Instant::now();
-                if stream.write_all(&frame.encode()).await.is_err() {
-                    return;
-                }
-                let Some(answer) = read_answer(&mut stream, &mut buf, seq).await else {
+                let answer = match stream.write_all(&frame.encode()).await {
+                    Ok(()) => read_answer(&mut stream, &mut buf, seq).await,
+                    Err(_) => None,
+                };
+                let Some(answer) = answer else {
+                    if let Ok(mut tally) = tally.lock() {
+                        tally.closed += 1;
+                    }
                     return;
                 };
                 if let Ok(mut latency) = latency.lock() {
@@ -102,6 +109,7 @@ pub async fn run(plan: &Plan, duration: Duration, size: usize) -> anyhow::Result
     for (result, count) in &tally.answers {
         report.add(format!("answers_{result}"), *count);
     }
+    report.add("connections_closed_by_server", tally.closed);
     report.add("accepted_per_s", accepted as f64 / elapsed);
     if let Ok(latency) = latency.lock() {
         report.latency("answer", &latency);
