@@ -362,7 +362,9 @@ impl Rooms {
             return Ok(());
         }
         if !id.is_empty() {
-            check_join(&rooms, id, self.max_per_connection, rooms.primary.is_some())?;
+            // Making a room it joined besides its goim room adds none.
+            let replacing = rooms.primary.is_some() || rooms.contains(id);
+            check_join(&rooms, id, self.max_per_connection, replacing)?;
         }
         if let Some(old) = rooms.primary.take() {
             self.leave_room(channel, &old);
@@ -486,6 +488,25 @@ mod tests {
             8,
             &[],
         ))
+    }
+
+    #[test]
+    fn a_connection_at_its_limit_may_still_make_a_joined_room_its_goim_room() {
+        let rooms = Rooms::new(1, 2);
+        let a = channel(1);
+        assert_eq!(rooms.join_more(&a, "live://x"), Ok(true));
+        assert_eq!(rooms.join_more(&a, "live://y"), Ok(true));
+        assert_eq!(rooms.join_more(&a, "live://z"), Err(JoinRefusal::Limit));
+        rooms.change(&a, "live://x").expect("no room added");
+        assert_eq!(a.room_id().as_deref(), Some("live://x"));
+        assert_eq!(rooms.change(&a, "live://z"), Ok(()), "replaces goim's room");
+        let mut ids: Vec<String> = a.room_ids().iter().map(|id| id.to_string()).collect();
+        ids.sort();
+        assert_eq!(ids, ["live://y", "live://z"]);
+        assert!(rooms.get("live://x").is_none(), "an empty room is removed");
+        rooms.leave_all(&a);
+        assert!(a.room_ids().is_empty());
+        assert_eq!(rooms.counts().len(), 0);
     }
 
     #[test]

@@ -761,7 +761,6 @@ async fn a_connection_joins_and_leaves_rooms_within_its_limit_and_token() {
         ask(op::LEAVE, "live://b").await,
         (op::LEAVE_REPLY, refused("live://b", "not_member"))
     );
-    drop(ask);
     let counts = harness.comet.rooms.counts();
     assert_eq!(
         (
@@ -839,7 +838,6 @@ async fn upstream_messages_are_answered_with_their_id_or_a_reason() {
     );
     // Any other op: to logic, answered with the same op and no body.
     assert_eq!(send(1000, 5, "app").await, (1000, 5, String::new()));
-    drop(send);
     let receives = harness.logic.receives.lock().expect("lock").clone();
     assert_eq!(receives.len(), 3);
     let first = &receives[0];
