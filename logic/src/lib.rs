@@ -654,6 +654,27 @@ fn aggregate(reports: Vec<CometReport>) -> OnlineSnapshot {
     snapshot
 }
 
+/// Where the client says it left off in each of `names` (rooms or direct
+/// streams), for a client with positions.
+fn positions_named(
+    resume: &ResumeFields,
+    names: impl Iterator<Item = String>,
+) -> HashMap<String, StreamPosition> {
+    if !resume.positions {
+        return HashMap::new();
+    }
+    names
+        .filter_map(|name| {
+            let since = resume.since.get(&name)?;
+            let position = StreamPosition {
+                epoch: since.epoch,
+                offset: since.offset,
+            };
+            Some((name, position))
+        })
+        .collect()
+}
+
 fn registry_unavailable(error: RegistryError) -> LinkError {
     LinkError::Unavailable(error.to_string())
 }
@@ -709,46 +730,16 @@ impl LogicLink for Logic {
             });
         // Only the connection's own direct streams: a client cannot name
         // another user's.
-        let direct_since = if resume.positions && self.direct_streams {
+        let direct_since = if self.direct_streams {
             let own = [
                 (session.mid != 0).then_some(DirectStream::Mid(session.mid)),
                 Some(DirectStream::Key(session.key.clone())),
             ];
-            own.into_iter()
-                .flatten()
-                .filter_map(|stream| {
-                    let name = stream.name();
-                    let since = resume.since.get(&name)?;
-                    Some((
-                        name,
-                        StreamPosition {
-                            epoch: since.epoch,
-                            offset: since.offset,
-                        },
-                    ))
-                })
-                .collect()
+            positions_named(&resume, own.into_iter().flatten().map(|s| s.name()))
         } else {
             HashMap::new()
         };
-        let rooms_since = if resume.positions {
-            identity
-                .rooms
-                .iter()
-                .filter_map(|room| {
-                    let since = resume.since.get(room)?;
-                    Some((
-                        room.clone(),
-                        StreamPosition {
-                            epoch: since.epoch,
-                            offset: since.offset,
-                        },
-                    ))
-                })
-                .collect()
-        } else {
-            HashMap::new()
-        };
+        let rooms_since = positions_named(&resume, identity.rooms.iter().cloned());
         Ok(ConnectReply {
             mid: session.mid,
             key: session.key,
