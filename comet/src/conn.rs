@@ -255,6 +255,12 @@ async fn open<'a, T: Transport>(
     if reply.rooms_restricted {
         channel.restrict_rooms(std::mem::take(&mut reply.allowed_rooms));
     }
+    // Each room once, goim's room not again: a room is joined (and
+    // resumed) once.
+    let mut seen = std::collections::HashSet::new();
+    reply
+        .rooms
+        .retain(|room| *room != reply.room_id && seen.insert(room.clone()));
     let channel = Arc::new(channel);
     // Queued before the channel becomes reachable, so it is the first
     // frame the client sees.
