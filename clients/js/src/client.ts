@@ -295,7 +295,7 @@ export class PushClient {
   }
 
   private answered(op: number, answer: RoomAnswer): void {
-    if (op === Op.JoinReply && answer.ok) {
+    if (op === Op.JoinReply && answer.ok && answer.room !== this.room) {
       this.extraRooms.add(answer.room);
     }
     if (op === Op.LeaveReply) {
