@@ -63,7 +63,7 @@ console.log(`chat backend: reading ${stream} as ${durable}, answering through ${
 const messages = await consumer.consume();
 for await (const m of messages) {
   const from = m.headers?.get("Pushcluster-Mid") ?? "";
-  const rooms = m.headers?.values("Pushcluster-Room") ?? [];
+  const rooms = JSON.parse(m.headers?.get("Pushcluster-Rooms") || "[]");
   const body = JSON.stringify({ from, text: m.string() });
   let delivered = true;
   for (const room of rooms) {

@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::apply_crd;
-use crate::common::{TcpClient, WsClient, auth_frame, body, inner_frames, parse_metric};
+use crate::common::{TcpClient, WsClient, auth_frame, body, frame, inner_frames, parse_metric};
 use crate::kube_util::{
     Env, LONG, apply_value, apply_yaml, client, eventually, get_as, pod_ip, ready_pods,
     render_chart, secret_value, service_addr,
@@ -378,6 +378,8 @@ async fn drive(client: Client, env: Env, names: Names) {
                 "comet": {"replicas": 2, "drainSeconds": DRAIN_SECONDS},
                 "logic": {"replicas": 2},
                 "job": {"replicas": 2},
+                // Client messages for the backend (docs/upstream.md).
+                "config": {"upstream": {"enabled": true}},
                 // What roll clients resume from (docs/recovery.md).
                 "history": {
                     "default": {"maxAgeSeconds": 600, "maxMessages": 5000},
@@ -421,6 +423,9 @@ async fn drive(client: Client, env: Env, names: Names) {
 
     step("clients through the comet Service receive key, mid, room and broadcast pushes");
     pushes_reach_clients(&fleet).await;
+
+    step("a client joins a second room its token allows and sends to the backend");
+    rooms_and_upstream(&fleet, nats).await;
 
     step("scale subresource: 3 comets");
     let before = fleet.comet_names().await;
@@ -648,6 +653,90 @@ async fn pushes_reach_clients(fleet: &Fleet) {
     got_ws.sort();
     assert_eq!(got_tcp, want, "TCP client");
     assert_eq!(got_ws, want, "WebSocket client");
+}
+
+/// Through the comet Service: a client whose token allows two rooms joins
+/// the second (op 22) and not a third, gets the second room's pushes, and
+/// its message (op 4) is stored in the upstream stream on the cluster's
+/// NATS with the identity its token gave it.
+async fn rooms_and_upstream(fleet: &Fleet, nats: SocketAddr) {
+    let token = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": "1004", "rooms": ["live://1000", "chat://k8s"], "exp": now() + 3600,
+                "accepts": [1000]}),
+        &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .expect("sign");
+    let mut client = TcpClient::auth(
+        fleet.comet_tcp,
+        json!({"token": token, "room_id": "live://1000"}),
+    )
+    .await;
+    let mut ask = async |op: i32, seq: i32, body: &str| {
+        client.send(&frame(op, seq, body)).await;
+        loop {
+            let reply = client.recv().await;
+            if reply.seq == seq {
+                let answer: Value = serde_json::from_slice(&reply.body).unwrap_or(Value::Null);
+                return (reply.op, answer);
+            }
+        }
+    };
+    assert_eq!(
+        ask(op::JOIN, 2, "chat://k8s").await,
+        (op::JOIN_REPLY, json!({"room": "chat://k8s", "ok": true}))
+    );
+    assert_eq!(
+        ask(op::JOIN, 3, "chat://other").await,
+        (
+            op::JOIN_REPLY,
+            json!({"room": "chat://other", "ok": false, "reason": "forbidden"})
+        )
+    );
+    // Logic may still be creating the stream: "unavailable" is sent again.
+    let deadline = Instant::now() + LONG;
+    let id = loop {
+        let (reply_op, answer) = ask(op::SEND_MSG, 4, r#"{"text":"hello from k8s"}"#).await;
+        assert_eq!(reply_op, op::SEND_MSG_REPLY);
+        if let Some(id) = answer["id"].as_str() {
+            break id.parse::<u64>().expect("numeric id");
+        }
+        assert!(Instant::now() < deadline, "never stored: {answer}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    fleet
+        .push_ok(
+            "/goim/push/room?operation=1000&type=chat&room=k8s",
+            "to the chat",
+        )
+        .await;
+    let pushed = loop {
+        let frame = client.recv().await;
+        if let Some(message) = messages(&frame).into_iter().find(|m| m.0 == 1000) {
+            break message.1;
+        }
+    };
+    assert_eq!(pushed, "to the chat");
+
+    // The backend's view: the message, with the sender from the token.
+    let nats = async_nats::connect(format!("nats://{nats}"))
+        .await
+        .expect("the cluster's NATS");
+    let stream = async_nats::jetstream::new(nats)
+        .get_stream("PUSHCLUSTER_UPSTREAM")
+        .await
+        .expect("the upstream stream");
+    let message = stream
+        .get_raw_message(id)
+        .await
+        .expect("the stored message");
+    let header = |name: &str| message.headers.get(name).map(|v| v.as_str().to_string());
+    assert_eq!(header("Pushcluster-Mid").as_deref(), Some("1004"));
+    assert_eq!(
+        header("Pushcluster-Rooms").as_deref(),
+        Some(r#"["live://1000","chat://k8s"]"#)
+    );
+    assert_eq!(&message.payload[..], br#"{"text":"hello from k8s"}"#);
 }
 
 /// A client on the new comet pod gets room pushes, and the pod's address

@@ -16,8 +16,10 @@ use crate::upstream::{Upstream, UpstreamMessage};
 pub const HEADER_MID: &str = "Pushcluster-Mid";
 pub const HEADER_KEY: &str = "Pushcluster-Key";
 pub const HEADER_COMET: &str = "Pushcluster-Comet";
-/// One value per room the sender is in (goim's room first).
-pub const HEADER_ROOM: &str = "Pushcluster-Room";
+/// The rooms the sender is in, a JSON array of strings (goim's room
+/// first). One header, not one per room: some clients keep only the last
+/// value of a repeated header (async-nats' direct get does).
+pub const HEADER_ROOMS: &str = "Pushcluster-Rooms";
 pub const HEADER_OP: &str = "Pushcluster-Op";
 
 #[derive(Clone)]
@@ -84,9 +86,9 @@ impl Upstream for NatsUpstream {
         headers.insert(HEADER_KEY, message.key.as_str());
         headers.insert(HEADER_COMET, message.comet.as_str());
         headers.insert(HEADER_OP, message.op.to_string().as_str());
-        for room in &message.rooms {
-            headers.append(HEADER_ROOM, room.as_str());
-        }
+        let rooms = serde_json::to_string(&message.rooms)
+            .map_err(|e| BusError::Other(format!("rooms as JSON: {e}")))?;
+        headers.insert(HEADER_ROOMS, rooms.as_str());
         let ack = self
             .inner
             .nats
