@@ -1,22 +1,34 @@
 //! goim over WebSocket: upgrade on path `/sub`, then exactly one goim frame
 //! per WebSocket message in each direction. Text and binary messages are
 //! both accepted from clients; the server sends binary messages.
+//!
+//! tungstenite parses the upgrade request, builds the 101 answer and parses
+//! and formats frame headers. The message loop around them is ours, shaped
+//! like the TCP transport: tungstenite's `WebSocketStream` keeps a read
+//! buffer, a write buffer and two waker records alive for every connection
+//! (about 800 bytes of an idle connection's 2.8 KB, docs/benchmarks.md),
+//! while this transport holds a 14-byte header and allocates a payload only
+//! while a frame is in flight. Writes go out with `writev`: each goim frame
+//! after its 2-to-10-byte header, never copied.
 
 use std::collections::VecDeque;
+use std::io::{Cursor, IoSlice};
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 
-use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use bytes::{Buf, Bytes};
 use pushcluster_api::protocol::{self, Frame, MAX_CLIENT_FRAME};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout_at};
 use tokio_rustls::TlsAcceptor;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::{self, Message, http};
+use tokio_tungstenite::tungstenite::handshake::machine::TryParse;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, create_response, write_response};
+use tokio_tungstenite::tungstenite::http;
+use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 
 use crate::Comet;
 use crate::channel::TransportKind;
@@ -25,22 +37,339 @@ use crate::conn::{self, Opening, ReadError, Transport};
 /// The only path goim serves WebSocket clients on.
 pub(crate) const PATH: &str = "/sub";
 
-/// Small buffers: most connections are idle, and client frames are at most
-/// 4112 bytes. The read buffer is every connection's (a heartbeat is a
-/// 22-byte WebSocket frame; a larger frame grows it as needed). Writes are
-/// buffered up to 8 KiB between flushes.
-fn websocket_config() -> WebSocketConfig {
-    let mut config = WebSocketConfig::default();
-    config.read_buffer_size = 128;
-    config.write_buffer_size = 8 * 1024;
-    config.max_write_buffer_size = usize::MAX;
-    config.max_message_size = Some(MAX_CLIENT_FRAME);
-    config.max_frame_size = Some(MAX_CLIENT_FRAME);
-    config
-}
+/// The upgrade request, headers included, may be at most this long.
+const MAX_REQUEST: usize = 16 * 1024;
+/// A client frame's header: 2 bytes, 2 or 8 of length, 4 of mask.
+const MAX_CLIENT_HEADER: usize = 14;
+/// Every client frame is masked, so its header has at least 6 bytes: reading
+/// that many never reads into the payload.
+const MIN_CLIENT_HEADER: u8 = 6;
+/// A server frame's header (unmasked): at most 10 bytes.
+const MAX_SERVER_HEADER: usize = 10;
+/// Frames handed to one `writev` call (two slices each).
+const FRAMES_PER_WRITE: usize = 32;
+/// RFC 6455 §5.5: control frames carry at most 125 bytes.
+const MAX_CONTROL_PAYLOAD: u64 = 125;
 
 pub(crate) struct WsTransport<S> {
-    ws: WebSocketStream<S>,
+    stream: S,
+    /// Bytes the client sent after its upgrade request, read first.
+    early: Option<Bytes>,
+    header: [u8; MAX_CLIENT_HEADER],
+    header_read: u8,
+    header_wanted: u8,
+    /// The frame whose payload is being read: its header, payload, bytes read.
+    frame: Option<(FrameHeader, Vec<u8>, usize)>,
+    /// A fragmented message being put together (rare: goim clients send
+    /// one frame per message): whether it is text, and its bytes so far.
+    fragments: Option<Box<(bool, Vec<u8>)>>,
+    /// A pong or close answer to send before anything else, and how much
+    /// of it is sent.
+    control: Option<(Bytes, usize)>,
+    /// Bytes of the first queued frame already written, its header included.
+    front_written: usize,
+    /// The client sent a close frame; once the answer is out, the
+    /// connection is over.
+    client_closed: bool,
+    close_sent: bool,
+}
+
+impl<S> WsTransport<S> {
+    fn new(stream: S, early: Option<Bytes>) -> Self {
+        WsTransport {
+            stream,
+            early,
+            header: [0; MAX_CLIENT_HEADER],
+            header_read: 0,
+            header_wanted: MIN_CLIENT_HEADER,
+            frame: None,
+            fragments: None,
+            control: None,
+            front_written: 0,
+            client_closed: false,
+            close_sent: false,
+        }
+    }
+
+    fn mid_frame(&self) -> bool {
+        self.header_read > 0 || self.frame.is_some() || self.fragments.is_some()
+    }
+}
+
+fn protocol_error(what: &str) -> ReadError {
+    ReadError::Protocol(what.to_string())
+}
+
+fn eof() -> ReadError {
+    ReadError::Io(std::io::ErrorKind::UnexpectedEof.into())
+}
+
+/// Reads into `buf`, from the bytes that came with the upgrade request
+/// first. Cancel-safe: a read that did not finish consumed nothing.
+async fn read_some<S: AsyncRead + Unpin>(
+    early: &mut Option<Bytes>,
+    stream: &mut S,
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
+    if let Some(bytes) = early {
+        let n = bytes.len().min(buf.len());
+        buf[..n].copy_from_slice(&bytes[..n]);
+        bytes.advance(n);
+        if bytes.is_empty() {
+            *early = None;
+        }
+        return Ok(n);
+    }
+    std::future::poll_fn(|cx| {
+        let mut read = ReadBuf::new(buf);
+        ready!(Pin::new(&mut *stream).poll_read(cx, &mut read))?;
+        Poll::Ready(Ok(read.filled().len()))
+    })
+    .await
+}
+
+/// A server frame (unmasked, final) of `opcode` around `payload`.
+fn server_frame(opcode: OpCode, payload: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(MAX_SERVER_HEADER + payload.len());
+    let header = FrameHeader {
+        opcode,
+        ..FrameHeader::default()
+    };
+    // Writing into a Vec cannot fail.
+    let _ = header.format(payload.len() as u64, &mut out);
+    out.extend_from_slice(payload);
+    Bytes::from(out)
+}
+
+/// Formats the header of a binary server frame of `len` bytes into `out`;
+/// returns its length.
+fn binary_header(len: usize, out: &mut [u8; MAX_SERVER_HEADER]) -> usize {
+    let header = FrameHeader {
+        opcode: OpCode::Data(Data::Binary),
+        ..FrameHeader::default()
+    };
+    let mut cursor = Cursor::new(&mut out[..]);
+    // Ten bytes hold any unmasked header.
+    let _ = header.format(len as u64, &mut cursor);
+    cursor.position() as usize
+}
+
+fn binary_header_len(len: usize) -> usize {
+    match len {
+        0..=125 => 2,
+        126..=0xFFFF => 4,
+        _ => 10,
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> WsTransport<S> {
+    /// Sends the pending control frame, if any. Cancel-safe: progress is
+    /// kept in `self.control`.
+    async fn send_control(&mut self) -> std::io::Result<()> {
+        while let Some((bytes, sent)) = &mut self.control {
+            if *sent == bytes.len() {
+                self.control = None;
+                self.stream.flush().await?;
+                break;
+            }
+            let n = self.stream.write(&bytes[*sent..]).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            *sent += n;
+        }
+        Ok(())
+    }
+
+    /// Reads the next frame header.
+    async fn read_header(&mut self) -> Result<(FrameHeader, u64), ReadError> {
+        loop {
+            let (read, wanted) = (
+                usize::from(self.header_read),
+                usize::from(self.header_wanted),
+            );
+            let n = read_some(
+                &mut self.early,
+                &mut self.stream,
+                &mut self.header[read..wanted],
+            )
+            .await?;
+            if n == 0 {
+                // A WebSocket client says goodbye with a close frame; one
+                // that just went (a phone losing its network) is an I/O
+                // end, not bad input.
+                return Err(if self.mid_frame() {
+                    eof()
+                } else {
+                    ReadError::Io(std::io::ErrorKind::ConnectionReset.into())
+                });
+            }
+            let read = read + n;
+            // At most 14: `read` never passes `wanted`.
+            self.header_read = read as u8;
+            if read < 2 {
+                continue;
+            }
+            if self.header[1] & 0x80 == 0 {
+                return Err(protocol_error("a client frame is not masked"));
+            }
+            let needed = 6 + match self.header[1] & 0x7F {
+                126 => 2,
+                127 => 8,
+                _ => 0,
+            };
+            if read < needed {
+                self.header_wanted = needed as u8;
+                continue;
+            }
+            self.header_read = 0;
+            self.header_wanted = MIN_CLIENT_HEADER;
+            let parsed = FrameHeader::parse(&mut Cursor::new(&self.header[..needed]))
+                .map_err(|error| ReadError::Protocol(error.to_string()))?;
+            return parsed.ok_or_else(|| protocol_error("incomplete frame header"));
+        }
+    }
+
+    /// Checks a frame header before its payload is read.
+    fn admit(&self, header: &FrameHeader, len: u64) -> Result<(), ReadError> {
+        if header.rsv1 || header.rsv2 || header.rsv3 {
+            return Err(protocol_error("reserved bits set without an extension"));
+        }
+        match header.opcode {
+            OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
+                Err(protocol_error("reserved opcode"))
+            }
+            OpCode::Control(_) if !header.is_final || len > MAX_CONTROL_PAYLOAD => Err(
+                protocol_error("control frames are single frames of at most 125 bytes"),
+            ),
+            OpCode::Control(_) => Ok(()),
+            OpCode::Data(_) => {
+                let so_far = self.fragments.as_ref().map_or(0, |f| f.1.len());
+                let total = so_far.saturating_add(usize::try_from(len).unwrap_or(usize::MAX));
+                if total > MAX_CLIENT_FRAME {
+                    return Err(ReadError::Oversized(total));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Acts on a frame read whole: a finished message is a goim frame; a
+    /// ping or close queues its answer.
+    fn complete(
+        &mut self,
+        header: FrameHeader,
+        mut payload: Vec<u8>,
+    ) -> Result<Option<Frame>, ReadError> {
+        if let Some(mask) = header.mask {
+            for (i, byte) in payload.iter_mut().enumerate() {
+                *byte ^= mask[i & 3];
+            }
+        }
+        let (text, message) = match header.opcode {
+            OpCode::Data(Data::Text | Data::Binary) if self.fragments.is_some() => {
+                return Err(protocol_error(
+                    "a new message began inside a fragmented one",
+                ));
+            }
+            OpCode::Data(data @ (Data::Text | Data::Binary)) => {
+                let text = data == Data::Text;
+                if !header.is_final {
+                    self.fragments = Some(Box::new((text, payload)));
+                    return Ok(None);
+                }
+                (text, payload)
+            }
+            OpCode::Data(Data::Continue) => {
+                let Some(fragments) = &mut self.fragments else {
+                    return Err(protocol_error("a continuation frame without a message"));
+                };
+                fragments.1.extend_from_slice(&payload);
+                if !header.is_final {
+                    return Ok(None);
+                }
+                match self.fragments.take() {
+                    Some(whole) => *whole,
+                    None => return Ok(None),
+                }
+            }
+            OpCode::Control(Control::Ping) => {
+                self.control = Some((server_frame(OpCode::Control(Control::Pong), &payload), 0));
+                return Ok(None);
+            }
+            OpCode::Control(Control::Close) => {
+                if payload.len() == 1 {
+                    return Err(protocol_error("a close frame of one byte"));
+                }
+                // Answer with the client's code, as RFC 6455 §5.5.1 suggests.
+                let code = &payload[..payload.len().min(2)];
+                self.control = Some((server_frame(OpCode::Control(Control::Close), code), 0));
+                self.close_sent = true;
+                self.client_closed = true;
+                return Ok(None);
+            }
+            // Pongs need nothing; reserved opcodes were refused in `admit`.
+            OpCode::Control(_) | OpCode::Data(Data::Reserved(_)) => return Ok(None),
+        };
+        if text && std::str::from_utf8(&message).is_err() {
+            return Err(protocol_error("a text message that is not UTF-8"));
+        }
+        protocol::decode_ws_message(Bytes::from(message))
+            .map(Some)
+            .map_err(ReadError::Frame)
+    }
+
+    /// One `writev` of as many queued frames as fit, each after its header.
+    fn poll_write_frames(
+        &mut self,
+        cx: &mut Context<'_>,
+        frames: &mut VecDeque<Bytes>,
+    ) -> Poll<std::io::Result<usize>> {
+        let mut headers = [[0u8; MAX_SERVER_HEADER]; FRAMES_PER_WRITE];
+        let mut header_lens = [0usize; FRAMES_PER_WRITE];
+        for ((header, len), frame) in headers
+            .iter_mut()
+            .zip(header_lens.iter_mut())
+            .zip(frames.iter())
+        {
+            *len = binary_header(frame.len(), header);
+        }
+        let mut slices = [IoSlice::new(&[]); FRAMES_PER_WRITE * 2];
+        let mut count = 0;
+        for (i, frame) in frames.iter().take(FRAMES_PER_WRITE).enumerate() {
+            let skip = if i == 0 { self.front_written } else { 0 };
+            let header_len = header_lens[i];
+            if skip < header_len {
+                slices[count] = IoSlice::new(&headers[i][skip..header_len]);
+                count += 1;
+            }
+            let body_skip = skip.saturating_sub(header_len);
+            if body_skip < frame.len() {
+                slices[count] = IoSlice::new(&frame[body_skip..]);
+                count += 1;
+            }
+        }
+        let n = ready!(Pin::new(&mut self.stream).poll_write_vectored(cx, &slices[..count]))?;
+        if n == 0 {
+            return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+        }
+        let mut left = n;
+        while left > 0 {
+            let Some(front) = frames.front() else {
+                break;
+            };
+            let remaining = binary_header_len(front.len()) + front.len() - self.front_written;
+            if left >= remaining {
+                left -= remaining;
+                self.front_written = 0;
+                frames.pop_front();
+            } else {
+                self.front_written += left;
+                left = 0;
+            }
+        }
+        Poll::Ready(Ok(n))
+    }
 }
 
 impl<S> Transport for WsTransport<S>
@@ -53,74 +382,65 @@ where
 
     async fn read_frame(&mut self) -> Result<Option<Frame>, ReadError> {
         loop {
-            // `next` is cancel-safe: partial messages stay in the stream.
-            let message = match self.ws.next().await {
-                None => return Ok(None),
-                Some(Ok(message)) => message,
-                Some(Err(error)) => return Err(read_error(error)),
-            };
-            let payload = match message {
-                Message::Binary(payload) => payload,
-                Message::Text(text) => Bytes::from(text),
-                Message::Close(_) => return Ok(None),
-                // Pings are answered by the library; pongs need nothing.
-                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
-            };
-            return protocol::decode_ws_message(payload)
-                .map(Some)
-                .map_err(ReadError::Frame);
+            self.send_control().await?;
+            if self.client_closed {
+                return Ok(None);
+            }
+            if let Some((_, payload, read)) = &mut self.frame {
+                if *read < payload.len() {
+                    let n =
+                        read_some(&mut self.early, &mut self.stream, &mut payload[*read..]).await?;
+                    if n == 0 {
+                        return Err(eof());
+                    }
+                    *read += n;
+                    continue;
+                }
+                let Some((header, payload, _)) = self.frame.take() else {
+                    continue;
+                };
+                if let Some(frame) = self.complete(header, payload)? {
+                    return Ok(Some(frame));
+                }
+                continue;
+            }
+            let (header, len) = self.read_header().await?;
+            self.admit(&header, len)?;
+            // `admit` bounded the length by the client frame limit.
+            let len = usize::try_from(len).unwrap_or(0);
+            self.frame = Some((header, vec![0; len], 0));
         }
     }
 
     async fn write(&mut self, frames: &mut VecDeque<Bytes>) -> std::io::Result<u64> {
+        // An answer to a ping goes first, never inside another frame.
+        self.send_control().await?;
+        // An empty message would not be a goim frame.
+        frames.retain(|frame| !frame.is_empty());
         let mut written = 0u64;
-        while let Some(frame) = frames.pop_front() {
-            written += frame.len() as u64;
-            self.ws
-                .feed(Message::Binary(frame))
-                .await
-                .map_err(write_error)?;
-        }
-        self.ws.flush().await.map_err(write_error)?;
+        std::future::poll_fn(|cx| {
+            while !frames.is_empty() {
+                written += ready!(self.poll_write_frames(cx, frames))? as u64;
+            }
+            Pin::new(&mut self.stream).poll_flush(cx)
+        })
+        .await?;
         Ok(written)
     }
 
     async fn shutdown(&mut self) {
-        let close = self.ws.close(None);
+        let close = async {
+            // A close frame may not go into the middle of another frame.
+            let _ = self.send_control().await;
+            if !self.close_sent && self.front_written == 0 && self.control.is_none() {
+                self.close_sent = true;
+                self.control = Some((server_frame(OpCode::Control(Control::Close), &[]), 0));
+                let _ = self.send_control().await;
+            }
+            let _ = self.stream.shutdown().await;
+        };
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), close).await;
     }
-}
-
-fn read_error(error: tungstenite::Error) -> ReadError {
-    match error {
-        tungstenite::Error::Capacity(capacity) => ReadError::Oversized(match capacity {
-            tungstenite::error::CapacityError::MessageTooLong { size, .. } => size,
-            _ => MAX_CLIENT_FRAME + 1,
-        }),
-        tungstenite::Error::Io(io) => ReadError::Io(io),
-        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
-            ReadError::Io(std::io::ErrorKind::ConnectionAborted.into())
-        }
-        // A client that went away without a close frame (a phone losing
-        // its network, a killed process) is not bad input.
-        tungstenite::Error::Protocol(
-            tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
-        ) => ReadError::Io(std::io::ErrorKind::ConnectionReset.into()),
-        other => ReadError::Protocol(other.to_string()),
-    }
-}
-
-fn write_error(error: tungstenite::Error) -> std::io::Error {
-    match error {
-        tungstenite::Error::Io(io) => io,
-        other => std::io::Error::other(other.to_string()),
-    }
-}
-
-fn refuse(status: http::StatusCode, message: &str) -> ErrorResponse {
-    let mut response = ErrorResponse::new(Some(message.to_string()));
-    *response.status_mut() = status;
-    response
 }
 
 /// WSS: the TLS handshake (within the handshake timeout), then as WS.
@@ -158,36 +478,96 @@ where
 /// request's Cookie header goes to logic Connect.
 async fn upgrade<S>(
     comet: &Comet,
-    stream: S,
+    mut stream: S,
     ip: IpAddr,
     started: Instant,
 ) -> Option<(WsTransport<S>, String)>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut cookie = String::new();
-    // The callback's signature is tungstenite's, large error type included.
-    #[allow(clippy::result_large_err)]
-    let callback = |request: &Request, response: Response| {
-        if request.uri().path() != PATH {
-            return Err(refuse(
-                http::StatusCode::NOT_FOUND,
-                "goim WebSocket clients connect to /sub",
-            ));
-        }
-        if let Some(value) = request.headers().get(http::header::COOKIE) {
-            cookie = String::from_utf8_lossy(value.as_bytes()).into_owned();
-        }
-        Ok(response)
-    };
     let deadline = started + comet.config().protocol.handshake_timeout;
-    let upgrade =
-        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(websocket_config()));
-    match timeout_at(deadline, upgrade).await {
-        Ok(Ok(ws)) => Some((WsTransport { ws }, cookie)),
-        Ok(Err(error)) => opening_failed(comet, ip, "upgrade_failed", Some(error.to_string())),
+    match timeout_at(deadline, handshake(&mut stream)).await {
+        Ok(Ok((cookie, early))) => Some((WsTransport::new(stream, early), cookie)),
+        Ok(Err(error)) => opening_failed(comet, ip, "upgrade_failed", Some(error)),
         Err(_) => opening_failed(comet, ip, "timeout", None),
     }
+}
+
+/// Reads the upgrade request and answers it: 101 for a WebSocket request
+/// on [`PATH`], an HTTP error otherwise. Returns the Cookie header and any
+/// bytes the client sent after its request.
+async fn handshake<S>(stream: &mut S) -> Result<(String, Option<Bytes>), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let (end, request) = loop {
+        let n = read_some(&mut None, stream, &mut chunk)
+            .await
+            .map_err(|error| error.to_string())?;
+        if n == 0 {
+            return Err("the client closed before its upgrade request ended".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        match Request::try_parse(&buf) {
+            Ok(Some(parsed)) => break parsed,
+            Ok(None) if buf.len() < MAX_REQUEST => {}
+            Ok(None) => {
+                refuse(
+                    stream,
+                    http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "",
+                )
+                .await;
+                return Err(format!("upgrade request longer than {MAX_REQUEST} bytes"));
+            }
+            Err(error) => {
+                refuse(stream, http::StatusCode::BAD_REQUEST, "").await;
+                return Err(error.to_string());
+            }
+        }
+    };
+    if request.uri().path() != PATH {
+        refuse(
+            stream,
+            http::StatusCode::NOT_FOUND,
+            "goim WebSocket clients connect to /sub",
+        )
+        .await;
+        return Err(format!("path {} is not {PATH}", request.uri().path()));
+    }
+    let response = match create_response(&request) {
+        Ok(response) => response,
+        Err(error) => {
+            refuse(stream, http::StatusCode::BAD_REQUEST, "").await;
+            return Err(error.to_string());
+        }
+    };
+    let mut answer = Vec::with_capacity(160);
+    write_response(&mut answer, &response).map_err(|error| error.to_string())?;
+    stream
+        .write_all(&answer)
+        .await
+        .map_err(|error| error.to_string())?;
+    stream.flush().await.map_err(|error| error.to_string())?;
+    let cookie = request
+        .headers()
+        .get(http::header::COOKIE)
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+        .unwrap_or_default();
+    let early = (end < buf.len()).then(|| Bytes::copy_from_slice(&buf[end..]));
+    Ok((cookie, early))
+}
+
+/// Answers a refused upgrade with `status` and a short text body.
+async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, status: http::StatusCode, body: &str) {
+    let answer = format!(
+        "HTTP/1.1 {status}\r\nConnection: close\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(answer.as_bytes()).await;
+    let _ = stream.flush().await;
 }
 
 /// Counts a WebSocket opening that failed, and logs why (a timeout says
