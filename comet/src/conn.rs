@@ -202,8 +202,6 @@ pub(crate) type Opening<T> = Pin<Box<dyn Future<Output = Option<(T, String)>> + 
 /// so everything that happens once (opening, handshake, teardown) or
 /// rarely runs in boxed futures, freed when done, and the transport is
 /// held once, here.
-// An async fn would hold its arguments twice (as arguments and as locals).
-#[allow(clippy::manual_async_fn)]
 pub(crate) fn run<T: Transport>(
     comet: Arc<Comet>,
     opening: Opening<T>,
@@ -211,32 +209,55 @@ pub(crate) fn run<T: Transport>(
     started: Instant,
     admitted: Option<Admitted>,
 ) -> impl Future<Output = ()> + Send {
+    // Boxed: the task keeps only what opening returns, not the arguments
+    // (a future keeps its captured values for its whole life).
+    let opened = Box::pin(open(comet, opening, ip, started, admitted));
     async move {
-        let _admitted = admitted;
-        let Some((mut transport, cookie)) = opening.await else {
+        let Some((mut transport, mut session)) = opened.await else {
             return;
         };
-        let mut session = match Box::pin(open(&comet, &mut transport, ip, cookie, started)).await {
-            Some(session) => session,
-            None => {
-                Box::pin(transport.shutdown()).await;
-                return;
-            }
-        };
         let reason = session.serve(&mut transport).await;
-        Box::pin(teardown(&comet, &session.channel, reason, &mut transport)).await;
+        Box::pin(teardown(
+            &session.comet,
+            &session.channel,
+            reason,
+            &mut transport,
+        ))
+        .await;
+    }
+}
+
+/// Opens the transport (TLS, WebSocket upgrade), authenticates, and joins
+/// the connection to the comet with the auth reply as its first queued
+/// frame. `None`: refused (counted, logged and closed).
+async fn open<T: Transport>(
+    comet: Arc<Comet>,
+    opening: Opening<T>,
+    ip: IpAddr,
+    started: Instant,
+    admitted: Option<Admitted>,
+) -> Option<(T, Session)> {
+    let (mut transport, cookie) = opening.await?;
+    match join(comet, &mut transport, ip, cookie, started, admitted).await {
+        Some(session) => Some((transport, session)),
+        None => {
+            transport.shutdown().await;
+            None
+        }
     }
 }
 
 /// The handshake, then the connection joins the comet with the auth reply
 /// as its first queued frame. `None`: refused (counted and logged).
-async fn open<'a, T: Transport>(
-    comet: &'a Arc<Comet>,
+async fn join<T: Transport>(
+    comet: Arc<Comet>,
     transport: &mut T,
     ip: IpAddr,
     cookie: String,
     started: Instant,
-) -> Option<Session<'a>> {
+    admitted: Option<Admitted>,
+) -> Option<Session> {
+    let comet = &comet;
     let mut budget = FrameBudget::new(comet.config().limits.frames_per_second_per_connection);
     let (auth, mut reply) = handshake(comet, transport, ip, cookie, started, &mut budget).await?;
     let kind = transport.kind();
@@ -322,7 +343,8 @@ async fn open<'a, T: Transport>(
         .map(Duration::from_nanos)
         .unwrap_or(FALLBACK_HEARTBEAT);
     Some(Session {
-        comet,
+        comet: comet.clone(),
+        _admitted: admitted,
         channel,
         heartbeat,
         next_renew: Instant::now() + renew_interval(),
@@ -443,8 +465,11 @@ fn renew_interval() -> Duration {
 }
 
 /// An authenticated connection's loop.
-struct Session<'a> {
-    comet: &'a Arc<Comet>,
+struct Session {
+    comet: Arc<Comet>,
+    /// The connection's place under `comet.limits`, given back when the
+    /// session ends.
+    _admitted: Option<Admitted>,
     channel: Arc<Channel>,
     heartbeat: Duration,
     next_renew: Instant,
@@ -454,7 +479,7 @@ struct Session<'a> {
     upstream_budget: Option<Box<FrameBudget>>,
 }
 
-impl Session<'_> {
+impl Session {
     /// Publish → socket latency of a write that carried pushed frames,
     /// measured from the oldest of them: one observation per write keeps
     /// the cost off the fan-out path (replies carry no publish time).
@@ -510,7 +535,7 @@ impl Session<'_> {
                 _ = self.channel.wait() => {}
                 read = transport.read_frame() => match read {
                     Ok(Some(_)) if !self.budget.take() => {
-                        count_frame_limit(self.comet, kind, self.channel.ip);
+                        count_frame_limit(&self.comet, kind, self.channel.ip);
                         return CloseReason::FrameRate;
                     }
                     Ok(Some(frame)) => {
@@ -697,7 +722,7 @@ impl Session<'_> {
         if let Some(state) = positioned {
             if joined.is_ok() {
                 let target = resume::Resuming::Room(&join.room);
-                resume::resume(self.comet, &self.channel, state, target, join.since).await;
+                resume::resume(&self.comet, &self.channel, state, target, join.since).await;
             } else {
                 state.forget(&join.room);
             }
@@ -737,7 +762,7 @@ impl Session<'_> {
         self.reply(&frame, op::CHANGE_ROOM_REPLY, frame.body.clone())?;
         if entering {
             let target = resume::Resuming::Room(&join.room);
-            resume::resume(self.comet, &self.channel, state, target, join.since).await;
+            resume::resume(&self.comet, &self.channel, state, target, join.since).await;
         }
         Ok(())
     }

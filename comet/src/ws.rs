@@ -20,7 +20,7 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes};
 use pushcluster_api::protocol::{self, Frame, MAX_CLIENT_FRAME};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout_at};
 use tokio_rustls::TlsAcceptor;
@@ -53,46 +53,77 @@ const MAX_CONTROL_PAYLOAD: u64 = 125;
 
 pub(crate) struct WsTransport<S> {
     stream: S,
-    /// Bytes the client sent after its upgrade request, read first.
-    early: Option<Bytes>,
     header: [u8; MAX_CLIENT_HEADER],
     header_read: u8,
     header_wanted: u8,
-    /// The frame whose payload is being read: its header, payload, bytes read.
-    frame: Option<(FrameHeader, Vec<u8>, usize)>,
-    /// A fragmented message being put together (rare: goim clients send
-    /// one frame per message): whether it is text, and its bytes so far.
-    fragments: Option<Box<(bool, Vec<u8>)>>,
-    /// A pong or close answer to send before anything else, and how much
-    /// of it is sent.
-    control: Option<(Bytes, usize)>,
-    /// Bytes of the first queued frame already written, its header included.
-    front_written: usize,
     /// The client sent a close frame; once the answer is out, the
     /// connection is over.
     client_closed: bool,
     close_sent: bool,
+    /// Bytes of the first queued frame already written, its header included.
+    front_written: usize,
+    /// The frame whose payload is being read: its header, payload, bytes read.
+    frame: Option<(FrameHeader, Vec<u8>, usize)>,
+    /// Allocated only while needed.
+    rare: Option<Box<Rare>>,
+}
+
+/// What most connections never need, kept out of every connection's task.
+#[derive(Default)]
+struct Rare {
+    /// Bytes the client sent after its upgrade request, read first.
+    early: Option<Bytes>,
+    /// A fragmented message being put together (goim clients send one
+    /// frame per message): whether it is text, and its bytes so far.
+    fragments: Option<(bool, Vec<u8>)>,
+    /// A pong or close answer to send before anything else, and how much
+    /// of it is sent.
+    control: Option<(Bytes, usize)>,
+}
+
+/// Frees the rare state once nothing is left in it.
+fn tidy(rare: &mut Option<Box<Rare>>) {
+    if rare
+        .as_ref()
+        .is_some_and(|r| r.early.is_none() && r.fragments.is_none() && r.control.is_none())
+    {
+        *rare = None;
+    }
 }
 
 impl<S> WsTransport<S> {
     fn new(stream: S, early: Option<Bytes>) -> Self {
         WsTransport {
             stream,
-            early,
             header: [0; MAX_CLIENT_HEADER],
             header_read: 0,
             header_wanted: MIN_CLIENT_HEADER,
-            frame: None,
-            fragments: None,
-            control: None,
-            front_written: 0,
             client_closed: false,
             close_sent: false,
+            front_written: 0,
+            frame: None,
+            rare: early.map(|early| {
+                Box::new(Rare {
+                    early: Some(early),
+                    ..Rare::default()
+                })
+            }),
         }
     }
 
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Box::default)
+    }
+
+    fn fragments_len(&self) -> Option<usize> {
+        self.rare
+            .as_ref()
+            .and_then(|r| r.fragments.as_ref())
+            .map(|f| f.1.len())
+    }
+
     fn mid_frame(&self) -> bool {
-        self.header_read > 0 || self.frame.is_some() || self.fragments.is_some()
+        self.header_read > 0 || self.frame.is_some() || self.fragments_len().is_some()
     }
 }
 
@@ -105,27 +136,28 @@ fn eof() -> ReadError {
 }
 
 /// Reads into `buf`, from the bytes that came with the upgrade request
-/// first. Cancel-safe: a read that did not finish consumed nothing.
-async fn read_some<S: AsyncRead + Unpin>(
-    early: &mut Option<Bytes>,
+/// first.
+fn poll_read_some<S: AsyncRead + Unpin>(
+    rare: &mut Option<Box<Rare>>,
     stream: &mut S,
+    cx: &mut Context<'_>,
     buf: &mut [u8],
-) -> std::io::Result<usize> {
-    if let Some(bytes) = early {
-        let n = bytes.len().min(buf.len());
-        buf[..n].copy_from_slice(&bytes[..n]);
-        bytes.advance(n);
-        if bytes.is_empty() {
-            *early = None;
+) -> Poll<std::io::Result<usize>> {
+    if let Some(early) = rare.as_mut().and_then(|r| r.early.as_mut()) {
+        let n = early.len().min(buf.len());
+        buf[..n].copy_from_slice(&early[..n]);
+        early.advance(n);
+        if early.is_empty()
+            && let Some(r) = rare.as_mut()
+        {
+            r.early = None;
+            tidy(rare);
         }
-        return Ok(n);
+        return Poll::Ready(Ok(n));
     }
-    std::future::poll_fn(|cx| {
-        let mut read = ReadBuf::new(buf);
-        ready!(Pin::new(&mut *stream).poll_read(cx, &mut read))?;
-        Poll::Ready(Ok(read.filled().len()))
-    })
-    .await
+    let mut read = ReadBuf::new(buf);
+    ready!(Pin::new(stream).poll_read(cx, &mut read))?;
+    Poll::Ready(Ok(read.filled().len()))
 }
 
 /// A server frame (unmasked, final) of `opcode` around `payload`.
@@ -162,47 +194,57 @@ fn binary_header_len(len: usize) -> usize {
     }
 }
 
+// Poll functions rather than async ones: the state lives in the transport,
+// so reads and writes are cancel-safe and add nothing to the connection's
+// task but a reference.
 impl<S: AsyncRead + AsyncWrite + Unpin> WsTransport<S> {
-    /// Sends the pending control frame, if any. Cancel-safe: progress is
-    /// kept in `self.control`.
-    async fn send_control(&mut self) -> std::io::Result<()> {
-        while let Some((bytes, sent)) = &mut self.control {
-            if *sent == bytes.len() {
-                self.control = None;
-                self.stream.flush().await?;
-                break;
+    /// Sends the pending control frame, if any.
+    fn poll_send_control(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        loop {
+            let Some((bytes, sent)) = self.rare.as_mut().and_then(|r| r.control.as_mut()) else {
+                return Poll::Ready(Ok(()));
+            };
+            if *sent < bytes.len() {
+                let n = ready!(Pin::new(&mut self.stream).poll_write(cx, &bytes[*sent..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                *sent += n;
+                continue;
             }
-            let n = self.stream.write(&bytes[*sent..]).await?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
+            ready!(Pin::new(&mut self.stream).poll_flush(cx))?;
+            if let Some(rare) = &mut self.rare {
+                rare.control = None;
             }
-            *sent += n;
+            tidy(&mut self.rare);
         }
-        Ok(())
     }
 
     /// Reads the next frame header.
-    async fn read_header(&mut self) -> Result<(FrameHeader, u64), ReadError> {
+    fn poll_read_header(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(FrameHeader, u64), ReadError>> {
         loop {
             let (read, wanted) = (
                 usize::from(self.header_read),
                 usize::from(self.header_wanted),
             );
-            let n = read_some(
-                &mut self.early,
+            let n = ready!(poll_read_some(
+                &mut self.rare,
                 &mut self.stream,
+                cx,
                 &mut self.header[read..wanted],
-            )
-            .await?;
+            ))?;
             if n == 0 {
                 // A WebSocket client says goodbye with a close frame; one
                 // that just went (a phone losing its network) is an I/O
                 // end, not bad input.
-                return Err(if self.mid_frame() {
+                return Poll::Ready(Err(if self.mid_frame() {
                     eof()
                 } else {
                     ReadError::Io(std::io::ErrorKind::ConnectionReset.into())
-                });
+                }));
             }
             let read = read + n;
             // At most 14: `read` never passes `wanted`.
@@ -211,7 +253,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsTransport<S> {
                 continue;
             }
             if self.header[1] & 0x80 == 0 {
-                return Err(protocol_error("a client frame is not masked"));
+                return Poll::Ready(Err(protocol_error("a client frame is not masked")));
             }
             let needed = 6 + match self.header[1] & 0x7F {
                 126 => 2,
@@ -226,7 +268,45 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsTransport<S> {
             self.header_wanted = MIN_CLIENT_HEADER;
             let parsed = FrameHeader::parse(&mut Cursor::new(&self.header[..needed]))
                 .map_err(|error| ReadError::Protocol(error.to_string()))?;
-            return parsed.ok_or_else(|| protocol_error("incomplete frame header"));
+            return Poll::Ready(parsed.ok_or_else(|| protocol_error("incomplete frame header")));
+        }
+    }
+
+    /// Reads frames until a whole message is in: a goim frame. Pings and
+    /// closes are answered on the way.
+    fn poll_read_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Frame>, ReadError>> {
+        loop {
+            ready!(self.poll_send_control(cx))?;
+            if self.client_closed {
+                return Poll::Ready(Ok(None));
+            }
+            if let Some((_, payload, read)) = &mut self.frame {
+                if *read < payload.len() {
+                    let n = ready!(poll_read_some(
+                        &mut self.rare,
+                        &mut self.stream,
+                        cx,
+                        &mut payload[*read..],
+                    ))?;
+                    if n == 0 {
+                        return Poll::Ready(Err(eof()));
+                    }
+                    *read += n;
+                    continue;
+                }
+                let Some((header, payload, _)) = self.frame.take() else {
+                    continue;
+                };
+                if let Some(frame) = self.complete(header, payload)? {
+                    return Poll::Ready(Ok(Some(frame)));
+                }
+                continue;
+            }
+            let (header, len) = ready!(self.poll_read_header(cx))?;
+            self.admit(&header, len)?;
+            // `admit` bounded the length by the client frame limit.
+            let len = usize::try_from(len).unwrap_or(0);
+            self.frame = Some((header, vec![0; len], 0));
         }
     }
 
@@ -244,7 +324,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsTransport<S> {
             ),
             OpCode::Control(_) => Ok(()),
             OpCode::Data(_) => {
-                let so_far = self.fragments.as_ref().map_or(0, |f| f.1.len());
+                let so_far = self.fragments_len().unwrap_or(0);
                 let total = so_far.saturating_add(usize::try_from(len).unwrap_or(usize::MAX));
                 if total > MAX_CLIENT_FRAME {
                     return Err(ReadError::Oversized(total));
@@ -267,7 +347,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsTransport<S> {
             }
         }
         let (text, message) = match header.opcode {
-            OpCode::Data(Data::Text | Data::Binary) if self.fragments.is_some() => {
+            OpCode::Data(Data::Text | Data::Binary) if self.fragments_len().is_some() => {
                 return Err(protocol_error(
                     "a new message began inside a fragmented one",
                 ));
@@ -275,26 +355,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsTransport<S> {
             OpCode::Data(data @ (Data::Text | Data::Binary)) => {
                 let text = data == Data::Text;
                 if !header.is_final {
-                    self.fragments = Some(Box::new((text, payload)));
+                    self.rare().fragments = Some((text, payload));
                     return Ok(None);
                 }
                 (text, payload)
             }
             OpCode::Data(Data::Continue) => {
-                let Some(fragments) = &mut self.fragments else {
+                let Some(fragments) = self.rare.as_mut().and_then(|r| r.fragments.as_mut()) else {
                     return Err(protocol_error("a continuation frame without a message"));
                 };
                 fragments.1.extend_from_slice(&payload);
                 if !header.is_final {
                     return Ok(None);
                 }
-                match self.fragments.take() {
-                    Some(whole) => *whole,
+                let whole = self.rare.as_mut().and_then(|r| r.fragments.take());
+                tidy(&mut self.rare);
+                match whole {
+                    Some(whole) => whole,
                     None => return Ok(None),
                 }
             }
             OpCode::Control(Control::Ping) => {
-                self.control = Some((server_frame(OpCode::Control(Control::Pong), &payload), 0));
+                self.rare().control =
+                    Some((server_frame(OpCode::Control(Control::Pong), &payload), 0));
                 return Ok(None);
             }
             OpCode::Control(Control::Close) => {
@@ -303,7 +386,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsTransport<S> {
                 }
                 // Answer with the client's code, as RFC 6455 §5.5.1 suggests.
                 let code = &payload[..payload.len().min(2)];
-                self.control = Some((server_frame(OpCode::Control(Control::Close), code), 0));
+                self.rare().control =
+                    Some((server_frame(OpCode::Control(Control::Close), code), 0));
                 self.close_sent = true;
                 self.client_closed = true;
                 return Ok(None);
@@ -381,44 +465,16 @@ where
     }
 
     async fn read_frame(&mut self) -> Result<Option<Frame>, ReadError> {
-        loop {
-            self.send_control().await?;
-            if self.client_closed {
-                return Ok(None);
-            }
-            if let Some((_, payload, read)) = &mut self.frame {
-                if *read < payload.len() {
-                    let n =
-                        read_some(&mut self.early, &mut self.stream, &mut payload[*read..]).await?;
-                    if n == 0 {
-                        return Err(eof());
-                    }
-                    *read += n;
-                    continue;
-                }
-                let Some((header, payload, _)) = self.frame.take() else {
-                    continue;
-                };
-                if let Some(frame) = self.complete(header, payload)? {
-                    return Ok(Some(frame));
-                }
-                continue;
-            }
-            let (header, len) = self.read_header().await?;
-            self.admit(&header, len)?;
-            // `admit` bounded the length by the client frame limit.
-            let len = usize::try_from(len).unwrap_or(0);
-            self.frame = Some((header, vec![0; len], 0));
-        }
+        std::future::poll_fn(|cx| self.poll_read_frame(cx)).await
     }
 
     async fn write(&mut self, frames: &mut VecDeque<Bytes>) -> std::io::Result<u64> {
-        // An answer to a ping goes first, never inside another frame.
-        self.send_control().await?;
         // An empty message would not be a goim frame.
         frames.retain(|frame| !frame.is_empty());
         let mut written = 0u64;
         std::future::poll_fn(|cx| {
+            // An answer to a ping goes first, never inside another frame.
+            ready!(self.poll_send_control(cx))?;
             while !frames.is_empty() {
                 written += ready!(self.poll_write_frames(cx, frames))? as u64;
             }
@@ -429,17 +485,23 @@ where
     }
 
     async fn shutdown(&mut self) {
+        // Boxed: its timer is needed once, at the end, and would otherwise
+        // be part of every connection's task for its whole life.
         let close = async {
+            let sent = std::future::poll_fn(|cx| self.poll_send_control(cx)).await;
             // A close frame may not go into the middle of another frame.
-            let _ = self.send_control().await;
-            if !self.close_sent && self.front_written == 0 && self.control.is_none() {
+            if sent.is_ok() && !self.close_sent && self.front_written == 0 {
                 self.close_sent = true;
-                self.control = Some((server_frame(OpCode::Control(Control::Close), &[]), 0));
-                let _ = self.send_control().await;
+                self.rare().control = Some((server_frame(OpCode::Control(Control::Close), &[]), 0));
+                let _ = std::future::poll_fn(|cx| self.poll_send_control(cx)).await;
             }
             let _ = self.stream.shutdown().await;
         };
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), close).await;
+        let _ = Box::pin(tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            close,
+        ))
+        .await;
     }
 }
 
@@ -500,16 +562,18 @@ async fn handshake<S>(stream: &mut S) -> Result<(String, Option<Bytes>), String>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
+    let mut buf = Vec::with_capacity(512);
     let (end, request) = loop {
-        let n = read_some(&mut None, stream, &mut chunk)
+        if buf.len() == buf.capacity() {
+            buf.reserve(buf.len());
+        }
+        let n = stream
+            .read_buf(&mut buf)
             .await
             .map_err(|error| error.to_string())?;
         if n == 0 {
             return Err("the client closed before its upgrade request ended".into());
         }
-        buf.extend_from_slice(&chunk[..n]);
         match Request::try_parse(&buf) {
             Ok(Some(parsed)) => break parsed,
             Ok(None) if buf.len() < MAX_REQUEST => {}
