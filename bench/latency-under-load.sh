@@ -11,7 +11,10 @@
 #
 # Env: BUSY (19000), RATE (40), COUNT (300), INTERVAL_MS (50), BIN
 # (target/release), TARGET_ARGS (the server's --connect/--http/--pid
-# arguments; bench/fleet.sh sets them), TRANSPORT (tcp|ws).
+# arguments; bench/fleet.sh sets them), TRANSPORT (tcp|ws), BUSY_NICE
+# (e.g. 19: the busy room's generator yields the cores to the server and
+# the lone client, as 19,000 clients on other machines would; unset: it
+# competes with them).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -33,7 +36,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$bin/pushcluster-bench" room "${target[@]}" --namespace busy --connections "$busy" \
+nice_busy=()
+[[ -n "${BUSY_NICE:-}" ]] && nice_busy=(nice -n "$BUSY_NICE")
+"${nice_busy[@]}" "$bin/pushcluster-bench" room "${target[@]}" --namespace busy --connections "$busy" \
     --rooms 1 --rate "$rate" --duration "$duration" >"$work/busy.txt" 2>"$work/busy.log" &
 busy_pid=$!
 # Start the lone pushes once the busy room is connected and receiving.

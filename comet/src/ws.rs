@@ -4,7 +4,7 @@
 //!
 //! tungstenite parses the upgrade request, builds the 101 answer and parses
 //! and formats frame headers. The message loop around them is ours, shaped
-//! like the TCP transport: tungstenite's `WebSocketStream` keeps a read
+//! like the TCP transport: tokio-tungstenite's `WebSocketStream` keeps a read
 //! buffer, a write buffer and two waker records alive for every connection
 //! (about 800 bytes of an idle connection's 2.8 KB, docs/benchmarks.md),
 //! while this transport holds a 14-byte header and allocates a payload only
@@ -24,11 +24,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout_at};
 use tokio_rustls::TlsAcceptor;
-use tokio_tungstenite::tungstenite::handshake::machine::TryParse;
-use tokio_tungstenite::tungstenite::handshake::server::{Request, create_response, write_response};
-use tokio_tungstenite::tungstenite::http;
-use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::{Control, Data, OpCode};
+use tungstenite::handshake::machine::TryParse;
+use tungstenite::handshake::server::{Request, create_response, write_response};
+use tungstenite::http;
+use tungstenite::protocol::frame::FrameHeader;
+use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 
 use crate::Comet;
 use crate::channel::TransportKind;
