@@ -7,13 +7,14 @@
 #   bench/callgrind-per-message.sh target/release/pushcluster
 #
 # Needs valgrind, pushcluster-bench next to the binary (or BENCH=...), and
-# ports 3101-3111 and 3190 free.
+# ports 3101-3111 and 3190 free. TRANSPORT=ws for WebSocket clients.
 set -euo pipefail
 
 bin="${1:?usage: $0 PUSHCLUSTER_BINARY}"
 bench="${BENCH:-$(dirname "$bin")/pushcluster-bench}"
 clients="${CLIENTS:-200}"
 rate="${RATE:-20}"
+transport="${TRANSPORT:-tcp}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
@@ -27,7 +28,7 @@ run() {
         curl -sf -o /dev/null http://127.0.0.1:3190/readyz && break
         sleep 0.1
     done
-    "$bench" room --connections "$clients" --rooms 1 --rate "$rate" --concurrency 1 \
+    "$bench" room --transport "$transport" --connections "$clients" --rooms 1 --rate "$rate" --concurrency 1 \
         --duration "$seconds" --settle 10 --connect-rate 100 --quiet --json >"$work/bench.$seconds.json"
     kill "$pid"
     wait "$pid" || true

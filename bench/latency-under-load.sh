@@ -14,7 +14,8 @@
 # arguments; bench/fleet.sh sets them), TRANSPORT (tcp|ws), BUSY_NICE
 # (e.g. 19: the busy room's generator yields the cores to the server and
 # the lone client, as 19,000 clients on other machines would; unset: it
-# competes with them).
+# competes with them), LONE_NICE (e.g. -10: the lone client's process
+# is scheduled first, as a client on a machine of its own would be).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -66,7 +67,9 @@ for arg in "${target[@]}"; do
     fi
     lone_target+=("$arg")
 done
-"$bin/pushcluster-bench" lone "${lone_target[@]}" --namespace quiet --connections 1 \
+nice_lone=()
+[[ -n "${LONE_NICE:-}" ]] && nice_lone=(nice -n "$LONE_NICE")
+"${nice_lone[@]}" "$bin/pushcluster-bench" lone "${lone_target[@]}" --namespace quiet --connections 1 \
     --count "$count" --interval-ms "$interval" --quiet
 wait "$busy_pid"
 busy_pid=""

@@ -1332,6 +1332,35 @@ async fn websocket_upgrades_that_are_not_websocket_get_an_http_error() {
 }
 
 #[tokio::test]
+async fn websocket_client_frames_up_to_the_limit_are_read_whole() {
+    // 200 bytes and the largest goim frame (4,112): both take the 2-byte
+    // extended length; a byte more is refused.
+    let harness = start(|_| {}).await;
+    let mut ws = ws_client(&harness, "5 k5 live://1").await;
+    for (seq, body) in [(11, 184usize), (12, 4096)] {
+        let message = frame(4, seq, &"b".repeat(body)).encode();
+        ws.send(Message::Binary(message)).await.expect("send");
+        let reply = ws_frame(ws.next().await.expect("reply").expect("message"));
+        assert_eq!((reply.op, reply.seq), (4, seq));
+    }
+    let receives = harness.logic.receives.lock().expect("lock").clone();
+    assert_eq!(
+        receives
+            .iter()
+            .map(|r| r.proto.as_ref().map_or(0, |p| p.body.len()))
+            .collect::<Vec<_>>(),
+        vec![184, 4096]
+    );
+    let too_big = frame(4, 13, &"b".repeat(4097)).encode();
+    ws.send(Message::Binary(too_big)).await.expect("send");
+    assert!(
+        ws_closed(&mut ws).await.is_some(),
+        "closed with a close frame"
+    );
+    harness.stop().await;
+}
+
+#[tokio::test]
 async fn websocket_frames_of_every_length_format_go_out_whole() {
     // Pushes of 100 B, 1 KB and 70 KB: 2-, 4- and 10-byte frame headers.
     let harness = start(|_| {}).await;
