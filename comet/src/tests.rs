@@ -29,6 +29,8 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_util::sync::CancellationToken;
 
 use crate::Comet;
@@ -1066,6 +1068,22 @@ fn ws_frame(message: Message) -> Frame {
     frame
 }
 
+/// A raw WebSocket frame as a client sends it (tungstenite masks it).
+fn ws_fragment(opcode: OpCode, part: &[u8], last: bool) -> Message {
+    Message::Frame(WsFrame::message(Bytes::copy_from_slice(part), opcode, last))
+}
+
+/// Pushes one message (op 1000) to `room` on the harness's comet.
+async fn push_one(harness: &Harness, room: &str, body: &[u8]) {
+    let mut batch = RawBatch::default();
+    batch.push(1000, body);
+    harness
+        .comet
+        .push_room(room, &batch.finish(), None, 0)
+        .await
+        .expect("push");
+}
+
 /// Waits until the server ends the WebSocket connection; returns its close
 /// frame's code (`Some(None)`: a close frame without one), `None` when it
 /// ended without a close frame.
@@ -1086,8 +1104,7 @@ async fn ws_closed(ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>) -> Op
 #[tokio::test]
 async fn websocket_pings_fragments_and_close_follow_rfc_6455() {
     use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-    use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
-    use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
     let harness = start(|_| {}).await;
     let mut ws = ws_client(&harness, "1 k1 live://1").await;
 
@@ -1103,21 +1120,16 @@ async fn websocket_pings_fragments_and_close_follow_rfc_6455() {
     // A heartbeat in three fragments, a ping between them, is one frame.
     let heartbeat = frame(op::HEARTBEAT, 2, "").encode();
     let parts = [&heartbeat[..5], &heartbeat[5..9], &heartbeat[9..]];
-    let fragment = |opcode, part: &[u8], last| {
-        let mut frame = WsFrame::message(Bytes::copy_from_slice(part), opcode, last);
-        frame.header_mut().opcode = opcode;
-        Message::Frame(frame)
-    };
-    ws.send(fragment(OpCode::Data(Data::Binary), parts[0], false))
+    ws.send(ws_fragment(OpCode::Data(Data::Binary), parts[0], false))
         .await
         .expect("first");
     ws.send(Message::Ping(Bytes::from_static(b"mid")))
         .await
         .expect("ping");
-    ws.send(fragment(OpCode::Data(Data::Continue), parts[1], false))
+    ws.send(ws_fragment(OpCode::Data(Data::Continue), parts[1], false))
         .await
         .expect("second");
-    ws.send(fragment(OpCode::Data(Data::Continue), parts[2], true))
+    ws.send(ws_fragment(OpCode::Data(Data::Continue), parts[2], true))
         .await
         .expect("last");
     match ws.next().await.expect("pong").expect("message") {
@@ -1128,13 +1140,7 @@ async fn websocket_pings_fragments_and_close_follow_rfc_6455() {
     assert_eq!((reply.op, reply.seq), (op::HEARTBEAT_REPLY, 2));
 
     // Pushes still arrive as binary messages after all that.
-    let mut batch = RawBatch::default();
-    batch.push(1000, b"after");
-    harness
-        .comet
-        .push_room("live://1", &batch.finish(), None, 0)
-        .await
-        .expect("push");
+    push_one(&harness, "live://1", b"after").await;
     let batch = ws_frame(ws.next().await.expect("push").expect("message"));
     assert_eq!(batch.op, op::RAW);
 
@@ -1159,45 +1165,42 @@ async fn websocket_pings_fragments_and_close_follow_rfc_6455() {
 
 #[tokio::test]
 async fn websocket_protocol_violations_close_only_that_connection() {
-    use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
-    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
     let harness = start(|_| {}).await;
     let mut neighbour = ws_client(&harness, "9 k9 live://1").await;
     let heartbeat = frame(op::HEARTBEAT, 2, "").encode();
-    let fragment = |opcode, part: &[u8], last| {
-        let mut frame = WsFrame::message(Bytes::copy_from_slice(part), opcode, last);
-        frame.header_mut().opcode = opcode;
-        Message::Frame(frame)
-    };
     let cases: Vec<(&str, Vec<Message>, &str)> = vec![
         (
             "continuation without a message",
-            vec![fragment(OpCode::Data(Data::Continue), &heartbeat, true)],
+            vec![ws_fragment(OpCode::Data(Data::Continue), &heartbeat, true)],
             "websocket_protocol",
         ),
         (
             "a new message inside a fragmented one",
             vec![
-                fragment(OpCode::Data(Data::Binary), &heartbeat[..4], false),
-                fragment(OpCode::Data(Data::Binary), &heartbeat, true),
+                ws_fragment(OpCode::Data(Data::Binary), &heartbeat[..4], false),
+                ws_fragment(OpCode::Data(Data::Binary), &heartbeat, true),
             ],
             "websocket_protocol",
         ),
         (
             "a reserved opcode",
-            vec![fragment(OpCode::Data(Data::Reserved(3)), &heartbeat, true)],
+            vec![ws_fragment(
+                OpCode::Data(Data::Reserved(3)),
+                &heartbeat,
+                true,
+            )],
             "websocket_protocol",
         ),
         (
             "text that is not UTF-8",
-            vec![fragment(OpCode::Data(Data::Text), &[0xFF, 0xFE], true)],
+            vec![ws_fragment(OpCode::Data(Data::Text), &[0xFF, 0xFE], true)],
             "websocket_protocol",
         ),
         (
             "fragments that add up past the frame limit",
             vec![
-                fragment(OpCode::Data(Data::Binary), &[0; 3000], false),
-                fragment(OpCode::Data(Data::Continue), &[0; 3000], true),
+                ws_fragment(OpCode::Data(Data::Binary), &[0; 3000], false),
+                ws_fragment(OpCode::Data(Data::Continue), &[0; 3000], true),
             ],
             "pack_len_too_large",
         ),
@@ -1366,13 +1369,7 @@ async fn websocket_frames_of_every_length_format_go_out_whole() {
     let harness = start(|_| {}).await;
     let mut ws = ws_client(&harness, "1 k1 live://1").await;
     for size in [100usize, 1_000, 70_000] {
-        let mut batch = RawBatch::default();
-        batch.push(1000, "x".repeat(size).as_bytes());
-        harness
-            .comet
-            .push_room("live://1", &batch.finish(), None, 0)
-            .await
-            .expect("push");
+        push_one(&harness, "live://1", "x".repeat(size).as_bytes()).await;
         let batch = ws_frame(ws.next().await.expect("push").expect("message"));
         assert_eq!(batch.op, op::RAW);
         let mut inner = BytesMut::from(&batch.body[..]);
