@@ -75,8 +75,9 @@ pub(crate) trait Transport: Send + 'static {
         &mut self,
         frames: &mut VecDeque<Bytes>,
     ) -> impl Future<Output = std::io::Result<u64>> + Send;
-    /// Closes the connection politely.
-    fn shutdown(&mut self) -> impl Future<Output = ()> + Send;
+    /// Closes the connection politely, saying why where the protocol can
+    /// (`None`: refused before authenticating).
+    fn shutdown(&mut self, reason: Option<CloseReason>) -> impl Future<Output = ()> + Send;
 }
 
 fn log_bad_input(kind: TransportKind, ip: IpAddr, error: &ReadError) {
@@ -241,7 +242,7 @@ async fn open<T: Transport>(
     match join(comet, &mut transport, ip, cookie, started, admitted).await {
         Some(session) => Some((transport, session)),
         None => {
-            transport.shutdown().await;
+            transport.shutdown(None).await;
             None
         }
     }
@@ -431,7 +432,7 @@ async fn teardown<T: Transport>(
         reason = reason.label(),
         "connection closed"
     );
-    transport.shutdown().await;
+    transport.shutdown(Some(reason)).await;
     // A replacing connection with the same key now owns the session here.
     if reason != CloseReason::Replaced {
         let request = DisconnectReq {

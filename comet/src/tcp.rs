@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::Comet;
-use crate::channel::TransportKind;
+use crate::channel::{CloseReason, TransportKind};
 use crate::conn::{self, ReadError, Transport};
 use pushcluster_api::log_budget::LogBudget;
 
@@ -142,7 +142,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for TcpTransp
         .await
     }
 
-    async fn shutdown(&mut self) {
+    async fn shutdown(&mut self, _reason: Option<CloseReason>) {
         let _ = self.stream.shutdown().await;
     }
 }

@@ -1085,13 +1085,17 @@ async fn push_one(harness: &Harness, room: &str, body: &[u8]) {
 }
 
 /// Waits until the server ends the WebSocket connection; returns its close
-/// frame's code (`Some(None)`: a close frame without one), `None` when it
-/// ended without a close frame.
-async fn ws_closed(ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>) -> Option<Option<u16>> {
+/// frame's code and reason (`Some(None)`: a close frame without them),
+/// `None` when it ended without a close frame.
+async fn ws_closed(
+    ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>,
+) -> Option<Option<(u16, String)>> {
     tokio::time::timeout(WAIT, async {
         loop {
             match ws.next().await {
-                Some(Ok(Message::Close(frame))) => return Some(frame.map(|f| u16::from(f.code))),
+                Some(Ok(Message::Close(frame))) => {
+                    return Some(frame.map(|f| (u16::from(f.code), f.reason.to_string())));
+                }
                 None | Some(Err(_)) => return None,
                 Some(Ok(_)) => {}
             }
@@ -1152,7 +1156,7 @@ async fn websocket_pings_fragments_and_close_follow_rfc_6455() {
     })))
     .await
     .expect("close");
-    assert_eq!(ws_closed(&mut ws).await, Some(Some(1001)));
+    assert_eq!(ws_closed(&mut ws).await, Some(Some((1001, String::new()))));
     tokio::time::timeout(WAIT, async {
         while harness.metric("disconnects", &["websocket", "client_closed"]) == 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1212,7 +1216,12 @@ async fn websocket_protocol_violations_close_only_that_connection() {
             // The server may close before the last one is sent.
             let _ = ws.send(message).await;
         }
-        assert!(ws_closed(&mut ws).await.is_some(), "{case}: a close frame");
+        // Why, in the close frame: protocol error, and the reason's label.
+        assert_eq!(
+            ws_closed(&mut ws).await,
+            Some(Some((1002, "bad_frame".into()))),
+            "{case}"
+        );
         *expected.entry(reason).or_default() += 1;
         let want = expected[reason];
         tokio::time::timeout(WAIT, async {
@@ -1356,9 +1365,9 @@ async fn websocket_client_frames_up_to_the_limit_are_read_whole() {
     );
     let too_big = frame(4, 13, &"b".repeat(4097)).encode();
     ws.send(Message::Binary(too_big)).await.expect("send");
-    assert!(
-        ws_closed(&mut ws).await.is_some(),
-        "closed with a close frame"
+    assert_eq!(
+        ws_closed(&mut ws).await,
+        Some(Some((1002, "bad_frame".into())))
     );
     harness.stop().await;
 }
@@ -1425,6 +1434,15 @@ async fn shutdown_closes_connections_spread_over_the_drain() {
         .await
         .expect("the server stops after the drain")
         .expect("server task");
+}
+
+#[tokio::test]
+async fn a_drained_websocket_client_is_told_the_server_is_going_away() {
+    let harness = start(|c| c.drain = Duration::from_millis(100)).await;
+    let mut ws = ws_client(&harness, "1 k1 live://1").await;
+    harness.shutdown.cancel();
+    // 1001: going away — reconnect, to another comet.
+    assert_eq!(ws_closed(&mut ws).await, Some(Some((1001, "drain".into()))));
 }
 
 fn broadcast(body: &str, speed: i32) -> BroadcastReq {

@@ -31,7 +31,7 @@ use tungstenite::protocol::frame::FrameHeader;
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 
 use crate::Comet;
-use crate::channel::TransportKind;
+use crate::channel::{CloseReason, TransportKind};
 use crate::conn::{self, Opening, ReadError, Transport};
 
 /// The only path goim serves WebSocket clients on.
@@ -158,6 +158,25 @@ fn poll_read_some<S: AsyncRead + Unpin>(
     let mut read = ReadBuf::new(buf);
     ready!(Pin::new(stream).poll_read(cx, &mut read))?;
     Poll::Ready(Ok(read.filled().len()))
+}
+
+/// The close frame's payload for why the server closes: an RFC 6455 code
+/// and the reason's label (as in `pushcluster_comet_disconnects_total`),
+/// so a client can tell a bad frame from a drain.
+fn close_payload(reason: CloseReason) -> Vec<u8> {
+    let code: u16 = match reason {
+        CloseReason::ClientClosed | CloseReason::Replaced => 1000,
+        // Going away: reconnect, to another comet.
+        CloseReason::Drain => 1001,
+        CloseReason::BadFrame => 1002,
+        CloseReason::FrameRate | CloseReason::SlowConsumer | CloseReason::HeartbeatTimeout => 1008,
+        CloseReason::IoError => 1011,
+        // Service restart: reconnect and resume.
+        CloseReason::Resync => 1012,
+    };
+    let mut payload = code.to_be_bytes().to_vec();
+    payload.extend_from_slice(reason.label().as_bytes());
+    payload
 }
 
 /// A server frame (unmasked, final) of `opcode` around `payload`.
@@ -484,7 +503,7 @@ where
         Ok(written)
     }
 
-    async fn shutdown(&mut self) {
+    async fn shutdown(&mut self, reason: Option<CloseReason>) {
         // Boxed: its timer is needed once, at the end, and would otherwise
         // be part of every connection's task for its whole life.
         let close = async {
@@ -492,7 +511,9 @@ where
             // A close frame may not go into the middle of another frame.
             if sent.is_ok() && !self.close_sent && self.front_written == 0 {
                 self.close_sent = true;
-                self.rare().control = Some((server_frame(OpCode::Control(Control::Close), &[]), 0));
+                let payload = reason.map(close_payload).unwrap_or_default();
+                self.rare().control =
+                    Some((server_frame(OpCode::Control(Control::Close), &payload), 0));
                 let _ = std::future::poll_fn(|cx| self.poll_send_control(cx)).await;
             }
             let _ = self.stream.shutdown().await;
