@@ -205,14 +205,6 @@ fn binary_header(len: usize, out: &mut [u8; MAX_SERVER_HEADER]) -> usize {
     cursor.position() as usize
 }
 
-fn binary_header_len(len: usize) -> usize {
-    match len {
-        0..=125 => 2,
-        126..=0xFFFF => 4,
-        _ => 10,
-    }
-}
-
 // Poll functions rather than async ones: the state lives in the transport,
 // so reads and writes are cancel-safe and add nothing to the connection's
 // task but a reference.
@@ -456,19 +448,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsTransport<S> {
         if n == 0 {
             return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
         }
+        // What was written covers the slices' frames in order.
         let mut left = n;
-        while left > 0 {
+        for header_len in header_lens {
             let Some(front) = frames.front() else {
                 break;
             };
-            let remaining = binary_header_len(front.len()) + front.len() - self.front_written;
+            let remaining = header_len + front.len() - self.front_written;
             if left >= remaining {
                 left -= remaining;
                 self.front_written = 0;
                 frames.pop_front();
             } else {
                 self.front_written += left;
-                left = 0;
+                break;
             }
         }
         Poll::Ready(Ok(n))
