@@ -239,6 +239,18 @@ impl Harness {
             .expect("server task");
     }
 
+    /// Waits (up to [`WAIT`]) until `family{labels}` reaches `at_least`;
+    /// panics with `what` otherwise.
+    async fn wait_metric(&self, family: &str, labels: &[&str], at_least: u64, what: &str) {
+        let reached = tokio::time::timeout(WAIT, async {
+            while self.metric(family, labels) < at_least {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(reached.is_ok(), "{what}");
+    }
+
     fn metric(&self, family: &str, labels: &[&str]) -> u64 {
         let metrics = &self.comet.metrics;
         match family {
@@ -1157,13 +1169,14 @@ async fn websocket_pings_fragments_and_close_follow_rfc_6455() {
     .await
     .expect("close");
     assert_eq!(ws_closed(&mut ws).await, Some(Some((1001, String::new()))));
-    tokio::time::timeout(WAIT, async {
-        while harness.metric("disconnects", &["websocket", "client_closed"]) == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("counted as the client's close");
+    harness
+        .wait_metric(
+            "disconnects",
+            &["websocket", "client_closed"],
+            1,
+            "counted as the client's close",
+        )
+        .await;
     harness.stop().await;
 }
 
@@ -1224,13 +1237,14 @@ async fn websocket_protocol_violations_close_only_that_connection() {
         );
         *expected.entry(reason).or_default() += 1;
         let want = expected[reason];
-        tokio::time::timeout(WAIT, async {
-            while harness.metric("bad_frames", &["websocket", reason]) < want {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("{case}: counted as {reason}"));
+        harness
+            .wait_metric(
+                "bad_frames",
+                &["websocket", reason],
+                want,
+                &format!("{case}: counted as {reason}"),
+            )
+            .await;
     }
     // An unmasked client frame, on a raw socket.
     let mut raw = raw_ws_upgrade(&harness, b"").await;
@@ -1732,13 +1746,14 @@ async fn a_client_that_stops_reading_is_closed_after_the_write_timeout() {
         };
         harness.comet.push_msg(push).await.expect("push");
     }
-    tokio::time::timeout(WAIT, async {
-        while harness.metric("disconnects", &["tcp", "slow_consumer"]) == 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the stuck client is closed in time");
+    harness
+        .wait_metric(
+            "disconnects",
+            &["tcp", "slow_consumer"],
+            1,
+            "the stuck client is closed in time",
+        )
+        .await;
     assert!(started.elapsed() >= write_timeout);
     // The neighbour is served throughout.
     reader.send(&frame(op::HEARTBEAT, 7, "")).await;
@@ -1762,13 +1777,14 @@ async fn a_websocket_client_that_vanishes_is_not_counted_as_bad_input() {
     assert!(matches!(reply, Message::Binary(_)));
     // Gone without a close frame, as a phone that lost its network.
     drop(ws);
-    tokio::time::timeout(WAIT, async {
-        while harness.metric("disconnects", &["websocket", "io_error"]) == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("the disconnect is counted");
+    harness
+        .wait_metric(
+            "disconnects",
+            &["websocket", "io_error"],
+            1,
+            "the disconnect is counted",
+        )
+        .await;
     assert_eq!(
         harness.metric("bad_frames", &["websocket", "websocket_protocol"]),
         0
