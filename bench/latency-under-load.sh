@@ -15,7 +15,10 @@
 # (e.g. 19: the busy room's generator yields the cores to the server and
 # the lone client, as 19,000 clients on other machines would; unset: it
 # competes with them), LONE_NICE (e.g. -10: the lone client's process
-# is scheduled first, as a client on a machine of its own would be).
+# is scheduled first, as a client on a machine of its own would be),
+# LONE_CHRT (e.g. "-f 50": the lone client runs under `chrt -f 50`, a
+# real-time priority, so its own wakeups never wait for the busy room's
+# generator; what is left is the server's part).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -68,7 +71,8 @@ for arg in "${target[@]}"; do
     lone_target+=("$arg")
 done
 nice_lone=()
-[[ -n "${LONE_NICE:-}" ]] && nice_lone=(nice -n "$LONE_NICE")
+[[ -n "${LONE_CHRT:-}" ]] && read -r -a nice_lone <<<"chrt $LONE_CHRT"
+[[ -n "${LONE_NICE:-}" ]] && nice_lone+=(nice -n "$LONE_NICE")
 "${nice_lone[@]}" "$bin/pushcluster-bench" lone "${lone_target[@]}" --namespace quiet --connections 1 \
     --count "$count" --interval-ms "$interval" --quiet
 wait "$busy_pid"

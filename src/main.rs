@@ -15,7 +15,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use pushcluster_api::config::{Config, LogFormat, Role};
+use pushcluster_api::config::{Config, LogFormat, Role, RuntimeConfig};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -129,13 +129,16 @@ where
     for warning in warnings {
         tracing::warn!("{warning}");
     }
-    block_on(command(config))
+    let runtime = config.runtime.clone();
+    block_on(&runtime, command(config))
 }
 
 fn block_on<Fut: std::future::Future<Output = anyhow::Result<()>>>(
+    runtime: &RuntimeConfig,
     future: Fut,
 ) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
+        .event_interval(runtime.event_interval)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
@@ -163,7 +166,7 @@ fn main() -> ExitCode {
         Command::Job { config } => run(&logging, Role::Job, config.as_deref(), fleet::run_job),
         Command::Operator(args) => {
             init_logging(&logging, &Config::default());
-            block_on(operator_cmd::run(args))
+            block_on(&RuntimeConfig::default(), operator_cmd::run(args))
         }
         Command::Crd => pushcluster_operator::crd_yaml()
             .map(|yaml| print!("{yaml}"))
