@@ -18,7 +18,9 @@
 # Env: COMETS (7), TRANSPORT (tcp|ws), NATS_SERVER_BIN (nats-server on
 # PATH), BIN (target/release), KEEP=1 keeps the work dir with the logs,
 # LOGIC_EXTRA more `logic` settings (e.g. 'backpressure: { max_lag: 0 }'),
-# COMET_EXTRA more `comet` settings (e.g. 'drain: 5s'),
+# COMET_EXTRA more `comet` settings (e.g. 'drain: 5s'), FLEET_CPUS
+# (e.g. 0: nats, logic, job and the comets run under `taskset -c`, and
+# tokio then starts one worker per CPU in the list),
 # EXTRA more top-level settings for every process (e.g.
 # 'history: { direct: { enabled: false } }'),
 # ROLL=term|kill replaces every comet in turn while the bench runs (SIGTERM
@@ -80,8 +82,11 @@ wait_http() {
     return 1
 }
 
+pin=()
+[[ -n "${FLEET_CPUS:-}" ]] && pin=(taskset -c "$FLEET_CPUS")
+
 nats_port=4333
-"$nats_bin" -js -a 127.0.0.1 -p "$nats_port" -sd "$workdir/nats" >"$workdir/nats.log" 2>&1 &
+"${pin[@]}" "$nats_bin" -js -a 127.0.0.1 -p "$nats_port" -sd "$workdir/nats" >"$workdir/nats.log" 2>&1 &
 nats_pid=$!
 for _ in $(seq 100); do
     (echo >"/dev/tcp/127.0.0.1/$nats_port") 2>/dev/null && break
@@ -118,12 +123,12 @@ EOF
 done
 echo "$common" >"$workdir/fleet.yaml"
 
-"$bin/pushcluster" logic --config "$workdir/fleet.yaml" --log-level warn >"$workdir/logic.log" 2>&1 &
+"${pin[@]}" "$bin/pushcluster" logic --config "$workdir/fleet.yaml" --log-level warn >"$workdir/logic.log" 2>&1 &
 logic_pid=$!
 pids+=("$nats_pid" "$logic_pid")
 wait_http http://127.0.0.1:3191/readyz
 start_comet() {
-    "$bin/pushcluster" comet --config "$workdir/comet-$1.yaml" --log-level warn \
+    "${pin[@]}" "$bin/pushcluster" comet --config "$workdir/comet-$1.yaml" --log-level warn \
         >>"$workdir/comet-$1.log" 2>&1 &
     echo "$!" >"$workdir/comet-$1.pid"
 }
@@ -131,7 +136,7 @@ for ((i = 0; i < comets; i++)); do
     start_comet "$i"
     comet_pids+=("$(cat "$workdir/comet-$i.pid")")
 done
-"$bin/pushcluster" job --config "$workdir/fleet.yaml" --log-level warn >"$workdir/job.log" 2>&1 &
+"${pin[@]}" "$bin/pushcluster" job --config "$workdir/fleet.yaml" --log-level warn >"$workdir/job.log" 2>&1 &
 job_pid=$!
 pids+=("$job_pid")
 for ((i = 0; i < comets; i++)); do

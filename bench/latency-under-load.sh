@@ -9,7 +9,8 @@
 #   bench/latency-under-load.sh                         # standalone on :3101/:3111
 #   COMETS=1 bench/fleet.sh --run bench/latency-under-load.sh   # distributed
 #
-# Env: BUSY (19000), RATE (40), COUNT (300), INTERVAL_MS (50), BIN
+# Env: BUSY (19000), RATE (40), COUNT (1000: a p99 is then its tenth-
+# worst, not its third-worst), INTERVAL_MS (50), BIN
 # (target/release), TARGET_ARGS (the server's --connect/--http/--pid
 # arguments; bench/fleet.sh sets them), TRANSPORT (tcp|ws), BUSY_NICE
 # (e.g. 19: the busy room's generator yields the cores to the server and
@@ -18,14 +19,22 @@
 # is scheduled first, as a client on a machine of its own would be),
 # LONE_CHRT (e.g. "-f 50": the lone client runs under `chrt -f 50`, a
 # real-time priority, so its own wakeups never wait for the busy room's
-# generator; what is left is the server's part).
+# generator; what is left is the server's part), BUSY_CPUS and LONE_CPUS
+# (e.g. 1: `taskset -c` for the busy room's generator and the lone client,
+# so that a server pinned to the other core has it to itself, as on a
+# machine of its own):
+#
+#   taskset -c 0 ./target/release/pushcluster standalone &
+#   BUSY_CPUS=1 LONE_CPUS=1 LONE_CHRT="-f 50" bench/latency-under-load.sh
+#   FLEET_CPUS=0 BUSY_CPUS=1 LONE_CPUS=1 LONE_CHRT="-f 50" COMETS=1 \
+#       bench/fleet.sh --run bench/latency-under-load.sh
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 bin="${BIN:-target/release}"
 busy="${BUSY:-19000}"
 rate="${RATE:-40}"
-count="${COUNT:-300}"
+count="${COUNT:-1000}"
 interval="${INTERVAL_MS:-50}"
 read -r -a target <<<"${TARGET_ARGS:---transport ${TRANSPORT:-tcp}}"
 # The busy room pushes for as long as connecting takes (at the bench's 2,000
@@ -40,9 +49,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-nice_busy=()
-[[ -n "${BUSY_NICE:-}" ]] && nice_busy=(nice -n "$BUSY_NICE")
-"${nice_busy[@]}" "$bin/pushcluster-bench" room "${target[@]}" --namespace busy --connections "$busy" \
+busy_prefix=()
+[[ -n "${BUSY_CPUS:-}" ]] && busy_prefix=(taskset -c "$BUSY_CPUS")
+[[ -n "${BUSY_NICE:-}" ]] && busy_prefix+=(nice -n "$BUSY_NICE")
+"${busy_prefix[@]}" "$bin/pushcluster-bench" room "${target[@]}" --namespace busy --connections "$busy" \
     --rooms 1 --rate "$rate" --duration "$duration" >"$work/busy.txt" 2>"$work/busy.log" &
 busy_pid=$!
 # Start the lone pushes once the busy room is connected and receiving.
@@ -70,10 +80,14 @@ for arg in "${target[@]}"; do
     fi
     lone_target+=("$arg")
 done
-nice_lone=()
-[[ -n "${LONE_CHRT:-}" ]] && read -r -a nice_lone <<<"chrt $LONE_CHRT"
-[[ -n "${LONE_NICE:-}" ]] && nice_lone+=(nice -n "$LONE_NICE")
-"${nice_lone[@]}" "$bin/pushcluster-bench" lone "${lone_target[@]}" --namespace quiet --connections 1 \
+lone_prefix=()
+[[ -n "${LONE_CPUS:-}" ]] && lone_prefix=(taskset -c "$LONE_CPUS")
+if [[ -n "${LONE_CHRT:-}" ]]; then
+    read -r -a chrt_args <<<"$LONE_CHRT"
+    lone_prefix+=(chrt "${chrt_args[@]}")
+fi
+[[ -n "${LONE_NICE:-}" ]] && lone_prefix+=(nice -n "$LONE_NICE")
+"${lone_prefix[@]}" "$bin/pushcluster-bench" lone "${lone_target[@]}" --namespace quiet --connections 1 \
     --count "$count" --interval-ms "$interval" --quiet
 wait "$busy_pid"
 busy_pid=""
