@@ -396,6 +396,34 @@ pub fn skip_frames(batch: &Bytes, count: usize) -> Option<Bytes> {
     Some(batch.slice(offset..))
 }
 
+/// The frames at indices `keep` (ascending) of an op-9 batch body, copied
+/// into a new body; `None` when the batch is malformed or has fewer frames.
+pub fn select_frames(batch: &Bytes, keep: &[usize]) -> Option<Bytes> {
+    let mut out = BytesMut::new();
+    let mut offset = 0usize;
+    let mut index = 0usize;
+    for want in keep {
+        loop {
+            let header = batch.get(offset..)?.first_chunk::<HEADER_LEN>()?;
+            let pack_len = usize::try_from(Header::parse(header).pack_len).ok()?;
+            let end = offset.checked_add(pack_len)?;
+            if pack_len < HEADER_LEN || end > batch.len() {
+                return None;
+            }
+            let found = index == *want;
+            if found {
+                out.extend_from_slice(&batch[offset..end]);
+            }
+            offset = end;
+            index += 1;
+            if found {
+                break;
+            }
+        }
+    }
+    Some(out.freeze())
+}
+
 /// The frames inside an op-9 batch body, as (op, body); stops at the first
 /// malformed one.
 pub fn inner_frames(batch: &Bytes) -> impl Iterator<Item = (i32, Bytes)> + '_ {
@@ -720,6 +748,27 @@ mod tests {
         assert_eq!(skip_frames(&body, 3).map(|b| b.len()), Some(0));
         assert_eq!(skip_frames(&body, 4), None);
         assert_eq!(skip_frames(&Bytes::from_static(b"\x00\x00"), 1), None);
+    }
+
+    #[test]
+    fn selecting_inner_frames() {
+        let mut batch = RawBatch::default();
+        for (op, body) in [(1, &b"a"[..]), (2, b"bc"), (3, b""), (4, b"d")] {
+            batch.push(op, body);
+        }
+        let body = batch.finish().body;
+        let ops = |picked: &Bytes| inner_frames(picked).map(|(op, _)| op).collect::<Vec<_>>();
+        let picked = select_frames(&body, &[0, 2, 3]).expect("three frames");
+        assert_eq!(ops(&picked), [1, 3, 4]);
+        let picked = select_frames(&body, &[1]).expect("one frame");
+        assert_eq!(
+            inner_frames(&picked).collect::<Vec<_>>(),
+            [(2, Bytes::from("bc"))]
+        );
+        assert_eq!(select_frames(&body, &[]).map(|b| b.len()), Some(0));
+        assert_eq!(select_frames(&body, &[0, 1, 2, 3]), Some(body.clone()));
+        assert_eq!(select_frames(&body, &[4]), None, "only four frames");
+        assert_eq!(select_frames(&body.slice(..body.len() - 1), &[3]), None);
     }
 
     #[test]

@@ -338,8 +338,7 @@ impl Comet {
             let batch = match (channel.positioned(), mark) {
                 (Some(_), Some(mark)) if !stream.is_empty() => positioned
                     .get_or_insert_with(|| {
-                        PositionedBatch::from_push(stream, frame, mark, 0, published_us)
-                            .map(Arc::new)
+                        PositionedBatch::from_push(stream, frame, mark, published_us).map(Arc::new)
                     })
                     .as_ref(),
                 _ => None,

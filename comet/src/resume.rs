@@ -71,18 +71,17 @@ impl PositionedBatch {
         })
     }
 
-    /// A room push from job, positioned: the frames of `frame` after the
-    /// first `seen` (already delivered), at the offsets of `mark`.
+    /// A push from job, positioned: the frames of `frame` at the offsets
+    /// of `mark`.
     pub fn from_push(
         room: &str,
         frame: &Frame,
         mark: &StreamMark,
-        seen: usize,
         published_us: u64,
     ) -> Option<PositionedBatch> {
-        let seqs = mark.seqs.get(seen..)?;
+        let seqs = &mark.seqs;
         if frame.op == op::RAW {
-            let frames: Vec<(i32, Bytes)> = inner_frames(&frame.body).skip(seen).collect();
+            let frames: Vec<(i32, Bytes)> = inner_frames(&frame.body).collect();
             PositionedBatch::new(
                 room,
                 mark.epoch,

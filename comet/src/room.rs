@@ -16,11 +16,11 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use pushcluster_api::protocol::{EncodedPush, Frame, MAX_STREAM_NAME, op, skip_frames};
+use pushcluster_api::protocol::{EncodedPush, Frame, MAX_STREAM_NAME, op, select_frames};
 
 use crate::channel::{Channel, ChannelRooms, Queued};
 use crate::resume::PositionedBatch;
-use crate::stream_guard::{HighWater, StreamMark};
+use crate::stream_guard::{Admitted, HighWater, StreamMark};
 
 /// Members queued to before a room push lets the tasks it woke run.
 pub(crate) const FANOUT_CHUNK: usize = 64;
@@ -170,31 +170,28 @@ impl Room {
             let Ok(mut members) = self.members.lock() else {
                 return (fanout, 0);
             };
-            let seen = mark.map(|m| members.high_water.admit(m)).unwrap_or(0);
             let total = mark.map(|m| m.seqs.len()).unwrap_or(1);
-            if seen >= total {
-                return (fanout, seen);
-            }
-            let partial = if seen == 0 {
-                None
-            } else {
-                // Only the tail of the batch is new: rebuild it (rare).
-                match (frame.op == op::RAW)
-                    .then(|| skip_frames(&frame.body, seen))
-                    .flatten()
-                {
-                    Some(rest) => Some(EncodedPush {
-                        published_us: push.published_us,
-                        ..EncodedPush::new(&Frame::server(op::RAW, rest))
-                    }),
-                    None => return (fanout, total),
+            let admitted = mark.map(|m| members.high_water.admit_each(m));
+            let (seen, partial) = match admitted {
+                None | Some(Admitted::All) => (0, None),
+                Some(Admitted::Only(fresh)) if fresh.is_empty() => return (fanout, total),
+                Some(Admitted::Only(fresh)) => {
+                    // Only some are new: rebuild the batch of those (rare).
+                    let Some(partial) = mark.and_then(|mark| only(push, frame, mark, &fresh))
+                    else {
+                        return (fanout, total);
+                    };
+                    (total - fresh.len(), Some(partial))
                 }
             };
-            let push = partial.as_ref().unwrap_or(push);
+            let (push, frame, mark) = match &partial {
+                Some((push, frame, mark)) => (push, frame, Some(mark)),
+                None => (push, frame, mark),
+            };
             // Encoded once more, with offsets, when someone opted in.
             let positioned = match mark {
                 Some(mark) if !members.positioned.is_empty() => {
-                    PositionedBatch::from_push(&self.id, frame, mark, seen, push.published_us)
+                    PositionedBatch::from_push(&self.id, frame, mark, push.published_us)
                         .map(Arc::new)
                 }
                 _ => None,
@@ -222,7 +219,11 @@ impl Room {
                 .map(|c| (c.clone(), false))
                 .chain(members.positioned.values().map(|c| (c.clone(), true)))
                 .collect();
-            (members, (partial, positioned), seen)
+            (
+                members,
+                (partial.map(|(push, _, _)| push), positioned),
+                seen,
+            )
         };
         let (partial, positioned) = partial;
         let push = partial.as_ref().unwrap_or(push);
@@ -237,6 +238,33 @@ impl Room {
         }
         (fanout, seen)
     }
+}
+
+/// The messages at indices `fresh` of a room push, as a push, frame and
+/// mark of their own (`None`: the batch does not match its mark).
+fn only(
+    push: &EncodedPush,
+    frame: &Frame,
+    mark: &StreamMark,
+    fresh: &[usize],
+) -> Option<(EncodedPush, Frame, StreamMark)> {
+    if frame.op != op::RAW {
+        return None;
+    }
+    let frame = Frame::server(op::RAW, select_frames(&frame.body, fresh)?);
+    let seqs = fresh
+        .iter()
+        .map(|at| mark.seqs.get(*at).copied())
+        .collect::<Option<Vec<u64>>>()?;
+    let push = EncodedPush {
+        published_us: push.published_us,
+        ..EncodedPush::new(&frame)
+    };
+    let mark = StreamMark {
+        seqs,
+        ..mark.clone()
+    };
+    Some((push, frame, mark))
 }
 
 pub struct Rooms {

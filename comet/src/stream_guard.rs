@@ -65,21 +65,51 @@ impl HighWater {
         (self.epoch == epoch && self.seq > 0).then_some(self.seq)
     }
 
-    /// How many of `mark`'s leading messages were already delivered; records
-    /// the rest as delivered. A new epoch (a new stream) starts over.
+    /// How many of `mark`'s messages were already delivered; records the
+    /// rest as delivered.
     pub fn admit(&mut self, mark: &StreamMark) -> usize {
-        let last = mark.seqs.last().copied().unwrap_or(0);
+        match self.admit_each(mark) {
+            Admitted::All => 0,
+            Admitted::Only(fresh) => mark.seqs.len() - fresh.len(),
+        }
+    }
+
+    /// Which of `mark`'s messages are new: each one above the last
+    /// delivered, in the order given. Not only a leading run: a batch may
+    /// carry a redelivered copy after newer messages (job's lane held up
+    /// past the ack wait). Records the new ones as delivered. A new epoch
+    /// (a new stream) starts over.
+    pub fn admit_each(&mut self, mark: &StreamMark) -> Admitted {
         if mark.epoch != self.epoch {
             *self = HighWater {
                 epoch: mark.epoch,
-                seq: last,
+                seq: 0,
             };
-            return 0;
         }
-        let seen = mark.seqs.iter().take_while(|seq| **seq <= self.seq).count();
-        self.seq = self.seq.max(last);
-        seen
+        let mut high = self.seq;
+        // Allocated only when some message is not new.
+        let mut fresh: Option<Vec<usize>> = None;
+        for (at, seq) in mark.seqs.iter().enumerate() {
+            if *seq > high {
+                high = *seq;
+                if let Some(fresh) = &mut fresh {
+                    fresh.push(at);
+                }
+            } else if fresh.is_none() {
+                fresh = Some((0..at).collect());
+            }
+        }
+        self.seq = high;
+        fresh.map_or(Admitted::All, Admitted::Only)
     }
+}
+
+/// Which messages of a request are new.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admitted {
+    All,
+    /// Only these, by index, ascending (maybe none).
+    Only(Vec<usize>),
 }
 
 /// Fencing tokens and the comet-wide high-water marks.
@@ -156,12 +186,23 @@ mod tests {
     }
 
     #[test]
-    fn high_water_counts_redelivered_prefixes() {
+    fn high_water_drops_every_message_not_above_it() {
         let mut hw = HighWater::default();
         assert_eq!(hw.admit(&mark(1, 1, &[1, 2, 3])), 0);
         assert_eq!(hw.admit(&mark(1, 1, &[2, 3])), 2, "all seen");
         assert_eq!(hw.admit(&mark(1, 1, &[3, 4, 5])), 1, "3 seen, 4 and 5 new");
         assert_eq!(hw.admit(&mark(1, 1, &[6])), 0);
+        assert_eq!(
+            hw.admit(&mark(1, 1, &[8, 6, 7, 9])),
+            2,
+            "6 seen, 7 behind 8"
+        );
+        assert_eq!(
+            hw.admit_each(&mark(1, 1, &[10, 9, 11])),
+            Admitted::Only(vec![0, 2])
+        );
+        assert_eq!(hw.admit_each(&mark(1, 1, &[12, 13])), Admitted::All);
+        assert_eq!(hw.admit_each(&mark(1, 1, &[13])), Admitted::Only(vec![]));
         assert_eq!(hw.admit(&mark(2, 1, &[1])), 0, "a new stream starts over");
     }
 

@@ -258,6 +258,7 @@ impl Harness {
             "handshake_failures" => metrics.handshake_failures.with_label_values(labels).get(),
             "frames_before_auth" => metrics.frames_before_auth.get(),
             "disconnects" => metrics.disconnects.with_label_values(labels).get(),
+            "duplicates" => metrics.duplicates.with_label_values(labels).get(),
             other => panic!("no metric {other}"),
         }
     }
@@ -495,6 +496,71 @@ async fn a_comet_that_missed_room_messages_fills_the_gap_from_history() {
             (1000, offset.to_string(), Some(offset))
         );
     }
+    harness.stop().await;
+}
+
+/// Job redelivers messages whose ack wait ran out while its lane was held
+/// up (a comet killed mid-call), and a redelivered copy may share a batch
+/// with newer messages: every member still gets each message once, in
+/// order, and the copies are counted as duplicates.
+#[tokio::test]
+async fn redelivered_copies_inside_a_newer_batch_reach_no_member_twice() {
+    let logic = Arc::new(FakeLogic::default());
+    let (history, replies) = tokio::sync::mpsc::channel(1);
+    *logic.history_replies.lock().expect("lock") = Some(replies);
+    let harness = start_with(config(|_| {}), logic.clone()).await;
+    history
+        .send(HistoryReply {
+            epoch: 5,
+            reason: "fresh".into(),
+            ..HistoryReply::default()
+        })
+        .await
+        .expect("reply");
+    let mut positioned = Tcp::connect(harness.tcp).await;
+    positioned
+        .send(&frame(op::AUTH, 1, "1 p live://r positions"))
+        .await;
+    assert_eq!(positioned.recv_positioned().await.0, op::AUTH_REPLY);
+    assert_eq!(positioned.recv_positioned().await.0, op::RESUME_REPLY);
+    let mut plain = Tcp::auth(harness.tcp, "2 q live://r").await;
+    let push = |seqs: &[u64]| {
+        let mut batch = RawBatch::default();
+        for seq in seqs {
+            batch.push(1000, seq.to_string().as_bytes());
+        }
+        let mark = StreamMark {
+            epoch: 5,
+            partition: 0,
+            generation: 1,
+            seqs: seqs.to_vec(),
+        };
+        let comet = harness.comet.clone();
+        async move {
+            comet
+                .push_room("live://r", &batch.finish(), Some(&mark), 0)
+                .await
+                .expect("push")
+        }
+    };
+    push(&[1, 2]).await;
+    // 1 and 2 again, between new ones; then a batch of copies only.
+    push(&[3, 1, 4, 2, 5]).await;
+    push(&[4, 5]).await;
+    push(&[6]).await;
+    for offset in 1..=6 {
+        assert_eq!(
+            positioned.recv_positioned().await,
+            (1000, offset.to_string(), Some(offset))
+        );
+        assert_eq!(
+            plain.recv().await.map(|f| f.body),
+            Some(Bytes::from(offset.to_string()))
+        );
+    }
+    assert!(positioned.silent_for(Duration::from_millis(200)).await);
+    assert!(plain.silent_for(Duration::from_millis(50)).await);
+    assert_eq!(harness.metric("duplicates", &["room"]), 4);
     harness.stop().await;
 }
 

@@ -148,6 +148,19 @@ fn log_drop(kind: &str, reason: &str, count: usize) {
     }
 }
 
+/// The later of two stream positions (epoch, seq): a new epoch (a new
+/// stream) replaces the old one; within one, the higher sequence wins, so a
+/// redelivered older message never moves a lane's position back.
+fn newest(known: Option<(u64, u64)>, next: Option<(u64, u64)>) -> Option<(u64, u64)> {
+    match (known, next) {
+        (Some((epoch, seq)), Some((next_epoch, next_seq))) if epoch == next_epoch => {
+            Some((epoch, seq.max(next_seq)))
+        }
+        (known, None) => known,
+        (_, next) => next,
+    }
+}
+
 /// The stream position fields of goim.comet requests for these deliveries.
 struct StreamFields {
     epoch: u64,
@@ -344,13 +357,14 @@ impl Shared {
         }
     }
 
-    /// Acks or returns the deliveries depending on how the calls went.
+    /// Acks or returns the deliveries depending on how the calls went;
+    /// true when they were acked (some comet took them).
     async fn settle(
         &self,
         kind: &'static str,
         deliveries: Vec<Delivery>,
         outcomes: &[CallOutcome],
-    ) {
+    ) -> bool {
         if outcomes.iter().any(|o| matches!(o, CallOutcome::Stale)) {
             // Neither ack nor nack: the partition's new owner redelivers them.
             self.metrics
@@ -358,7 +372,7 @@ impl Shared {
                 .with_label_values(&[kind, "stale_owner"])
                 .inc_by(deliveries.len() as u64);
             drop(deliveries);
-            return;
+            return false;
         }
         for outcome in outcomes {
             if let CallOutcome::Rejected(error) = outcome {
@@ -383,7 +397,7 @@ impl Shared {
             for delivery in deliveries {
                 delivery.nack(self.config.delivery.backoff_max).await;
             }
-            return;
+            return false;
         }
         if unavailable > 0 {
             // Others took it; the unreachable comets' clients miss it.
@@ -404,6 +418,7 @@ impl Shared {
             self.metrics.delivered.with_label_values(&[kind]).inc();
             delivery.ack().await;
         }
+        true
     }
 
     async fn drop_all(&self, kind: &'static str, reason: &str, deliveries: Vec<Delivery>) {
@@ -430,9 +445,16 @@ impl Shared {
 
     /// `previous`: the stream position of the lane's last message before
     /// this batch (rooms tell comets, so a comet sees what it missed).
-    async fn process(&self, key: &LaneKey, batch: Vec<Delivery>, previous: Option<(u64, u64)>) {
+    /// True when a room batch was taken by comets and acked (other kinds:
+    /// always true).
+    async fn process(
+        &self,
+        key: &LaneKey,
+        batch: Vec<Delivery>,
+        previous: Option<(u64, u64)>,
+    ) -> bool {
         match key {
-            LaneKey::Room(room) => self.deliver_room(room, batch, previous).await,
+            LaneKey::Room(room) => return self.deliver_room(room, batch, previous).await,
             LaneKey::Push(server) => {
                 for delivery in batch {
                     self.deliver_push(server, delivery).await;
@@ -446,7 +468,7 @@ impl Shared {
                         .filter(|(epoch, _)| *epoch == at.0)
                         .map_or(0, |(_, seq)| seq);
                     self.deliver_direct(stream, delivery, prev_seq).await;
-                    previous = Some(at);
+                    previous = newest(previous, Some(at));
                 }
             }
             LaneKey::Broadcast => {
@@ -455,13 +477,52 @@ impl Shared {
                 }
             }
         }
+        true
     }
 
-    /// One op-9 batch of every queued room message to every comet.
-    async fn deliver_room(&self, room: &str, batch: Vec<Delivery>, previous: Option<(u64, u64)>) {
+    /// Leaves out of a room batch the redelivered copies of messages older
+    /// than the newest one comets took (`taken`) or than one before them
+    /// in the batch. The bus redelivers what stayed unacked past its ack
+    /// wait while the lane was held up by a failing comet; sent again
+    /// after newer messages, such a copy would reach clients twice or out
+    /// of order. Comets have those messages, or fill them from history
+    /// because a later batch's `prev_seq` names them. The copies are acked
+    /// and counted. A message given back to the bus goes out again when
+    /// nothing newer was taken meanwhile.
+    async fn drop_old_copies(
+        &self,
+        batch: Vec<Delivery>,
+        taken: Option<(u64, u64)>,
+    ) -> Vec<Delivery> {
+        let mut newest_kept = taken;
+        let mut kept = Vec::with_capacity(batch.len());
+        for delivery in batch {
+            let at = (delivery.position.epoch, delivery.position.seq);
+            let copy =
+                at.1 != 0 && newest_kept.is_some_and(|(epoch, seq)| epoch == at.0 && at.1 <= seq);
+            if copy {
+                self.metrics.duplicates.with_label_values(&["room"]).inc();
+                delivery.ack().await;
+            } else {
+                newest_kept = newest(newest_kept, Some(at));
+                kept.push(delivery);
+            }
+        }
+        kept
+    }
+
+    /// One op-9 batch of every queued room message to every comet; true
+    /// when comets took it (acked).
+    async fn deliver_room(
+        &self,
+        room: &str,
+        batch: Vec<Delivery>,
+        previous: Option<(u64, u64)>,
+    ) -> bool {
         let comets = self.all_comets();
         if comets.is_empty() {
-            return self.drop_all("room", "no_comets", batch).await;
+            self.drop_all("room", "no_comets", batch).await;
+            return false;
         }
         let size: usize = batch.iter().map(|d| d.msg.msg.len() + 16).sum();
         let mut frames = RawBatch::with_capacity(size);
@@ -491,7 +552,7 @@ impl Shared {
             })
         });
         let outcomes = join_all(calls).await;
-        self.settle("room", batch, &outcomes).await;
+        self.settle("room", batch, &outcomes).await
     }
 
     /// A push to a direct stream: to every live connection of the user (or
@@ -639,7 +700,9 @@ impl Shared {
             .await;
         match outcome {
             CallOutcome::CometGone => self.drop_all("push", "unknown_comet", vec![delivery]).await,
-            outcome => self.settle("push", vec![delivery], &[outcome]).await,
+            outcome => {
+                self.settle("push", vec![delivery], &[outcome]).await;
+            }
         }
     }
 
@@ -783,8 +846,10 @@ impl Lanes {
         shared.metrics.lanes.inc();
         let max_batch = key.max_batch(&shared.config);
         let linger = shared.config.room.linger;
-        // The last stream position this lane handed on.
+        // The newest stream position this lane handed on, and the newest
+        // one comets took.
         let mut previous: Option<(u64, u64)> = None;
+        let mut taken: Option<(u64, u64)> = None;
         loop {
             let first = match timeout(shared.config.room.idle, rx.recv()).await {
                 Ok(Some(delivery)) => delivery,
@@ -811,9 +876,20 @@ impl Lanes {
                     }
                 }
             }
-            let last = batch.last().map(|d| (d.position.epoch, d.position.seq));
-            shared.process(&key, batch, previous).await;
-            previous = last.or(previous);
+            if matches!(key, LaneKey::Room(_)) {
+                batch = shared.drop_old_copies(batch, taken).await;
+                if batch.is_empty() {
+                    continue;
+                }
+            }
+            let last = batch
+                .iter()
+                .map(|d| Some((d.position.epoch, d.position.seq)))
+                .fold(None, newest);
+            if shared.process(&key, batch, previous).await {
+                taken = newest(taken, last);
+            }
+            previous = newest(previous, last);
         }
         shared.metrics.lanes.dec();
     }

@@ -6,6 +6,7 @@ use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge
 pub struct JobMetrics {
     pub consumed: IntCounterVec,
     pub redelivered: IntCounterVec,
+    pub duplicates: IntCounterVec,
     pub delivered: IntCounterVec,
     pub dropped: IntCounterVec,
     pub comet_calls: IntCounterVec,
@@ -32,6 +33,11 @@ impl JobMetrics {
             redelivered: counter(
                 "pushcluster_job_messages_redelivered_total",
                 "PushMsg the bus delivered again after a failed or unfinished attempt, by kind.",
+                &["kind"],
+            )?,
+            duplicates: counter(
+                "pushcluster_job_duplicates_dropped_total",
+                "Redelivered PushMsg that job had already handed on and comets had taken (the bus's ack wait ran out while the lane was held up), acked without a second delivery, by kind.",
                 &["kind"],
             )?,
             delivered: counter(
@@ -90,6 +96,7 @@ impl JobMetrics {
         metrics.init_series();
         registry.register(Box::new(metrics.consumed.clone()))?;
         registry.register(Box::new(metrics.redelivered.clone()))?;
+        registry.register(Box::new(metrics.duplicates.clone()))?;
         registry.register(Box::new(metrics.delivered.clone()))?;
         registry.register(Box::new(metrics.dropped.clone()))?;
         registry.register(Box::new(metrics.comet_calls.clone()))?;
@@ -108,6 +115,7 @@ impl JobMetrics {
         for kind in ["push", "room", "broadcast"] {
             self.consumed.with_label_values(&[kind]);
             self.redelivered.with_label_values(&[kind]);
+            self.duplicates.with_label_values(&[kind]);
             self.delivered.with_label_values(&[kind]);
             self.retries.with_label_values(&[kind]);
             for reason in ["unknown_comet", "no_comets", "invalid", "comet_unavailable"] {

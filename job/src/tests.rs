@@ -704,3 +704,161 @@ async fn a_poisoned_lane_map_still_delivers_every_message() {
     );
     harness.stop().await;
 }
+
+/// Records how each delivery handed to job was settled.
+#[derive(Default)]
+struct Settlements {
+    log: Mutex<Vec<(u64, &'static str)>>,
+    settled: Notify,
+}
+
+struct RecordingAcker {
+    seq: u64,
+    settlements: Arc<Settlements>,
+}
+
+impl RecordingAcker {
+    fn settle(&self, how: &'static str) {
+        self.settlements
+            .log
+            .lock()
+            .expect("log")
+            .push((self.seq, how));
+        self.settlements.settled.notify_waiters();
+    }
+}
+
+#[async_trait]
+impl pushcluster_backplane::bus::Acker for RecordingAcker {
+    async fn ack(self: Box<Self>) {
+        self.settle("ack");
+    }
+
+    async fn nack(self: Box<Self>, _delay: Duration) {
+        self.settle("nack");
+    }
+}
+
+impl Settlements {
+    /// A delivery of room message `seq` (body: the seq), attempt `attempt`.
+    fn delivery(self: &Arc<Self>, seq: u64, attempt: u32) -> Delivery {
+        let position = pushcluster_backplane::bus::Position {
+            epoch: 7,
+            partition: 0,
+            generation: 1,
+            seq,
+        };
+        let acker = RecordingAcker {
+            seq,
+            settlements: self.clone(),
+        };
+        let msg = room("live://copies", &seq.to_string());
+        Delivery::new(msg, SystemTime::now(), attempt, position, Box::new(acker))
+    }
+
+    async fn wait_for(&self, count: usize) -> Vec<(u64, &'static str)> {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let settled = self.settled.notified();
+                let log = self.log.lock().expect("log").clone();
+                if log.len() >= count {
+                    return log;
+                }
+                settled.await;
+            }
+        })
+        .await
+        .expect("settled in time")
+    }
+}
+
+/// The bus redelivers a message whose ack wait ran out while its room's
+/// lane was held up by a slow comet; the copy arrives behind newer
+/// messages. Comets get each message once, in order, with a `prev_seq`
+/// that never goes back; the copy is acked and counted.
+#[tokio::test]
+async fn redelivered_copies_of_taken_room_messages_are_not_sent_again() {
+    let comet = Arc::new(RecordingComet::gated());
+    let harness = start(vec![("c1", comet.clone())], JobConfig::default());
+    let settlements = Arc::new(Settlements::default());
+    harness.job.dispatch(settlements.delivery(1, 1)).await;
+    comet.wait_for(|_| true).await;
+    // 1 is held by the comet; its copy queues between 2 and 3.
+    for (seq, attempt) in [(2, 1), (1, 2), (3, 1)] {
+        harness
+            .job
+            .dispatch(settlements.delivery(seq, attempt))
+            .await;
+    }
+    let gate = comet.gate.as_ref().expect("gated");
+    gate.add_permits(100);
+    let log = settlements.wait_for(4).await;
+    assert_eq!(log.iter().filter(|(_, how)| *how == "ack").count(), 4);
+    let flat: Vec<String> = comet
+        .room_bodies("live://copies")
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(flat, ["1", "2", "3"]);
+    let mut previous = 0;
+    for call in comet.calls() {
+        if let Call::Room { seqs, prev_seq, .. } = call {
+            assert_eq!(prev_seq, previous);
+            previous = *seqs.last().expect("a batch has messages");
+        }
+    }
+    assert_eq!(
+        harness
+            .metrics
+            .duplicates
+            .with_label_values(&["room"])
+            .get(),
+        1
+    );
+    harness.stop().await;
+}
+
+/// A room message given back to the bus (no comet took it) is sent again
+/// when the bus redelivers it before anything newer went out; a copy that
+/// comes after a newer message (comets fill it from history, the newer
+/// batch's `prev_seq` names it) is not.
+#[tokio::test]
+async fn redelivered_room_messages_no_comet_took_go_out_again_in_order() {
+    let comet = Arc::new(RecordingComet::failing(1));
+    let mut config = JobConfig::default();
+    config.delivery.retry_for = Duration::ZERO;
+    let harness = start(vec![("c1", comet.clone())], config);
+    let settlements = Arc::new(Settlements::default());
+    harness.job.dispatch(settlements.delivery(1, 1)).await;
+    assert_eq!(settlements.wait_for(1).await, [(1, "nack")]);
+    harness.job.dispatch(settlements.delivery(1, 2)).await;
+    assert_eq!(settlements.wait_for(2).await[1], (1, "ack"));
+    harness.job.dispatch(settlements.delivery(2, 1)).await;
+    assert_eq!(settlements.wait_for(3).await[2], (2, "ack"));
+    // 3 is given back; 4 goes out before 3's copy comes.
+    comet.failures_left.store(1, Ordering::SeqCst);
+    harness.job.dispatch(settlements.delivery(3, 1)).await;
+    assert_eq!(settlements.wait_for(4).await[3], (3, "nack"));
+    harness.job.dispatch(settlements.delivery(4, 1)).await;
+    assert_eq!(settlements.wait_for(5).await[4], (4, "ack"));
+    harness.job.dispatch(settlements.delivery(3, 2)).await;
+    assert_eq!(settlements.wait_for(6).await[5], (3, "ack"));
+    let calls: Vec<(Vec<u64>, u64)> = comet
+        .calls()
+        .into_iter()
+        .filter_map(|call| match call {
+            Call::Room { seqs, prev_seq, .. } => Some((seqs, prev_seq)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(calls, [(vec![1], 1), (vec![2], 1), (vec![4], 3)]);
+    assert_eq!(
+        harness
+            .metrics
+            .duplicates
+            .with_label_values(&["room"])
+            .get(),
+        1
+    );
+    harness.stop().await;
+}
