@@ -499,8 +499,8 @@ async fn a_comet_that_missed_room_messages_fills_the_gap_from_history() {
     harness.stop().await;
 }
 
-/// Job redelivers messages whose ack wait ran out while its lane was held
-/// up (a comet killed mid-call), and a redelivered copy may share a batch
+/// The bus redelivers unacked messages (a consumer restarted from its ack
+/// floor) while job still holds the originals, so a copy may share a batch
 /// with newer messages: every member still gets each message once, in
 /// order, and the copies are counted as duplicates.
 #[tokio::test]

@@ -482,8 +482,10 @@ impl Shared {
 
     /// Leaves out of a room batch the redelivered copies of messages older
     /// than the newest one comets took (`taken`) or than one before them
-    /// in the batch. The bus redelivers what stayed unacked past its ack
-    /// wait while the lane was held up by a failing comet; sent again
+    /// in the batch. The bus redelivers what is unacked when a partition's
+    /// consumer restarts from its ack floor (after an error, or when the
+    /// partition comes back to this job) or when the ack wait runs out,
+    /// while the originals may still be queued in the lane; sent again
     /// after newer messages, such a copy would reach clients twice or out
     /// of order. Comets have those messages, or fill them from history
     /// because a later batch's `prev_seq` names them. The copies are acked

@@ -37,7 +37,7 @@ impl JobMetrics {
             )?,
             duplicates: counter(
                 "pushcluster_job_duplicates_dropped_total",
-                "Redelivered PushMsg that job had already handed on and comets had taken (the bus's ack wait ran out while the lane was held up), acked without a second delivery, by kind.",
+                "Redelivered PushMsg older than one comets already took (a partition's consumer restarted from its ack floor, or the ack wait ran out, while the originals were still queued), acked without a second delivery, by kind.",
                 &["kind"],
             )?,
             delivered: counter(
