@@ -9,6 +9,8 @@
 //! [`FANOUT_CHUNK`] is therefore fanned out a chunk at a time, going to the
 //! back of the run queue in between, so a message for a quiet room waits
 //! behind at most about a chunk of a busy room's writes, not all of them.
+//! A smaller room's push lets the tasks it woke run before it returns, so
+//! the next task its caller wakes cannot push them to the back of the queue.
 //! A room's pushes take turns (`turn`), so they stay in order.
 
 use std::collections::HashMap;
@@ -166,7 +168,7 @@ impl Room {
     ) -> (Fanout, usize) {
         let mut fanout = Fanout::default();
         let _turn = self.turn.lock().await;
-        let (members, partial, seen) = {
+        let (large, seen) = {
             let Ok(mut members) = self.members.lock() else {
                 return (fanout, 0);
             };
@@ -209,23 +211,32 @@ impl Room {
                 for channel in members.positioned.values() {
                     send(channel, &mut fanout, true);
                 }
-                return (fanout, seen);
+                (None, seen)
+            } else {
+                // Who is a member now: later joiners miss this push, leavers
+                // are closed and skip it.
+                let members: Vec<(Arc<Channel>, bool)> = members
+                    .channels
+                    .values()
+                    .map(|c| (c.clone(), false))
+                    .chain(members.positioned.values().map(|c| (c.clone(), true)))
+                    .collect();
+                (
+                    Some((members, partial.map(|(push, _, _)| push), positioned)),
+                    seen,
+                )
             }
-            // Who is a member now: later joiners miss this push, leavers
-            // are closed and skip it.
-            let members: Vec<(Arc<Channel>, bool)> = members
-                .channels
-                .values()
-                .map(|c| (c.clone(), false))
-                .chain(members.positioned.values().map(|c| (c.clone(), true)))
-                .collect();
-            (
-                members,
-                (partial.map(|(push, _, _)| push), positioned),
-                seen,
-            )
         };
-        let (partial, positioned) = partial;
+        let Some((members, partial, positioned)) = large else {
+            // A small room: its members' tasks run before the caller goes
+            // on. Otherwise whatever the caller wakes next (the gRPC
+            // answer to job) takes tokio's LIFO slot and sends them to the
+            // back of the run queue, behind a busy room's writes.
+            if fanout.queued > 0 {
+                yield_to_woken().await;
+            }
+            return (fanout, seen);
+        };
         let push = partial.as_ref().unwrap_or(push);
         for chunk in members.chunks(FANOUT_CHUNK) {
             for (channel, with_positions) in chunk {
@@ -626,7 +637,9 @@ mod tests {
 
     async fn quiet_room_beside_a_busy_one() {
         let rooms = Arc::new(Rooms::new(4, 16));
-        let busy: Vec<Arc<Channel>> = (0..FANOUT_CHUNK as u64 * 4).map(channel).collect();
+        // Eight chunks: the quiet push yields once itself, so it returns a
+        // chunk or two after it queued.
+        let busy: Vec<Arc<Channel>> = (0..FANOUT_CHUNK as u64 * 8).map(channel).collect();
         for member in &busy {
             rooms.change(member, "live://busy").expect("changed");
         }
@@ -667,6 +680,39 @@ mod tests {
             so_far.extend(bodies(member));
             assert_eq!(*so_far, [b"1".to_vec(), b"2".to_vec()], "in order");
         }
+    }
+
+    /// A small room's push returns only after its members' connection
+    /// tasks ran, so whatever the caller wakes next cannot put them behind
+    /// other work (in a fleet, the gRPC answer took their place).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_small_rooms_members_run_before_its_push_returns() {
+        tokio::spawn(async {
+            let rooms = Rooms::new(4, 16);
+            let member = channel(1);
+            rooms.change(&member, "live://small").expect("changed");
+            let written = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let connection = tokio::spawn({
+                let (member, written) = (member.clone(), written.clone());
+                async move {
+                    member.wait().await;
+                    written.store(!member.drain().frames.is_empty(), Ordering::SeqCst);
+                }
+            });
+            // The connection task starts waiting.
+            yield_to_woken().await;
+            let frame = Frame::server(1000, bytes::Bytes::from_static(b"hi"));
+            let room = rooms.get("live://small").expect("room");
+            let (fanout, _) = room.push(&EncodedPush::new(&frame), &frame, None).await;
+            assert_eq!(fanout.queued, 1);
+            assert!(
+                written.load(Ordering::SeqCst),
+                "the push returned before the member's task ran"
+            );
+            connection.await.expect("connection task");
+        })
+        .await
+        .expect("test task");
     }
 
     #[test]
