@@ -76,8 +76,9 @@ impl HighWater {
 
     /// Which of `mark`'s messages are new: each one above the last
     /// delivered, in the order given. Not only a leading run: a batch may
-    /// carry a redelivered copy after newer messages (job's lane held up
-    /// past the ack wait). Records the new ones as delivered. A new epoch
+    /// carry a redelivered copy after newer messages (the bus delivered it
+    /// again while job still held the original). Records the new ones as
+    /// delivered. A new epoch
     /// (a new stream) starts over.
     pub fn admit_each(&mut self, mark: &StreamMark) -> Admitted {
         if mark.epoch != self.epoch {
