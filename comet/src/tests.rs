@@ -351,17 +351,13 @@ fn history_message(offset: u64) -> HistoryMessage {
     }
 }
 
-/// A room push whose previous message this comet never got (job's calls
-/// here failed meanwhile): the missing ones come from History first, to
-/// every member; when History no longer has them, members with positions
-/// are closed to resync.
-#[tokio::test]
-async fn a_comet_that_missed_room_messages_fills_the_gap_from_history() {
-    let logic = Arc::new(FakeLogic::default());
-    let (history, replies) = tokio::sync::mpsc::channel(4);
-    *logic.history_replies.lock().expect("lock") = Some(replies);
-    let harness = start_with(config(|_| {}), logic.clone()).await;
-    // The join of the client with positions: fresh, at offset 0.
+/// In `room`: a client with positions that joins fresh at offset 0 of
+/// epoch 5 (the next History reply says so), and a goim client.
+async fn positioned_and_plain(
+    harness: &Harness,
+    history: &tokio::sync::mpsc::Sender<HistoryReply>,
+    room: &str,
+) -> (Tcp, Tcp) {
     history
         .send(HistoryReply {
             epoch: 5,
@@ -372,11 +368,40 @@ async fn a_comet_that_missed_room_messages_fills_the_gap_from_history() {
         .expect("reply");
     let mut positioned = Tcp::connect(harness.tcp).await;
     positioned
-        .send(&frame(op::AUTH, 1, "1 p live://g positions"))
+        .send(&frame(op::AUTH, 1, &format!("1 p {room} positions")))
         .await;
     assert_eq!(positioned.recv_positioned().await.0, op::AUTH_REPLY);
     assert_eq!(positioned.recv_positioned().await.0, op::RESUME_REPLY);
-    let mut plain = Tcp::auth(harness.tcp, "2 q live://g").await;
+    let plain = Tcp::auth(harness.tcp, &format!("2 q {room}")).await;
+    (positioned, plain)
+}
+
+/// Each of `offsets` (a message whose body is its offset), in order, to
+/// the client with positions and to the goim client.
+async fn both_get(positioned: &mut Tcp, plain: &mut Tcp, offsets: std::ops::RangeInclusive<u64>) {
+    for offset in offsets {
+        assert_eq!(
+            positioned.recv_positioned().await,
+            (1000, offset.to_string(), Some(offset))
+        );
+        assert_eq!(
+            plain.recv().await.map(|f| f.body),
+            Some(Bytes::from(offset.to_string()))
+        );
+    }
+}
+
+/// A room push whose previous message this comet never got (job's calls
+/// here failed meanwhile): the missing ones come from History first, to
+/// every member; when History no longer has them, members with positions
+/// are closed to resync.
+#[tokio::test]
+async fn a_comet_that_missed_room_messages_fills_the_gap_from_history() {
+    let logic = Arc::new(FakeLogic::default());
+    let (history, replies) = tokio::sync::mpsc::channel(4);
+    *logic.history_replies.lock().expect("lock") = Some(replies);
+    let harness = start_with(config(|_| {}), logic.clone()).await;
+    let (mut positioned, mut plain) = positioned_and_plain(&harness, &history, "live://g").await;
     let push = |bodies: &[u64], prev_seq: u64| {
         let mut batch = RawBatch::default();
         for seq in bodies {
@@ -414,16 +439,7 @@ async fn a_comet_that_missed_room_messages_fills_the_gap_from_history() {
         .broadcast_room(push(&[5], 4))
         .await
         .expect("push");
-    for offset in 1..=5 {
-        assert_eq!(
-            positioned.recv_positioned().await,
-            (1000, offset.to_string(), Some(offset))
-        );
-        assert_eq!(
-            plain.recv().await.map(|f| f.body),
-            Some(Bytes::from(offset.to_string()))
-        );
-    }
+    both_get(&mut positioned, &mut plain, 1..=5).await;
     assert_eq!(
         logic.history_calls.lock().expect("lock")[1].since,
         Some(StreamPosition {
@@ -509,21 +525,7 @@ async fn redelivered_copies_inside_a_newer_batch_reach_no_member_twice() {
     let (history, replies) = tokio::sync::mpsc::channel(1);
     *logic.history_replies.lock().expect("lock") = Some(replies);
     let harness = start_with(config(|_| {}), logic.clone()).await;
-    history
-        .send(HistoryReply {
-            epoch: 5,
-            reason: "fresh".into(),
-            ..HistoryReply::default()
-        })
-        .await
-        .expect("reply");
-    let mut positioned = Tcp::connect(harness.tcp).await;
-    positioned
-        .send(&frame(op::AUTH, 1, "1 p live://r positions"))
-        .await;
-    assert_eq!(positioned.recv_positioned().await.0, op::AUTH_REPLY);
-    assert_eq!(positioned.recv_positioned().await.0, op::RESUME_REPLY);
-    let mut plain = Tcp::auth(harness.tcp, "2 q live://r").await;
+    let (mut positioned, mut plain) = positioned_and_plain(&harness, &history, "live://r").await;
     let push = |seqs: &[u64]| {
         let mut batch = RawBatch::default();
         for seq in seqs {
@@ -548,16 +550,7 @@ async fn redelivered_copies_inside_a_newer_batch_reach_no_member_twice() {
     push(&[3, 1, 4, 2, 5]).await;
     push(&[4, 5]).await;
     push(&[6]).await;
-    for offset in 1..=6 {
-        assert_eq!(
-            positioned.recv_positioned().await,
-            (1000, offset.to_string(), Some(offset))
-        );
-        assert_eq!(
-            plain.recv().await.map(|f| f.body),
-            Some(Bytes::from(offset.to_string()))
-        );
-    }
+    both_get(&mut positioned, &mut plain, 1..=6).await;
     assert!(positioned.silent_for(Duration::from_millis(200)).await);
     assert!(plain.silent_for(Duration::from_millis(50)).await);
     assert_eq!(harness.metric("duplicates", &["room"]), 4);
