@@ -57,7 +57,7 @@ use crate::channel::{Channel, CloseReason, Queued};
 use crate::limits::Admission;
 use crate::metrics::CometMetrics;
 use crate::resume::PositionedBatch;
-use crate::room::{Fanout, JoinRefusal, Rooms};
+use crate::room::{Fanout, JoinRefusal, Room, RoomTurn, Rooms};
 use crate::stream_guard::{StreamGuard, StreamMark};
 
 pub use crate::server::CometServer;
@@ -386,13 +386,36 @@ impl Comet {
         mark: Option<&StreamMark>,
         publish_unix_micros: i64,
     ) -> Result<Fanout, LinkError> {
+        self.push_room_after(room, frame, mark, 0, publish_unix_micros)
+            .await
+    }
+
+    /// [`push_room`](Self::push_room) of a push whose previous message in
+    /// the room is `prev_seq` (0: unknown): what this comet missed before
+    /// it is filled from history first, in the same turn of the room, so
+    /// no other push of the room (another partition owner's, during a
+    /// takeover) comes between and makes the filled messages look seen.
+    async fn push_room_after(
+        &self,
+        room: &str,
+        frame: &Frame,
+        mark: Option<&StreamMark>,
+        prev_seq: u64,
+        publish_unix_micros: i64,
+    ) -> Result<Fanout, LinkError> {
         self.metrics.pushes.with_label_values(&["room"]).inc();
         self.admit("room", mark, |_| 0)?;
         let Some(room) = self.rooms.get(room) else {
             return Ok(Fanout::default());
         };
+        let turn = room.take_turn().await;
+        if let Some(mark) = mark
+            && prev_seq > 0
+        {
+            self.fill_gap(&room, &turn, mark, prev_seq).await;
+        }
         let push = EncodedPush::new(frame).published_at(publish_unix_micros);
-        let (fanout, seen) = room.push(&push, frame, mark).await;
+        let (fanout, seen) = room.push_in_turn(&turn, &push, frame, mark).await;
         if seen > 0 {
             self.metrics
                 .duplicates
@@ -410,10 +433,8 @@ impl Comet {
     /// included — stays complete and in order. When history no longer has
     /// them, members with positions are closed to resync: they reconnect,
     /// resume and are told `recovered: false`.
-    async fn fill_gap(&self, room_id: &str, mark: &StreamMark, prev_seq: u64) {
-        let Some(room) = self.rooms.get(room_id) else {
-            return;
-        };
+    async fn fill_gap(&self, room: &Room, turn: &RoomTurn<'_>, mark: &StreamMark, prev_seq: u64) {
+        let room_id = &*room.id;
         let Some(last) = room.missing_before(mark.epoch, prev_seq) else {
             return;
         };
@@ -460,7 +481,7 @@ impl Comet {
         };
         let published = missed.first().map_or(0, |m| m.publish_unix_micros);
         let push = EncodedPush::new(&frame).published_at(published);
-        let (fanout, _) = room.push(&push, &frame, Some(&filled)).await;
+        let (fanout, _) = room.push_in_turn(turn, &push, &frame, Some(&filled)).await;
         self.record("room", fanout);
     }
 
@@ -744,14 +765,14 @@ impl CometLink for Comet {
                 "seqs must have one entry per frame".into(),
             ));
         }
-        if let Some(mark) = &mark
-            && req.prev_seq > 0
-        {
-            self.admit("room", Some(mark), |_| 0)?;
-            self.fill_gap(&req.room_id, mark, req.prev_seq).await;
-        }
-        self.push_room(&req.room_id, &frame, mark.as_ref(), req.publish_unix_micros)
-            .await?;
+        self.push_room_after(
+            &req.room_id,
+            &frame,
+            mark.as_ref(),
+            req.prev_seq,
+            req.publish_unix_micros,
+        )
+        .await?;
         Ok(BroadcastRoomReply {})
     }
 

@@ -11,7 +11,8 @@
 //! behind at most about a chunk of a busy room's writes, not all of them.
 //! A smaller room's push lets the tasks it woke run before it returns, so
 //! the next task its caller wakes cannot push them to the back of the queue.
-//! A room's pushes take turns (`turn`), so they stay in order.
+//! A room's pushes take turns (`turn`), so they stay in order; a push that
+//! first fills a gap from history holds its turn across both.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -66,6 +67,11 @@ pub struct Room {
     /// One push at a time, so pushes stay in order while a large room's
     /// fan-out yields.
     turn: tokio::sync::Mutex<()>,
+}
+
+/// A room's turn to push, held across a gap fill and the push after it.
+pub struct RoomTurn<'a> {
+    _held: tokio::sync::MutexGuard<'a, ()>,
 }
 
 /// What happened to one room push.
@@ -156,6 +162,13 @@ impl Room {
         self.online.load(Ordering::Relaxed)
     }
 
+    /// Waits for the room's turn: pushes made while it is held come after.
+    pub async fn take_turn(&self) -> RoomTurn<'_> {
+        RoomTurn {
+            _held: self.turn.lock().await,
+        }
+    }
+
     /// Queues the push to every member (room pushes ignore the watch set),
     /// a chunk at a time for a large room. With a stream mark, frames this
     /// room already got are left out; the number left out is returned with
@@ -166,8 +179,20 @@ impl Room {
         frame: &Frame,
         mark: Option<&StreamMark>,
     ) -> (Fanout, usize) {
+        let turn = self.take_turn().await;
+        self.push_in_turn(&turn, push, frame, mark).await
+    }
+
+    /// [`push`](Self::push) while holding the room's turn (`_turn`, from
+    /// [`take_turn`](Self::take_turn) of this room).
+    pub async fn push_in_turn(
+        &self,
+        _turn: &RoomTurn<'_>,
+        push: &EncodedPush,
+        frame: &Frame,
+        mark: Option<&StreamMark>,
+    ) -> (Fanout, usize) {
         let mut fanout = Fanout::default();
-        let _turn = self.turn.lock().await;
         let (large, seen) = {
             let Ok(mut members) = self.members.lock() else {
                 return (fanout, 0);

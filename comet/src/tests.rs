@@ -557,6 +557,65 @@ async fn redelivered_copies_inside_a_newer_batch_reach_no_member_twice() {
     harness.stop().await;
 }
 
+/// During a partition takeover two jobs may call at once: the old owner's
+/// push fills this comet's gap from history while the new owner's push of
+/// a later message arrives. The later push waits for the fill, so members
+/// get the missed messages and then the later one, none taken for seen.
+#[tokio::test]
+async fn a_push_waits_for_the_gap_fill_of_an_earlier_one() {
+    let logic = Arc::new(FakeLogic::default());
+    let (history, replies) = tokio::sync::mpsc::channel(2);
+    *logic.history_replies.lock().expect("lock") = Some(replies);
+    let harness = start_with(config(|_| {}), logic.clone()).await;
+    let (mut positioned, mut plain) = positioned_and_plain(&harness, &history, "live://t").await;
+    // The join's History call.
+    logic.history_started.notified().await;
+    let call = |seqs: &[u64], generation: u64, prev_seq: u64| {
+        let mut batch = RawBatch::default();
+        for seq in seqs {
+            batch.push(1000, seq.to_string().as_bytes());
+        }
+        let request = BroadcastRoomReq {
+            room_id: "live://t".into(),
+            proto: Some(batch.finish().into()),
+            stream_epoch: 5,
+            partition: 0,
+            owner_generation: generation,
+            seqs: seqs.to_vec(),
+            publish_unix_micros: 0,
+            prev_seq,
+        };
+        let comet = harness.comet.clone();
+        tokio::spawn(async move { comet.broadcast_room(request).await.expect("push") })
+    };
+    call(&[1, 2], 1, 0).await.expect("first push");
+    // The old owner's 5 names 4 as its previous: 3 and 4 never came here.
+    let old_owner = call(&[5], 1, 4);
+    logic.history_started.notified().await;
+    let mut new_owner = call(&[6], 2, 0);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut new_owner)
+            .await
+            .is_err(),
+        "the new owner's push went ahead of the gap fill"
+    );
+    history
+        .send(HistoryReply {
+            epoch: 5,
+            messages: vec![history_message(3), history_message(4), history_message(5)],
+            recovered: true,
+            offset: 5,
+            reason: String::new(),
+        })
+        .await
+        .expect("reply");
+    old_owner.await.expect("old owner's push");
+    new_owner.await.expect("new owner's push");
+    both_get(&mut positioned, &mut plain, 1..=6).await;
+    assert!(plain.silent_for(Duration::from_millis(100)).await);
+    harness.stop().await;
+}
+
 /// Room messages pushed while a resuming client's history is read reach it
 /// after the replay and the op-20 reply, and only those above the replay.
 #[tokio::test]
