@@ -7,10 +7,7 @@
 //! messages: publishers slow down, the delay stays bounded.
 //!
 //! Between readings, what this logic published is added to the last one,
-//! so a burst cannot overshoot the bound by a whole interval's worth; and
-//! what it published while a reading was on its way is added to that
-//! reading, which may have been taken before those messages were stored
-//! (a slow reading under load would otherwise undercount). The
+//! so a burst cannot overshoot the bound by a whole interval's worth. The
 //! lag is per partition, so rooms that share a partition with an
 //! overloaded one are refused too: their messages would wait behind its
 //! backlog anyway.
@@ -43,22 +40,14 @@ struct Partition {
 /// The last lag read from the bus, and the bounds.
 pub struct Backpressure {
     config: BackpressureConfig,
-    state: Mutex<State>,
-}
-
-#[derive(Default)]
-struct State {
-    partitions: Vec<Option<Partition>>,
-    /// By partition: what this logic published since the reading in
-    /// flight was asked for.
-    since_read: Vec<u64>,
+    partitions: Mutex<Vec<Option<Partition>>>,
 }
 
 impl Backpressure {
     pub fn new(config: BackpressureConfig) -> Self {
         Backpressure {
             config,
-            state: Mutex::new(State::default()),
+            partitions: Mutex::new(Vec::new()),
         }
     }
 
@@ -72,10 +61,10 @@ impl Backpressure {
             return Ok(());
         }
         let Some(state) = self
-            .state
+            .partitions
             .lock()
             .ok()
-            .and_then(|s| s.partitions.get(partition as usize).copied().flatten())
+            .and_then(|p| p.get(partition as usize).copied().flatten())
         else {
             return Ok(());
         };
@@ -98,24 +87,10 @@ impl Backpressure {
 
     /// Counts a message this logic published to `partition`.
     pub fn published(&self, partition: u32) {
-        let Ok(mut state) = self.state.lock() else {
-            return;
-        };
-        let index = partition as usize;
-        if let Some(Some(known)) = state.partitions.get_mut(index) {
-            known.pending += 1;
-        }
-        if state.since_read.len() <= index {
-            state.since_read.resize(index + 1, 0);
-        }
-        state.since_read[index] += 1;
-    }
-
-    /// A reading is asked for now: what is published from here on may be
-    /// missing from it.
-    pub fn reading_starts(&self) {
-        if let Ok(mut state) = self.state.lock() {
-            state.since_read.iter_mut().for_each(|count| *count = 0);
+        if let Ok(mut partitions) = self.partitions.lock()
+            && let Some(Some(state)) = partitions.get_mut(partition as usize)
+        {
+            state.pending += 1;
         }
     }
 
@@ -128,11 +103,9 @@ impl Backpressure {
             .map(|l| l.pending)
             .max()
             .unwrap_or(0);
-        let Ok(mut state) = self.state.lock() else {
+        let Ok(mut partitions) = self.partitions.lock() else {
             return largest;
         };
-        let since_read = std::mem::take(&mut state.since_read);
-        let partitions = &state.partitions;
         let updated = readings
             .iter()
             .enumerate()
@@ -155,16 +128,15 @@ impl Backpressure {
                     Some(before) => before.rate,
                     None => None,
                 };
-                let published = since_read.get(index).copied().unwrap_or(0);
                 Some(Partition {
-                    pending: reading.pending.saturating_add(published),
+                    pending: reading.pending,
                     settled: reading.settled,
                     at: now,
                     rate,
                 })
             })
             .collect();
-        state.partitions = updated;
+        *partitions = updated;
         largest
     }
 
@@ -185,7 +157,6 @@ impl Backpressure {
                 _ = stop.cancelled() => return,
             }
             let bound = self.config.interval.max(Duration::from_secs(1));
-            self.reading_starts();
             match tokio::time::timeout(bound, bus.lag()).await {
                 Ok(Ok(lag)) => {
                     let largest = self.record(lag, Instant::now());
@@ -232,28 +203,6 @@ mod tests {
         assert_eq!(bp.admit(1), Err(SECOND));
         bp.record(vec![lag(3, 98)], now + SECOND);
         assert_eq!(bp.admit(0), Ok(()), "the backlog drained");
-    }
-
-    /// A reading that comes back late has not seen what was published
-    /// while it was on its way: those count on top of it.
-    #[test]
-    fn publishes_during_a_slow_reading_count_on_top_of_it() {
-        let bp = backpressure(20, Duration::ZERO);
-        let t0 = Instant::now();
-        bp.record(vec![lag(0, 0)], t0);
-        bp.reading_starts();
-        for _ in 0..15 {
-            bp.published(0);
-        }
-        // The stream had stored 5 of them when it was read.
-        bp.record(vec![lag(5, 0)], t0 + SECOND);
-        assert_eq!(bp.admit(0), Ok(()), "5 + 15 is at the bound");
-        bp.published(0);
-        assert_eq!(bp.admit(0), Err(SECOND));
-        // The next reading, asked for after those publishes, has them all.
-        bp.reading_starts();
-        bp.record(vec![lag(16, 0)], t0 + 2 * SECOND);
-        assert_eq!(bp.admit(0), Ok(()), "counted once, not twice");
     }
 
     #[test]
