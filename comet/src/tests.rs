@@ -341,6 +341,17 @@ impl Tcp {
     }
 }
 
+/// A complete History answer of epoch 5: the messages at `offsets`.
+fn recovered(offsets: std::ops::RangeInclusive<u64>) -> HistoryReply {
+    HistoryReply {
+        epoch: 5,
+        offset: *offsets.end(),
+        messages: offsets.map(history_message).collect(),
+        recovered: true,
+        reason: String::new(),
+    }
+}
+
 /// A room message of history whose body is its offset, op 1000.
 fn history_message(offset: u64) -> HistoryMessage {
     HistoryMessage {
@@ -348,6 +359,41 @@ fn history_message(offset: u64) -> HistoryMessage {
         op: 1000,
         body: offset.to_string().into(),
         publish_unix_micros: 0,
+    }
+}
+
+/// A comet whose logic answers History with what the test sends on the
+/// returned channel (`capacity` replies may wait there).
+async fn start_with_history(
+    capacity: usize,
+) -> (
+    Harness,
+    Arc<FakeLogic>,
+    tokio::sync::mpsc::Sender<HistoryReply>,
+) {
+    let logic = Arc::new(FakeLogic::default());
+    let (history, replies) = tokio::sync::mpsc::channel(capacity);
+    *logic.history_replies.lock().expect("lock") = Some(replies);
+    let harness = start_with(config(|_| {}), logic.clone()).await;
+    (harness, logic, history)
+}
+
+/// Job's BroadcastRoom of room messages at `seqs` of epoch 5 (op 1000,
+/// each body its seq), from owner `generation`, after `prev_seq`.
+fn room_request(room: &str, seqs: &[u64], generation: u64, prev_seq: u64) -> BroadcastRoomReq {
+    let mut batch = RawBatch::default();
+    for seq in seqs {
+        batch.push(1000, seq.to_string().as_bytes());
+    }
+    BroadcastRoomReq {
+        room_id: room.into(),
+        proto: Some(batch.finish().into()),
+        stream_epoch: 5,
+        partition: 0,
+        owner_generation: generation,
+        seqs: seqs.to_vec(),
+        publish_unix_micros: 0,
+        prev_seq,
     }
 }
 
@@ -397,43 +443,16 @@ async fn both_get(positioned: &mut Tcp, plain: &mut Tcp, offsets: std::ops::Rang
 /// are closed to resync.
 #[tokio::test]
 async fn a_comet_that_missed_room_messages_fills_the_gap_from_history() {
-    let logic = Arc::new(FakeLogic::default());
-    let (history, replies) = tokio::sync::mpsc::channel(4);
-    *logic.history_replies.lock().expect("lock") = Some(replies);
-    let harness = start_with(config(|_| {}), logic.clone()).await;
+    let (harness, logic, history) = start_with_history(4).await;
     let (mut positioned, mut plain) = positioned_and_plain(&harness, &history, "live://g").await;
-    let push = |bodies: &[u64], prev_seq: u64| {
-        let mut batch = RawBatch::default();
-        for seq in bodies {
-            batch.push(1000, seq.to_string().as_bytes());
-        }
-        BroadcastRoomReq {
-            room_id: "live://g".into(),
-            proto: Some(batch.finish().into()),
-            stream_epoch: 5,
-            partition: 0,
-            owner_generation: 1,
-            seqs: bodies.to_vec(),
-            publish_unix_micros: 0,
-            prev_seq,
-        }
-    };
+    let push = |seqs: &[u64], prev_seq: u64| room_request("live://g", seqs, 1, prev_seq);
     harness
         .comet
         .broadcast_room(push(&[1, 2], 0))
         .await
         .expect("push");
     // 3 and 4 never reached this comet; 5 says its previous was 4.
-    history
-        .send(HistoryReply {
-            epoch: 5,
-            messages: vec![history_message(3), history_message(4), history_message(5)],
-            recovered: true,
-            offset: 5,
-            reason: String::new(),
-        })
-        .await
-        .expect("reply");
+    history.send(recovered(3..=5)).await.expect("reply");
     harness
         .comet
         .broadcast_room(push(&[5], 4))
@@ -491,16 +510,7 @@ async fn a_comet_that_missed_room_messages_fills_the_gap_from_history() {
         .await;
     assert_eq!(late.recv_positioned().await.0, op::AUTH_REPLY);
     assert_eq!(late.recv_positioned().await.0, op::RESUME_REPLY);
-    history
-        .send(HistoryReply {
-            epoch: 5,
-            messages: vec![history_message(11), history_message(12)],
-            recovered: true,
-            offset: 12,
-            reason: String::new(),
-        })
-        .await
-        .expect("reply");
+    history.send(recovered(11..=12)).await.expect("reply");
     let first = BroadcastRoomReq {
         room_id: "live://n".into(),
         ..push(&[13], 12)
@@ -521,29 +531,12 @@ async fn a_comet_that_missed_room_messages_fills_the_gap_from_history() {
 /// order, and the copies are counted as duplicates.
 #[tokio::test]
 async fn redelivered_copies_inside_a_newer_batch_reach_no_member_twice() {
-    let logic = Arc::new(FakeLogic::default());
-    let (history, replies) = tokio::sync::mpsc::channel(1);
-    *logic.history_replies.lock().expect("lock") = Some(replies);
-    let harness = start_with(config(|_| {}), logic.clone()).await;
+    let (harness, _logic, history) = start_with_history(1).await;
     let (mut positioned, mut plain) = positioned_and_plain(&harness, &history, "live://r").await;
     let push = |seqs: &[u64]| {
-        let mut batch = RawBatch::default();
-        for seq in seqs {
-            batch.push(1000, seq.to_string().as_bytes());
-        }
-        let mark = StreamMark {
-            epoch: 5,
-            partition: 0,
-            generation: 1,
-            seqs: seqs.to_vec(),
-        };
+        let request = room_request("live://r", seqs, 1, 0);
         let comet = harness.comet.clone();
-        async move {
-            comet
-                .push_room("live://r", &batch.finish(), Some(&mark), 0)
-                .await
-                .expect("push")
-        }
+        async move { comet.broadcast_room(request).await.expect("push") }
     };
     push(&[1, 2]).await;
     // 1 and 2 again, between new ones; then a batch of copies only.
@@ -563,28 +556,12 @@ async fn redelivered_copies_inside_a_newer_batch_reach_no_member_twice() {
 /// get the missed messages and then the later one, none taken for seen.
 #[tokio::test]
 async fn a_push_waits_for_the_gap_fill_of_an_earlier_one() {
-    let logic = Arc::new(FakeLogic::default());
-    let (history, replies) = tokio::sync::mpsc::channel(2);
-    *logic.history_replies.lock().expect("lock") = Some(replies);
-    let harness = start_with(config(|_| {}), logic.clone()).await;
+    let (harness, logic, history) = start_with_history(2).await;
     let (mut positioned, mut plain) = positioned_and_plain(&harness, &history, "live://t").await;
     // The join's History call.
     logic.history_started.notified().await;
     let call = |seqs: &[u64], generation: u64, prev_seq: u64| {
-        let mut batch = RawBatch::default();
-        for seq in seqs {
-            batch.push(1000, seq.to_string().as_bytes());
-        }
-        let request = BroadcastRoomReq {
-            room_id: "live://t".into(),
-            proto: Some(batch.finish().into()),
-            stream_epoch: 5,
-            partition: 0,
-            owner_generation: generation,
-            seqs: seqs.to_vec(),
-            publish_unix_micros: 0,
-            prev_seq,
-        };
+        let request = room_request("live://t", seqs, generation, prev_seq);
         let comet = harness.comet.clone();
         tokio::spawn(async move { comet.broadcast_room(request).await.expect("push") })
     };
@@ -599,16 +576,7 @@ async fn a_push_waits_for_the_gap_fill_of_an_earlier_one() {
             .is_err(),
         "the new owner's push went ahead of the gap fill"
     );
-    history
-        .send(HistoryReply {
-            epoch: 5,
-            messages: vec![history_message(3), history_message(4), history_message(5)],
-            recovered: true,
-            offset: 5,
-            reason: String::new(),
-        })
-        .await
-        .expect("reply");
+    history.send(recovered(3..=5)).await.expect("reply");
     old_owner.await.expect("old owner's push");
     new_owner.await.expect("new owner's push");
     both_get(&mut positioned, &mut plain, 1..=6).await;
@@ -620,10 +588,7 @@ async fn a_push_waits_for_the_gap_fill_of_an_earlier_one() {
 /// after the replay and the op-20 reply, and only those above the replay.
 #[tokio::test]
 async fn live_room_messages_during_a_resume_follow_the_replay_once() {
-    let logic = Arc::new(FakeLogic::default());
-    let (history, replies) = tokio::sync::mpsc::channel(1);
-    *logic.history_replies.lock().expect("lock") = Some(replies);
-    let harness = start_with(config(|_| {}), logic.clone()).await;
+    let (harness, logic, history) = start_with_history(1).await;
     let mut client = Tcp::connect(harness.tcp).await;
     client
         .send(&frame(op::AUTH, 1, "1 k live://s positions"))
@@ -651,16 +616,7 @@ async fn live_room_messages_during_a_resume_follow_the_replay_once() {
         .push_room("live://s", &live, Some(&mark), 0)
         .await
         .expect("push");
-    history
-        .send(HistoryReply {
-            epoch: 5,
-            messages: vec![history_message(9), history_message(10), history_message(11)],
-            recovered: true,
-            offset: 11,
-            reason: String::new(),
-        })
-        .await
-        .expect("reply");
+    history.send(recovered(9..=11)).await.expect("reply");
     assert_eq!(client.recv_positioned().await.0, op::AUTH_REPLY);
     for offset in [9, 10, 11] {
         assert_eq!(
@@ -704,10 +660,7 @@ async fn live_room_messages_during_a_resume_follow_the_replay_once() {
 /// whose previous message never came has the client catch up first.
 #[tokio::test]
 async fn direct_pushes_during_a_resume_follow_the_replay_once() {
-    let logic = Arc::new(FakeLogic::default());
-    let (history, replies) = tokio::sync::mpsc::channel(1);
-    *logic.history_replies.lock().expect("lock") = Some(replies);
-    let harness = start_with(config(|_| {}), logic.clone()).await;
+    let (harness, logic, history) = start_with_history(1).await;
     let mut plain = Tcp::auth(harness.tcp, "7 plain - direct").await;
     let mut client = Tcp::connect(harness.tcp).await;
     client
@@ -752,16 +705,7 @@ async fn direct_pushes_during_a_resume_follow_the_replay_once() {
     // Live while the history is read: 10 is in the history too.
     push(10, 1, 0);
     push(11, 1, 10);
-    history
-        .send(HistoryReply {
-            epoch: 5,
-            messages: vec![history_message(9), history_message(10)],
-            recovered: true,
-            offset: 10,
-            reason: String::new(),
-        })
-        .await
-        .expect("reply");
+    history.send(recovered(9..=10)).await.expect("reply");
     assert_eq!(client.recv_positioned().await.0, op::AUTH_REPLY);
     for offset in [9, 10] {
         assert_eq!(
@@ -797,16 +741,7 @@ async fn direct_pushes_during_a_resume_follow_the_replay_once() {
     // 13 never came here (job's call failed); 14 says it was before: the
     // client with positions catches up from history, the goim one cannot.
     push(14, 2, 13);
-    history
-        .send(HistoryReply {
-            epoch: 5,
-            messages: vec![history_message(13), history_message(14)],
-            recovered: true,
-            offset: 14,
-            reason: String::new(),
-        })
-        .await
-        .expect("reply");
+    history.send(recovered(13..=14)).await.expect("reply");
     for offset in [13, 14] {
         assert_eq!(
             client.recv_positioned().await,
