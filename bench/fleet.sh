@@ -20,7 +20,9 @@
 # LOGIC_EXTRA more `logic` settings (e.g. 'backpressure: { max_lag: 0 }'),
 # COMET_EXTRA more `comet` settings (e.g. 'drain: 5s'), FLEET_CPUS
 # (e.g. 0: nats, logic, job and the comets run under `taskset -c`, and
-# tokio then starts one worker per CPU in the list),
+# tokio then starts one worker per CPU in the list), NATS_SLICE_NS (e.g.
+# 100000: nats-server runs with that scheduler slice, as logic and job do by
+# default — `runtime.scheduler_slice`; bench/sched-slice.py),
 # EXTRA more top-level settings for every process (e.g.
 # 'history: { direct: { enabled: false } }'),
 # ROLL=term|kill replaces every comet in turn while the bench runs (SIGTERM
@@ -86,7 +88,9 @@ pin=()
 [[ -n "${FLEET_CPUS:-}" ]] && pin=(taskset -c "$FLEET_CPUS")
 
 nats_port=4333
-"${pin[@]}" "$nats_bin" -js -a 127.0.0.1 -p "$nats_port" -sd "$workdir/nats" >"$workdir/nats.log" 2>&1 &
+nats_slice=()
+[[ -n "${NATS_SLICE_NS:-}" ]] && nats_slice=(python3 bench/sched-slice.py "$NATS_SLICE_NS")
+"${pin[@]}" "${nats_slice[@]}" "$nats_bin" -js -a 127.0.0.1 -p "$nats_port" -sd "$workdir/nats" >"$workdir/nats.log" 2>&1 &
 nats_pid=$!
 for _ in $(seq 100); do
     (echo >"/dev/tcp/127.0.0.1/$nats_port") 2>/dev/null && break
