@@ -20,9 +20,9 @@
 # LOGIC_EXTRA more `logic` settings (e.g. 'backpressure: { max_lag: 0 }'),
 # COMET_EXTRA more `comet` settings (e.g. 'drain: 5s'), FLEET_CPUS
 # (e.g. 0: nats, logic, job and the comets run under `taskset -c`, and
-# tokio then starts one worker per CPU in the list), NATS_SLICE_NS (e.g.
-# 100000: nats-server runs with that scheduler slice, as logic and job do by
-# default — `runtime.scheduler_slice`; bench/sched-slice.py),
+# tokio then starts one worker per CPU in the list), RELAY_SLICE_NS (e.g.
+# 100000: logic and job run with that `runtime.scheduler_slice`) and
+# NATS_SLICE_NS (nats-server with that slice, through bench/sched-slice.py),
 # EXTRA more top-level settings for every process (e.g.
 # 'history: { direct: { enabled: false } }'),
 # ROLL=term|kill replaces every comet in turn while the bench runs (SIGTERM
@@ -126,6 +126,8 @@ EOF
     fi
 done
 echo "$common" >"$workdir/fleet.yaml"
+[[ -n "${RELAY_SLICE_NS:-}" ]] &&
+    echo "runtime: { scheduler_slice: ${RELAY_SLICE_NS}ns }" >>"$workdir/fleet.yaml"
 
 "${pin[@]}" "$bin/pushcluster" logic --config "$workdir/fleet.yaml" --log-level warn >"$workdir/logic.log" 2>&1 &
 logic_pid=$!

@@ -133,29 +133,25 @@ where
     }
     let runtime = config.runtime.clone();
     // Before the runtime starts its threads: they inherit the slice.
-    set_scheduler_slice(&runtime, role);
+    set_scheduler_slice(&runtime);
     block_on(&runtime, command(config))
 }
 
 /// Asks for `runtime.scheduler_slice`; a kernel or sandbox that refuses it
 /// leaves the kernel's own, which only costs latency.
-fn set_scheduler_slice(runtime: &RuntimeConfig, role: Role) {
-    let Some(slice) = runtime.scheduler_slice_for(role) else {
+fn set_scheduler_slice(runtime: &RuntimeConfig) {
+    let Some(slice) = runtime.scheduler_slice() else {
         return;
     };
-    // Said as a warning only when someone asked for it.
-    let asked = runtime.scheduler_slice.is_some();
     match scheduler::set(slice) {
         Ok(Some(taken)) => tracing::info!(?taken, "scheduler slice set (runtime.scheduler_slice)"),
-        Ok(None) if asked => tracing::warn!(
+        Ok(None) => tracing::warn!(
             "runtime.scheduler_slice: this kernel has no per-thread slice (Linux 6.12 or later has); its own applies"
         ),
-        Err(error) if asked => tracing::warn!(
+        Err(error) => tracing::warn!(
             %error,
             "runtime.scheduler_slice: the kernel refused the slice; its own applies"
         ),
-        Ok(None) => tracing::debug!("no per-thread scheduler slice on this kernel"),
-        Err(error) => tracing::debug!(%error, "the kernel refused the scheduler slice"),
     }
 }
 

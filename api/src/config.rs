@@ -71,8 +71,7 @@ impl Config {
         if self.runtime.event_interval == 0 {
             return Err(invalid("runtime.event_interval", "must be > 0"));
         }
-        if let Some(slice) = self.runtime.scheduler_slice
-            && !slice.is_zero()
+        if let Some(slice) = self.runtime.scheduler_slice()
             && !SCHEDULER_SLICE_RANGE.contains(&slice)
         {
             return Err(invalid(
@@ -353,13 +352,12 @@ pub struct RuntimeConfig {
     /// `epoll_wait` per that many tasks.
     pub event_interval: u32,
     /// The CPU slice the kernel gives this process's threads (Linux 6.12+,
-    /// EEVDF's `sched_runtime`). A thread with a shorter slice than the
-    /// one running is switched in as soon as it wakes, instead of at the
-    /// next tick (4 ms on many kernels). Unset: 100 µs for logic and job,
-    /// relays that do little per message and wake once per message, so a
-    /// busy comet on the same core does not hold them up; the kernel's own
-    /// for comet and standalone, whose threads are the busy ones. `0s`: the
-    /// kernel's own for every role.
+    /// EEVDF's `sched_runtime`); unset or `0s`: the kernel's own. A thread
+    /// whose slice is shorter than the running one's is switched in as soon
+    /// as it wakes instead of at the next tick (4 ms on many kernels), which
+    /// helps a relay (logic, job) that shares a core with a busy comet, and
+    /// costs throughput when the relays themselves are busy: they run per
+    /// message instead of per batch (docs/benchmarks.md).
     #[serde(with = "humantime_serde")]
     pub scheduler_slice: Option<Duration>,
 }
@@ -377,20 +375,10 @@ impl Default for RuntimeConfig {
 pub const SCHEDULER_SLICE_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_micros(100)..=Duration::from_millis(100);
 
-/// The slice logic and job ask for when `runtime.scheduler_slice` is unset.
-pub const RELAY_SCHEDULER_SLICE: Duration = Duration::from_micros(100);
-
 impl RuntimeConfig {
-    /// The slice `role` asks the kernel for; `None`: the kernel's own.
-    pub fn scheduler_slice_for(&self, role: Role) -> Option<Duration> {
-        match self.scheduler_slice {
-            Some(slice) if slice.is_zero() => None,
-            Some(slice) => Some(slice),
-            None => match role {
-                Role::Logic | Role::Job => Some(RELAY_SCHEDULER_SLICE),
-                Role::Standalone | Role::Comet => None,
-            },
-        }
+    /// The slice to ask the kernel for; `None`: the kernel's own.
+    pub fn scheduler_slice(&self) -> Option<Duration> {
+        self.scheduler_slice.filter(|slice| !slice.is_zero())
     }
 }
 
@@ -1384,27 +1372,18 @@ discovery:
     }
 
     #[test]
-    fn relays_ask_for_a_short_slice_unless_told_otherwise() {
-        let slice = |yaml: &str, role| {
+    fn the_scheduler_slice_is_the_kernels_unless_set() {
+        let slice = |yaml: &str| {
             Config::from_yaml(yaml)
                 .expect(yaml)
                 .runtime
-                .scheduler_slice_for(role)
+                .scheduler_slice()
         };
-        let relay = Some(RELAY_SCHEDULER_SLICE);
-        assert_eq!(slice("{}", Role::Logic), relay);
-        assert_eq!(slice("{}", Role::Job), relay);
-        assert_eq!(slice("{}", Role::Comet), None);
-        assert_eq!(slice("{}", Role::Standalone), None);
-        assert_eq!(slice("runtime: { scheduler_slice: 0s }", Role::Job), None);
-        let two_ms = Some(Duration::from_millis(2));
+        assert_eq!(slice("{}"), None);
+        assert_eq!(slice("runtime: { scheduler_slice: 0s }"), None);
         assert_eq!(
-            slice("runtime: { scheduler_slice: 2ms }", Role::Comet),
-            two_ms
-        );
-        assert_eq!(
-            slice("runtime: { scheduler_slice: 2ms }", Role::Logic),
-            two_ms
+            slice("runtime: { scheduler_slice: 100us }"),
+            Some(Duration::from_micros(100))
         );
     }
 }

@@ -579,3 +579,39 @@ async fn pushes_are_refused_with_retry_after_while_the_backlog_is_over_its_bound
         "every accepted push, in order"
     );
 }
+
+/// Each thread's scheduler slice in nanoseconds, as the kernel reports it.
+fn thread_slices(pid: u32) -> Vec<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process's threads");
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("sched")).ok())
+        .map(|sched| {
+            sched
+                .lines()
+                .find(|line| line.starts_with("se.slice"))
+                .and_then(|line| line.split(':').nth(1))
+                .and_then(|value| value.trim().parse().ok())
+                .expect("se.slice in /proc/PID/task/TID/sched (Linux 6.12 or later)")
+        })
+        .collect()
+}
+
+/// `runtime.scheduler_slice` sets the slice of every thread of the process
+/// that has it (here a job, as one would for a relay sharing a core with a
+/// busy comet); without it the kernel's own applies.
+#[tokio::test]
+async fn the_scheduler_slice_applies_to_every_thread_of_the_process_that_sets_it() {
+    let mut fleet = Fleet::start();
+    let kernels = thread_slices(fleet.comets[0].pid());
+    assert!(!kernels.is_empty());
+    assert!(kernels.iter().all(|&s| s != 100_000), "{kernels:?}");
+    assert_eq!(thread_slices(fleet.jobs[0].pid())[0], kernels[0]);
+    fleet.job_config = with(
+        fleet.job_config.clone(),
+        "runtime: { scheduler_slice: 100us }",
+    );
+    fleet.start_job();
+    let slices = thread_slices(fleet.jobs[2].pid());
+    assert!(slices.len() > 1, "the runtime's threads too: {slices:?}");
+    assert!(slices.iter().all(|&s| s == 100_000), "{slices:?}");
+}
