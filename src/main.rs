@@ -1,6 +1,6 @@
 //! `pushcluster`: the one binary. This file parses flags and wires the
 //! components together; the behaviour lives in the crates.
-// Unsafe code only in `scheduler` (one system call without a safe wrapper).
+// Unsafe code only in `scheduler` (two system calls without a safe wrapper).
 #![deny(unsafe_code)]
 
 mod admin;

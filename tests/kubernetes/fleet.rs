@@ -378,8 +378,12 @@ async fn drive(client: Client, env: Env, names: Names) {
                 "comet": {"replicas": 2, "drainSeconds": DRAIN_SECONDS},
                 "logic": {"replicas": 2},
                 "job": {"replicas": 2},
-                // Client messages for the backend (docs/upstream.md).
-                "config": {"upstream": {"enabled": true}},
+                // Client messages for the backend (docs/upstream.md), and
+                // a scheduler slice, which a container's seccomp must allow.
+                "config": {
+                    "upstream": {"enabled": true},
+                    "runtime": {"scheduler_slice": "100us"}
+                },
                 // What roll clients resume from (docs/recovery.md).
                 "history": {
                     "default": {"maxAgeSeconds": 600, "maxMessages": 5000},
@@ -420,6 +424,9 @@ async fn drive(client: Client, env: Env, names: Names) {
         .await;
     }
     printer_columns(&client, &names.apps, ["True", "2/2", "2/2", "2/2"]).await;
+
+    step("every role runs with runtime.scheduler_slice inside its container");
+    scheduler_slice_was_set(&client, &names.apps).await;
 
     step("clients through the comet Service receive key, mid, room and broadcast pushes");
     pushes_reach_clients(&fleet).await;
@@ -1509,4 +1516,27 @@ async fn everything_is_gone(client: &Client, namespace: &str) {
         },
     )
     .await;
+}
+
+/// A pod of each role logged that the kernel took `runtime.scheduler_slice`
+/// (not refused by the runtime's default seccomp profile).
+async fn scheduler_slice_was_set(client: &Client, namespace: &str) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    for component in ["comet", "logic", "job"] {
+        let selector =
+            format!("app.kubernetes.io/instance=push,app.kubernetes.io/component={component}");
+        let listed = pods
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .expect("list pods");
+        let pod = listed.items.first().expect("a pod").name_any();
+        let logs = pods
+            .logs(&pod, &Default::default())
+            .await
+            .expect("pod logs");
+        assert!(
+            logs.contains("scheduler slice set"),
+            "{component} pod {pod} did not log the scheduler slice:\n{logs}"
+        );
+    }
 }
