@@ -372,7 +372,7 @@ impl Default for RuntimeConfig {
 }
 
 /// The shortest and longest slice Linux accepts (it clamps to these).
-pub const SCHEDULER_SLICE_RANGE: std::ops::RangeInclusive<Duration> =
+const SCHEDULER_SLICE_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_micros(100)..=Duration::from_millis(100);
 
 impl RuntimeConfig {
