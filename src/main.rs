@@ -131,7 +131,7 @@ where
     for warning in warnings {
         tracing::warn!("{warning}");
     }
-    let runtime = config.runtime.clone();
+    let runtime = config.runtime_for(role);
     // Before the runtime starts its threads: they inherit the slice.
     set_scheduler_slice(&runtime);
     block_on(&runtime, command(config))

@@ -66,18 +66,41 @@ impl Config {
         Ok(serde_yaml_ng::to_string(self)?)
     }
 
+    /// The runtime a process of `role` runs on: `runtime`, with the role's
+    /// own `runtime` section over it (standalone: `runtime` alone).
+    pub fn runtime_for(&self, role: Role) -> RuntimeConfig {
+        let overrides = match role {
+            Role::Standalone => return self.runtime.clone(),
+            Role::Comet => &self.comet.runtime,
+            Role::Logic => &self.logic.runtime,
+            Role::Job => &self.job.runtime,
+        };
+        self.runtime.overridden_by(overrides)
+    }
+
     /// Checks values that parse but cannot work.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.runtime.event_interval == 0 {
-            return Err(invalid("runtime.event_interval", "must be > 0"));
-        }
-        if let Some(slice) = self.runtime.scheduler_slice()
-            && !SCHEDULER_SLICE_RANGE.contains(&slice)
-        {
-            return Err(invalid(
-                "runtime.scheduler_slice",
-                "must be 0s (the kernel's own) or from 100us to 100ms",
-            ));
+        self.runtime
+            .validate("runtime.event_interval", "runtime.scheduler_slice")?;
+        for (role, event_interval_key, scheduler_slice_key) in [
+            (
+                Role::Comet,
+                "comet.runtime.event_interval",
+                "comet.runtime.scheduler_slice",
+            ),
+            (
+                Role::Logic,
+                "logic.runtime.event_interval",
+                "logic.runtime.scheduler_slice",
+            ),
+            (
+                Role::Job,
+                "job.runtime.event_interval",
+                "job.runtime.scheduler_slice",
+            ),
+        ] {
+            self.runtime_for(role)
+                .validate(event_interval_key, scheduler_slice_key)?;
         }
         let comet = &self.comet;
         if comet.tcp.bind.is_empty() && comet.websocket.bind.is_empty() {
@@ -380,6 +403,47 @@ impl RuntimeConfig {
     pub fn scheduler_slice(&self) -> Option<Duration> {
         self.scheduler_slice.filter(|slice| !slice.is_zero())
     }
+
+    /// This runtime with one role's `runtime` section applied over it.
+    fn overridden_by(&self, role: &RoleRuntimeConfig) -> RuntimeConfig {
+        RuntimeConfig {
+            event_interval: role.event_interval.unwrap_or(self.event_interval),
+            scheduler_slice: role.scheduler_slice.or(self.scheduler_slice),
+        }
+    }
+
+    /// Checks this runtime's values; errors name the keys given.
+    fn validate(
+        &self,
+        event_interval_key: &'static str,
+        scheduler_slice_key: &'static str,
+    ) -> Result<(), ConfigError> {
+        if self.event_interval == 0 {
+            return Err(invalid(event_interval_key, "must be > 0"));
+        }
+        if let Some(slice) = self.scheduler_slice()
+            && !SCHEDULER_SLICE_RANGE.contains(&slice)
+        {
+            return Err(invalid(
+                scheduler_slice_key,
+                "must be 0s (the kernel's own) or from 100us to 100ms",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `comet.runtime`, `logic.runtime`, `job.runtime`: what that role's
+/// processes change of `runtime`, so one file (or a PushCluster's
+/// `spec.config`) can, say, give logic and job a shorter slice than the
+/// comets. An unset key keeps `runtime`'s; standalone runs every role in one
+/// process and uses `runtime` alone.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoleRuntimeConfig {
+    pub event_interval: Option<u32>,
+    #[serde(with = "humantime_serde")]
+    pub scheduler_slice: Option<Duration>,
 }
 
 /// `admin`: the port serving `/metrics`, `/healthz` and `/readyz`.
@@ -476,6 +540,8 @@ pub struct CometConfig {
     /// Region of this comet, matched against `logic.regions`.
     pub region: String,
     pub zone: String,
+    /// Comets' own `runtime` settings, over `runtime`.
+    pub runtime: RoleRuntimeConfig,
 }
 
 impl Default for CometConfig {
@@ -499,6 +565,7 @@ impl Default for CometConfig {
             addrs: Vec::new(),
             region: String::new(),
             zone: String::new(),
+            runtime: RoleRuntimeConfig::default(),
         }
     }
 }
@@ -674,6 +741,8 @@ pub struct LogicConfig {
     #[serde(with = "humantime_serde")]
     pub online_expire: Duration,
     pub backpressure: BackpressureConfig,
+    /// Logic's own `runtime` settings, over `runtime`.
+    pub runtime: RoleRuntimeConfig,
 }
 
 /// `logic.backpressure`: bounded lag. A push whose partition's backlog
@@ -724,6 +793,7 @@ impl Default for LogicConfig {
             session_expire: Duration::from_secs(30 * 60),
             online_expire: Duration::from_secs(30),
             backpressure: BackpressureConfig::default(),
+            runtime: RoleRuntimeConfig::default(),
         }
     }
 }
@@ -935,6 +1005,8 @@ pub struct JobConfig {
     pub delivery: DeliveryConfig,
     /// Messages that may wait per room / per comet before consuming pauses.
     pub queue: usize,
+    /// Jobs' own `runtime` settings, over `runtime`.
+    pub runtime: RoleRuntimeConfig,
 }
 
 impl Default for JobConfig {
@@ -944,6 +1016,7 @@ impl Default for JobConfig {
             room: RoomConfig::default(),
             delivery: DeliveryConfig::default(),
             queue: 1024,
+            runtime: RoleRuntimeConfig::default(),
         }
     }
 }
@@ -1365,6 +1438,18 @@ discovery:
                 "runtime: { scheduler_slice: 1s }",
                 "runtime.scheduler_slice",
             ),
+            (
+                "logic: { runtime: { scheduler_slice: 50us } }",
+                "logic.runtime.scheduler_slice",
+            ),
+            (
+                "job: { runtime: { event_interval: 0 } }",
+                "job.runtime.event_interval",
+            ),
+            (
+                "comet: { runtime: { scheduler_slice: 2s } }",
+                "comet.runtime.scheduler_slice",
+            ),
         ] {
             let error = Config::from_yaml(yaml).expect_err(yaml).to_string();
             assert!(error.contains(key), "{yaml}: {error}");
@@ -1385,6 +1470,34 @@ discovery:
             slice("runtime: { scheduler_slice: 100us }"),
             Some(Duration::from_micros(100))
         );
+    }
+
+    #[test]
+    fn a_roles_runtime_section_overrides_runtime_for_that_role_only() {
+        let config = Config::from_yaml(
+            "runtime: { event_interval: 16 }\n\
+             logic: { runtime: { scheduler_slice: 100us } }\n\
+             job: { runtime: { scheduler_slice: 200us, event_interval: 4 } }\n\
+             comet: { runtime: { scheduler_slice: 0s } }",
+        )
+        .expect("valid");
+        let runtime = |role| {
+            let runtime = config.runtime_for(role);
+            (runtime.event_interval, runtime.scheduler_slice())
+        };
+        let micros = |n| Some(Duration::from_micros(n));
+        assert_eq!(runtime(Role::Logic), (16, micros(100)));
+        assert_eq!(runtime(Role::Job), (4, micros(200)));
+        assert_eq!(runtime(Role::Comet), (16, None));
+        assert_eq!(runtime(Role::Standalone), (16, None));
+
+        // A role's `0s` takes back a slice `runtime` set for everyone.
+        let config = Config::from_yaml(
+            "runtime: { scheduler_slice: 100us }\ncomet: { runtime: { scheduler_slice: 0s } }",
+        )
+        .expect("valid");
+        assert_eq!(config.runtime_for(Role::Comet).scheduler_slice(), None);
+        assert_eq!(config.runtime_for(Role::Job).scheduler_slice(), micros(100));
     }
 }
 

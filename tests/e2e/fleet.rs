@@ -598,7 +598,9 @@ fn thread_slices(pid: u32) -> Vec<u64> {
 
 /// `runtime.scheduler_slice` sets the slice of every thread of the process
 /// that has it (here a job, as one would for a relay sharing a core with a
-/// busy comet); without it the kernel's own applies.
+/// busy comet); without it the kernel's own applies. In a file every role
+/// shares, the job's own `job.runtime` wins over `runtime`, and the comets'
+/// section is not the job's.
 #[tokio::test]
 async fn the_scheduler_slice_applies_to_every_thread_of_the_process_that_sets_it() {
     let mut fleet = Fleet::start();
@@ -608,7 +610,9 @@ async fn the_scheduler_slice_applies_to_every_thread_of_the_process_that_sets_it
     assert_eq!(thread_slices(fleet.jobs[0].pid())[0], kernels[0]);
     fleet.job_config = with(
         fleet.job_config.clone(),
-        "runtime: { scheduler_slice: 100us }",
+        "{ runtime: { scheduler_slice: 300us }, \
+           comet: { runtime: { scheduler_slice: 200us } }, \
+           job: { runtime: { scheduler_slice: 100us } } }",
     );
     fleet.start_job();
     let slices = thread_slices(fleet.jobs[2].pid());
