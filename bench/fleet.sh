@@ -20,7 +20,8 @@
 # LOGIC_EXTRA more `logic` settings (e.g. 'backpressure: { max_lag: 0 }'),
 # COMET_EXTRA more `comet` settings (e.g. 'drain: 5s'), FLEET_CPUS
 # (e.g. 0: nats, logic, job and the comets run under `taskset -c`, and
-# tokio then starts one worker per CPU in the list), RELAY_SLICE_NS (e.g.
+# tokio then starts one worker per CPU in the list), RELAY_CPUS (nats,
+# logic and job under `taskset -c` with these CPUs instead), RELAY_SLICE_NS (e.g.
 # 100000: logic and job run with that `runtime.scheduler_slice`) and
 # NATS_SLICE_NS (nats-server with that slice, through bench/sched-slice.py),
 # EXTRA more top-level settings for every process (e.g.
@@ -86,11 +87,13 @@ wait_http() {
 
 pin=()
 [[ -n "${FLEET_CPUS:-}" ]] && pin=(taskset -c "$FLEET_CPUS")
+relay_pin=("${pin[@]}")
+[[ -n "${RELAY_CPUS:-}" ]] && relay_pin=(taskset -c "$RELAY_CPUS")
 
 nats_port=4333
 nats_slice=()
 [[ -n "${NATS_SLICE_NS:-}" ]] && nats_slice=(python3 bench/sched-slice.py "$NATS_SLICE_NS")
-"${pin[@]}" "${nats_slice[@]}" "$nats_bin" -js -a 127.0.0.1 -p "$nats_port" -sd "$workdir/nats" >"$workdir/nats.log" 2>&1 &
+"${relay_pin[@]}" "${nats_slice[@]}" "$nats_bin" -js -a 127.0.0.1 -p "$nats_port" -sd "$workdir/nats" >"$workdir/nats.log" 2>&1 &
 nats_pid=$!
 for _ in $(seq 100); do
     (echo >"/dev/tcp/127.0.0.1/$nats_port") 2>/dev/null && break
@@ -129,7 +132,7 @@ echo "$common" >"$workdir/fleet.yaml"
 [[ -n "${RELAY_SLICE_NS:-}" ]] &&
     echo "runtime: { scheduler_slice: ${RELAY_SLICE_NS}ns }" >>"$workdir/fleet.yaml"
 
-"${pin[@]}" "$bin/pushcluster" logic --config "$workdir/fleet.yaml" --log-level warn >"$workdir/logic.log" 2>&1 &
+"${relay_pin[@]}" "$bin/pushcluster" logic --config "$workdir/fleet.yaml" --log-level warn >"$workdir/logic.log" 2>&1 &
 logic_pid=$!
 pids+=("$nats_pid" "$logic_pid")
 wait_http http://127.0.0.1:3191/readyz
@@ -142,7 +145,7 @@ for ((i = 0; i < comets; i++)); do
     start_comet "$i"
     comet_pids+=("$(cat "$workdir/comet-$i.pid")")
 done
-"${pin[@]}" "$bin/pushcluster" job --config "$workdir/fleet.yaml" --log-level warn >"$workdir/job.log" 2>&1 &
+"${relay_pin[@]}" "$bin/pushcluster" job --config "$workdir/fleet.yaml" --log-level warn >"$workdir/job.log" 2>&1 &
 job_pid=$!
 pids+=("$job_pid")
 for ((i = 0; i < comets; i++)); do
