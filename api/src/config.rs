@@ -540,6 +540,11 @@ pub struct CometConfig {
     /// Region of this comet, matched against `logic.regions`.
     pub region: String,
     pub zone: String,
+    /// Between two chunks of a large room's fan-out, offer the core to any
+    /// other thread ready to run on it (`sched_yield`), so a process that
+    /// shares the comet's cores (logic, job, nats-server) waits for at most
+    /// a chunk of writes instead of the kernel's next tick.
+    pub yield_cpu: bool,
     /// Comets' own `runtime` settings, over `runtime`.
     pub runtime: RoleRuntimeConfig,
 }
@@ -565,6 +570,7 @@ impl Default for CometConfig {
             addrs: Vec::new(),
             region: String::new(),
             zone: String::new(),
+            yield_cpu: false,
             runtime: RoleRuntimeConfig::default(),
         }
     }

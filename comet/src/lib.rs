@@ -120,7 +120,8 @@ impl Comet {
             me: me.clone(),
             id,
             buckets: Buckets::new(config.bucket.size),
-            rooms: Rooms::new(ROOM_SHARDS, config.limits.rooms_per_connection),
+            rooms: Rooms::new(ROOM_SHARDS, config.limits.rooms_per_connection)
+                .yielding_cpu(config.yield_cpu),
             guard: StreamGuard::default(),
             admission: Admission::new(config.limits.clone()),
             config,

@@ -8,7 +8,10 @@
 //! and tokio runs woken tasks in order. A room larger than
 //! [`FANOUT_CHUNK`] is therefore fanned out a chunk at a time, going to the
 //! back of the run queue in between, so a message for a quiet room waits
-//! behind at most about a chunk of a busy room's writes, not all of them.
+//! behind at most about a chunk of a busy room's writes, not all of them;
+//! with `comet.yield_cpu` it also offers its core to other threads in
+//! between, so a process sharing that core waits at most a chunk too, not a
+//! scheduler tick.
 //! A smaller room's push lets the tasks it woke run before it returns, so
 //! the next task its caller wakes cannot push them to the back of the queue.
 //! A room's pushes take turns (`turn`), so they stay in order; a push that
@@ -27,6 +30,19 @@ use crate::stream_guard::{Admitted, HighWater, StreamMark};
 
 /// Members queued to before a room push lets the tasks it woke run.
 pub(crate) const FANOUT_CHUNK: usize = 64;
+
+/// Offers this thread's core to any other thread ready to run on it
+/// (`sched_yield`), between two chunks of a large room's fan-out. A busy
+/// fan-out keeps its worker running for milliseconds, and the kernel
+/// switches a running thread out only at its next tick (4 ms at HZ=250) or
+/// when another thread wakes; a thread that is ready but was passed over
+/// (a relay on the same core — logic, job, nats-server — or the kernel's
+/// softirq thread carrying their packets) would wait that long.
+fn yield_cpu() {
+    #[cfg(test)]
+    tests::CPU_YIELDS.with(|yields| yields.set(yields.get() + 1));
+    std::thread::yield_now();
+}
 
 /// Goes to the back of the run queue once, behind the tasks this one just
 /// woke (tokio's `yield_now` waits for the next I/O poll instead).
@@ -67,6 +83,8 @@ pub struct Room {
     /// One push at a time, so pushes stay in order while a large room's
     /// fan-out yields.
     turn: tokio::sync::Mutex<()>,
+    /// `comet.yield_cpu`: offer the core to other threads between chunks.
+    yield_cpu: bool,
 }
 
 /// A room's turn to push, held across a gap fill and the push after it.
@@ -93,13 +111,14 @@ impl Fanout {
 }
 
 impl Room {
-    fn new(id: Arc<str>) -> Self {
+    fn new(id: Arc<str>, yield_cpu: bool) -> Self {
         Room {
             id,
             members: Mutex::new(Members::default()),
             online: AtomicI32::new(0),
             all_online: AtomicI32::new(0),
             turn: tokio::sync::Mutex::new(()),
+            yield_cpu,
         }
     }
 
@@ -270,6 +289,9 @@ impl Room {
                     _ => channel.push(push),
                 });
             }
+            if self.yield_cpu {
+                yield_cpu();
+            }
             yield_to_woken().await;
         }
         (fanout, seen)
@@ -308,6 +330,8 @@ pub struct Rooms {
     hasher: RandomState,
     /// `comet.limits.rooms_per_connection`.
     max_per_connection: usize,
+    /// `comet.yield_cpu`, for the rooms created.
+    yield_cpu: bool,
 }
 
 /// Why a connection may not join a room.
@@ -359,7 +383,15 @@ impl Rooms {
                 .collect(),
             hasher: RandomState::new(),
             max_per_connection: max_per_connection.max(1),
+            yield_cpu: false,
         }
+    }
+
+    /// Rooms whose large fan-outs offer the core to other threads between
+    /// chunks (`comet.yield_cpu`).
+    pub fn yielding_cpu(mut self, yield_cpu: bool) -> Self {
+        self.yield_cpu = yield_cpu;
+        self
     }
 
     fn shard(&self, id: &str) -> &Mutex<HashMap<Arc<str>, Arc<Room>>> {
@@ -376,7 +408,7 @@ impl Rooms {
         let mut shard = self.shard(id).lock().ok()?;
         let room = shard
             .entry(Arc::from(id))
-            .or_insert_with_key(|key| Arc::new(Room::new(key.clone())))
+            .or_insert_with_key(|key| Arc::new(Room::new(key.clone(), self.yield_cpu)))
             .clone();
         if let Ok(mut members) = room.members.lock() {
             let members = if channel.positioned().is_some() {
@@ -647,6 +679,54 @@ mod tests {
             .push(&EncodedPush::new(&old), &old, Some(&mark(&[1])))
             .await;
         assert_eq!((fanout.queued, seen), (0, 1));
+    }
+
+    thread_local! {
+        /// `yield_cpu` calls on this thread.
+        pub(super) static CPU_YIELDS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// With `comet.yield_cpu`, a large room's fan-out offers the core to
+    /// other threads once per chunk; a room of one chunk or less does not,
+    /// nor does any room without the setting.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_large_rooms_fan_out_offers_the_core_between_its_chunks() {
+        let yields = || CPU_YIELDS.with(|yields| yields.get());
+        let rooms = Rooms::new(4, 16).yielding_cpu(true);
+        let large: Vec<Arc<Channel>> = (0..FANOUT_CHUNK as u64 * 3).map(channel).collect();
+        for member in &large {
+            rooms.change(member, "live://large").expect("changed");
+        }
+        let small: Vec<Arc<Channel>> = (1_000_000..1_000_000 + FANOUT_CHUNK as u64)
+            .map(channel)
+            .collect();
+        for member in &small {
+            rooms.change(member, "live://small").expect("changed");
+        }
+        let frame = Frame::server(1000, bytes::Bytes::from_static(b"hi"));
+        let push = EncodedPush::new(&frame);
+
+        let before = yields();
+        let room = rooms.get("live://large").expect("room");
+        let (fanout, _) = room.push(&push, &frame, None).await;
+        assert_eq!(fanout.queued, large.len() as u64);
+        assert_eq!(yields() - before, 3, "one per chunk of {FANOUT_CHUNK}");
+
+        let before = yields();
+        let room = rooms.get("live://small").expect("room");
+        let (fanout, _) = room.push(&push, &frame, None).await;
+        assert_eq!(fanout.queued, small.len() as u64);
+        assert_eq!(yields() - before, 0);
+
+        let rooms = Rooms::new(4, 16);
+        for member in &large {
+            rooms.change(member, "live://default").expect("changed");
+        }
+        let before = yields();
+        let room = rooms.get("live://default").expect("room");
+        let (fanout, _) = room.push(&push, &frame, None).await;
+        assert_eq!(fanout.queued, large.len() as u64);
+        assert_eq!(yields() - before, 0, "off by default");
     }
 
     /// A busy room's fan-out leaves room for a quiet room's push between
