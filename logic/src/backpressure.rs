@@ -11,6 +11,13 @@
 //! lag is per partition, so rooms that share a partition with an
 //! overloaded one are refused too: their messages would wait behind its
 //! backlog anyway.
+//!
+//! A burst onto an empty partition is where a drain rate is not known yet,
+//! and a fast publisher could fill seconds of delivery in one interval. So
+//! its drain is measured from when it started (not over the idle time
+//! before, which would read as a stall), and once it holds more than
+//! [`MIN_BACKLOG`] messages logic reads the lag [`FIRST_READING`] later
+//! instead of waiting for the next interval.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,6 +32,20 @@ use crate::metrics::LogicMetrics;
 /// measured over a few messages says little.
 const MIN_BACKLOG: u64 = 16;
 
+/// Until a partition's drain rate was first measured, it may hold this
+/// many messages: plenty for a burst the fleet delivers at once, a second
+/// or so of delivery into a room of 10,000 on one comet. A fast publisher
+/// fills more than that before the first reading (30,000 pushes/s into
+/// standalone: 1,474 in the first 50 ms).
+const UNMEASURED_BACKLOG: u64 = 256;
+
+/// How soon after a burst passes [`MIN_BACKLOG`] its drain is first read.
+const FIRST_READING: Duration = Duration::from_millis(50);
+
+/// How much of the past the drain rate remembers: each reading's rate is
+/// weighted by the time it covers, against at most this much before it.
+const RATE_MEMORY: Duration = Duration::from_secs(1);
+
 /// What logic knows of one partition.
 #[derive(Debug, Clone, Copy)]
 struct Partition {
@@ -32,15 +53,20 @@ struct Partition {
     pending: u64,
     settled: u64,
     at: Instant,
-    /// Messages drained per second while there was a backlog (smoothed);
-    /// `None` until one was measured.
-    rate: Option<f64>,
+    /// When this logic first published onto the partition after a reading
+    /// found it empty: its drain is measured from then.
+    burst_at: Option<Instant>,
+    /// Messages drained per second while there was a backlog, and the time
+    /// that estimate covers; `None` until one was measured.
+    rate: Option<(f64, Duration)>,
 }
 
 /// The last lag read from the bus, and the bounds.
 pub struct Backpressure {
     config: BackpressureConfig,
     partitions: Mutex<Vec<Option<Partition>>>,
+    /// A burst passed [`MIN_BACKLOG`]: read the lag soon.
+    burst: tokio::sync::Notify,
 }
 
 impl Backpressure {
@@ -48,6 +74,7 @@ impl Backpressure {
         Backpressure {
             config,
             partitions: Mutex::new(Vec::new()),
+            burst: tokio::sync::Notify::new(),
         }
     }
 
@@ -74,9 +101,12 @@ impl Backpressure {
         }
         if !self.config.max_delay.is_zero() && state.pending > MIN_BACKLOG {
             match state.rate {
+                None if state.pending > UNMEASURED_BACKLOG => return refuse,
                 // Nothing drained although there was a backlog: stalled.
-                Some(rate) if rate <= 0.0 => return refuse,
-                Some(rate) if state.pending as f64 / rate > self.config.max_delay.as_secs_f64() => {
+                Some((rate, _)) if rate <= 0.0 => return refuse,
+                Some((rate, _))
+                    if state.pending as f64 / rate > self.config.max_delay.as_secs_f64() =>
+                {
                     return refuse;
                 }
                 _ => {}
@@ -87,10 +117,23 @@ impl Backpressure {
 
     /// Counts a message this logic published to `partition`.
     pub fn published(&self, partition: u32) {
-        if let Ok(mut partitions) = self.partitions.lock()
-            && let Some(Some(state)) = partitions.get_mut(partition as usize)
-        {
-            state.pending += 1;
+        self.published_at(partition, Instant::now());
+    }
+
+    fn published_at(&self, partition: u32, now: Instant) {
+        let Ok(mut partitions) = self.partitions.lock() else {
+            return;
+        };
+        let Some(Some(state)) = partitions.get_mut(partition as usize) else {
+            return;
+        };
+        if state.pending == 0 {
+            state.burst_at = Some(now);
+        }
+        state.pending += 1;
+        if state.pending == MIN_BACKLOG + 1 && state.burst_at.is_some() {
+            drop(partitions);
+            self.burst.notify_one();
         }
     }
 
@@ -114,24 +157,35 @@ impl Backpressure {
                 let before = partitions.get(index).copied().flatten();
                 let rate = match before {
                     // The drain rate means something only while there was
-                    // a backlog to drain.
+                    // a backlog to drain: since the last reading, or since
+                    // a burst onto an empty partition began.
                     Some(before) if before.pending > 0 => {
-                        let seconds = now.saturating_duration_since(before.at).as_secs_f64();
-                        if seconds > 0.0 {
-                            let drained = reading.settled.saturating_sub(before.settled) as f64;
-                            let measured = drained / seconds;
-                            Some(before.rate.map_or(measured, |r| (r + measured) / 2.0))
-                        } else {
+                        let since = before.burst_at.unwrap_or(before.at);
+                        let covered = now.saturating_duration_since(since);
+                        if covered.is_zero() {
                             before.rate
+                        } else {
+                            let drained = reading.settled.saturating_sub(before.settled) as f64;
+                            Some(blend(before.rate, drained / covered.as_secs_f64(), covered))
                         }
                     }
                     Some(before) => before.rate,
                     None => None,
                 };
+                if reading.pending > 0 {
+                    tracing::trace!(
+                        partition = index,
+                        pending = reading.pending,
+                        settled = reading.settled,
+                        rate = rate.map(|(rate, _)| rate),
+                        "partition lag read"
+                    );
+                }
                 Some(Partition {
                     pending: reading.pending,
                     settled: reading.settled,
                     at: now,
+                    burst_at: None,
                     rate,
                 })
             })
@@ -154,6 +208,15 @@ impl Backpressure {
         loop {
             tokio::select! {
                 _ = every.tick() => {}
+                _ = self.burst.notified() => {
+                    // Long enough for a drain to show, short of a whole
+                    // interval of a fast publisher's pushes.
+                    let first = FIRST_READING.min(self.config.interval);
+                    tokio::select! {
+                        _ = tokio::time::sleep(first) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                }
                 _ = stop.cancelled() => return,
             }
             let bound = self.config.interval.max(Duration::from_secs(1));
@@ -167,6 +230,24 @@ impl Backpressure {
                 Ok(Err(error)) => tracing::debug!(%error, "reading the bus lag failed"),
                 Err(_) => tracing::debug!("reading the bus lag timed out"),
             }
+        }
+    }
+}
+
+/// A drain rate `measured` over `covered`, blended with the estimate
+/// before it by the time each covers (the past counting for at most
+/// [`RATE_MEMORY`]): a short reading moves the estimate a little, a long
+/// one a lot.
+fn blend(before: Option<(f64, Duration)>, measured: f64, covered: Duration) -> (f64, Duration) {
+    match before {
+        None => (measured, covered),
+        Some((rate, memory)) => {
+            let memory = memory.min(RATE_MEMORY);
+            let (old, new) = (memory.as_secs_f64(), covered.as_secs_f64());
+            (
+                (rate * old + measured * new) / (old + new),
+                memory + covered,
+            )
         }
     }
 }
@@ -234,6 +315,102 @@ mod tests {
         bp.record(vec![lag(40, 50)], t0 + 2 * SECOND);
         bp.record(vec![lag(40, 50)], t0 + 3 * SECOND);
         assert_eq!(bp.admit(0), Err(SECOND));
+    }
+
+    /// A burst onto an idle partition: its drain is measured from when it
+    /// began, not over the idle time before (which read as a stall).
+    #[test]
+    fn a_bursts_drain_is_measured_from_when_it_began() {
+        let bp = backpressure(0, Duration::from_secs(2));
+        let t0 = Instant::now();
+        bp.record(vec![lag(0, 50)], t0);
+        let burst = t0 + Duration::from_millis(900);
+        for _ in 0..100 {
+            bp.published_at(0, burst);
+        }
+        // 20 drained in the 100 ms since: 200/s, 80 left take 0.4 s.
+        bp.record(vec![lag(80, 70)], t0 + SECOND);
+        assert_eq!(bp.admit(0), Ok(()));
+        // The same over the whole second would be 20/s: 4 s, refused.
+        let whole = backpressure(0, Duration::from_secs(2));
+        whole.record(vec![lag(0, 50)], t0);
+        whole.published_at(0, t0);
+        whole.record(vec![lag(80, 70)], t0 + SECOND);
+        assert_eq!(whole.admit(0), Err(SECOND));
+    }
+
+    /// A short reading moves the rate by the time it covers: nothing
+    /// drained in a first 50 ms is a stall for now, not for long.
+    #[test]
+    fn readings_weigh_by_the_time_they_cover() {
+        let bp = backpressure(0, Duration::from_secs(2));
+        let t0 = Instant::now();
+        bp.record(vec![lag(0, 0)], t0);
+        for _ in 0..100 {
+            bp.published_at(0, t0);
+        }
+        bp.record(vec![lag(100, 0)], t0 + Duration::from_millis(50));
+        assert_eq!(bp.admit(0), Err(SECOND), "nothing drained yet");
+        // 250 ms at 400/s: (0 × 0.05 + 400 × 0.25) / 0.3 ≈ 333/s, 100 left.
+        bp.record(vec![lag(100, 100)], t0 + Duration::from_millis(300));
+        assert_eq!(bp.admit(0), Ok(()));
+    }
+
+    /// Before a partition's drain rate was ever measured, its backlog is
+    /// bounded by [`UNMEASURED_BACKLOG`]; after, by the rate.
+    #[test]
+    fn an_unmeasured_partition_holds_a_bounded_burst() {
+        let bp = backpressure(0, Duration::from_secs(2));
+        let t0 = Instant::now();
+        bp.record(vec![lag(0, 0)], t0);
+        for _ in 0..UNMEASURED_BACKLOG {
+            bp.published_at(0, t0);
+        }
+        assert_eq!(bp.admit(0), Ok(()));
+        bp.published_at(0, t0);
+        assert_eq!(bp.admit(0), Err(SECOND), "no drain rate yet");
+        // 1,000/s measured: the 257 take a quarter of a second.
+        bp.record(vec![lag(257, 50)], t0 + Duration::from_millis(50));
+        assert_eq!(bp.admit(0), Ok(()));
+    }
+
+    /// Once a burst onto an empty partition holds more than
+    /// [`MIN_BACKLOG`] messages, logic reads the lag [`FIRST_READING`]
+    /// later, not at the next interval.
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_is_read_soon_not_at_the_next_interval() {
+        use pushcluster_api::pb::logic::PushMsg;
+        use pushcluster_backplane::bus::{MemoryBus, MemoryBusConfig};
+        let bus = Arc::new(MemoryBus::new(MemoryBusConfig::default()));
+        let bp = Arc::new(Backpressure::new(BackpressureConfig {
+            interval: Duration::from_secs(10),
+            ..BackpressureConfig::default()
+        }));
+        let metrics = LogicMetrics::new(&prometheus::Registry::new()).expect("metrics");
+        let stop = CancellationToken::new();
+        let watcher = tokio::spawn(bp.clone().watch(bus.clone(), metrics.clone(), stop.clone()));
+        // The first reading, at once: empty.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let read = || metrics.bus_lag_max.get();
+        assert_eq!(read(), 0);
+        for _ in 0..MIN_BACKLOG {
+            bus.publish(PushMsg::default(), None)
+                .await
+                .expect("published");
+            bp.published(0);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(read(), 0, "a backlog this small waits for the interval");
+        bus.publish(PushMsg::default(), None)
+            .await
+            .expect("published");
+        bp.published(0);
+        tokio::time::sleep(FIRST_READING - Duration::from_millis(5)).await;
+        assert_eq!(read(), 0);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(read(), MIN_BACKLOG as i64 + 1, "read soon after the burst");
+        stop.cancel();
+        watcher.await.expect("watcher");
     }
 
     #[test]
