@@ -543,7 +543,7 @@ pub struct CometConfig {
     /// Between two chunks of a large room's fan-out, offer the core to any
     /// other thread ready to run on it (`sched_yield`), so a process that
     /// shares the comet's cores (logic, job, nats-server) waits for at most
-    /// a chunk of writes instead of the kernel's next tick.
+    /// a chunk of writes instead of the kernel's next tick. On by default.
     pub yield_cpu: bool,
     /// Comets' own `runtime` settings, over `runtime`.
     pub runtime: RoleRuntimeConfig,
@@ -570,7 +570,7 @@ impl Default for CometConfig {
             addrs: Vec::new(),
             region: String::new(),
             zone: String::new(),
-            yield_cpu: false,
+            yield_cpu: true,
             runtime: RoleRuntimeConfig::default(),
         }
     }
@@ -1341,6 +1341,7 @@ mod tests {
             Duration::from_secs(5)
         );
         assert_eq!(config.job.room.batch, 20);
+        assert!(config.comet.yield_cpu, "on by default");
     }
 
     #[test]

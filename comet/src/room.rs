@@ -726,7 +726,7 @@ mod tests {
         let room = rooms.get("live://default").expect("room");
         let (fanout, _) = room.push(&push, &frame, None).await;
         assert_eq!(fanout.queued, large.len() as u64);
-        assert_eq!(yields() - before, 0, "off by default");
+        assert_eq!(yields() - before, 0, "off without the setting");
     }
 
     /// A busy room's fan-out leaves room for a quiet room's push between
