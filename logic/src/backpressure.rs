@@ -42,10 +42,6 @@ const UNMEASURED_BACKLOG: u64 = 256;
 /// How soon after a burst passes [`MIN_BACKLOG`] its drain is first read.
 const FIRST_READING: Duration = Duration::from_millis(50);
 
-/// How much of the past the drain rate remembers: each reading's rate is
-/// weighted by the time it covers, against at most this much before it.
-const RATE_MEMORY: Duration = Duration::from_secs(1);
-
 /// What logic knows of one partition.
 #[derive(Debug, Clone, Copy)]
 struct Partition {
@@ -166,7 +162,8 @@ impl Backpressure {
                             before.rate
                         } else {
                             let drained = reading.settled.saturating_sub(before.settled) as f64;
-                            Some(blend(before.rate, drained / covered.as_secs_f64(), covered))
+                            let measured = drained / covered.as_secs_f64();
+                            Some(blend(before.rate, measured, covered, self.config.interval))
                         }
                     }
                     Some(before) => before.rate,
@@ -235,14 +232,20 @@ impl Backpressure {
 }
 
 /// A drain rate `measured` over `covered`, blended with the estimate
-/// before it by the time each covers (the past counting for at most
-/// [`RATE_MEMORY`]): a short reading moves the estimate a little, a long
-/// one a lot.
-fn blend(before: Option<(f64, Duration)>, measured: f64, covered: Duration) -> (f64, Duration) {
+/// before it by the time each covers, the past counting for at most
+/// `memory` (one interval: two full readings weigh the same, so a rate
+/// that falls shows within a few readings), while a short reading moves
+/// the estimate only by its share.
+fn blend(
+    before: Option<(f64, Duration)>,
+    measured: f64,
+    covered: Duration,
+    memory: Duration,
+) -> (f64, Duration) {
     match before {
         None => (measured, covered),
-        Some((rate, memory)) => {
-            let memory = memory.min(RATE_MEMORY);
+        Some((rate, remembered)) => {
+            let memory = remembered.min(memory);
             let (old, new) = (memory.as_secs_f64(), covered.as_secs_f64());
             (
                 (rate * old + measured * new) / (old + new),
@@ -295,7 +298,8 @@ mod tests {
         // 100 drained in a second, 300 left: 3 s > 2 s.
         bp.record(vec![lag(300, 100)], t0 + SECOND);
         assert_eq!(bp.admit(0), Err(SECOND));
-        // Draining faster (smoothed: (100 + 500) / 2 = 300/s), 300 left: 1 s.
+        // Draining faster (500/s over a second, against the 100/s before
+        // counted for one 250 ms interval: 420/s), 300 left: 0.7 s.
         bp.record(vec![lag(300, 600)], t0 + 2 * SECOND);
         assert_eq!(bp.admit(0), Ok(()));
     }
@@ -354,6 +358,30 @@ mod tests {
         // 250 ms at 400/s: (0 × 0.05 + 400 × 0.25) / 0.3 ≈ 333/s, 100 left.
         bp.record(vec![lag(100, 100)], t0 + Duration::from_millis(300));
         assert_eq!(bp.admit(0), Ok(()));
+    }
+
+    /// A partition that drained fast and now drains slowly (a large room
+    /// after small ones) is refused within a few readings: the past counts
+    /// for one interval, like each new reading.
+    #[test]
+    fn a_falling_drain_rate_shows_within_a_few_readings() {
+        let bp = backpressure(0, Duration::from_secs(2));
+        let quarter = Duration::from_millis(250);
+        let t0 = Instant::now();
+        bp.record(vec![lag(1_000, 0)], t0);
+        bp.record(vec![lag(1_000, 2_500)], t0 + quarter);
+        assert_eq!(bp.admit(0), Ok(()), "10,000/s: 0.1 s");
+        let mut settled = 2_500;
+        let mut refused_after = None;
+        for reading in 2..=8u32 {
+            settled += 25; // 100/s
+            bp.record(vec![lag(1_000, settled)], t0 + quarter * reading);
+            if bp.admit(0).is_err() {
+                refused_after = Some(reading - 1);
+                break;
+            }
+        }
+        assert_eq!(refused_after, Some(5), "readings at the new rate");
     }
 
     /// Before a partition's drain rate was ever measured, its backlog is
