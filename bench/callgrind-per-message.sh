@@ -7,7 +7,8 @@
 #   bench/callgrind-per-message.sh target/release/pushcluster
 #
 # Needs valgrind, pushcluster-bench next to the binary (or BENCH=...), and
-# ports 3101-3111 and 3190 free. TRANSPORT=ws for WebSocket clients.
+# ports 3101-3111 and 3190 free. TRANSPORT=ws for WebSocket clients,
+# CONFIG=FILE for the server's --config.
 set -euo pipefail
 
 bin="${1:?usage: $0 PUSHCLUSTER_BINARY}"
@@ -22,7 +23,7 @@ trap 'rm -rf "$work"' EXIT
 run() {
     local seconds="$1" out="$work/callgrind.$1"
     valgrind --tool=callgrind --callgrind-out-file="$out" \
-        "$bin" standalone --log-level warn >"$work/server.$seconds.log" 2>&1 &
+        "$bin" standalone --log-level warn ${CONFIG:+--config "$CONFIG"} >"$work/server.$seconds.log" 2>&1 &
     local pid=$!
     for _ in $(seq 600); do
         curl -sf -o /dev/null http://127.0.0.1:3190/readyz && break
